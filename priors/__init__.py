@@ -1,0 +1,4 @@
+"""Shipped, trained probdeblend priors (safetensors weights + JSON model cards).
+
+Installed as ``probdeblend._shipped_priors``; see ``probdeblend.load_prior``.
+"""

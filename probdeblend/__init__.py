@@ -1,0 +1,42 @@
+"""probdeblend: probabilistic galaxy deblending with learned generative priors.
+
+Public entry points (see the docs for each):
+
+* :class:`Scene` — the observation you hand in (image, variance, PSFs, bands).
+* :func:`get_survey` — LSST / HSC / Euclid bands, zero points, sky, PSFs, noise.
+* :mod:`probdeblend.simulate` — GalSim simulations of isolated and blended galaxies with truth.
+* :func:`load_prior` — shipped learned galaxy priors as Pyro / NumPyro distributions.
+* :mod:`probdeblend.measure` — the library's ellipticity / flux / blendedness conventions.
+"""
+
+from __future__ import annotations
+
+from . import errors, measure, simulate
+from .errors import ProbdeblendError
+from .scene import Scene
+from .survey import Band, Survey, available_surveys, get_survey
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Scene",
+    "Band",
+    "Survey",
+    "get_survey",
+    "available_surveys",
+    "load_prior",
+    "list_priors",
+    "simulate",
+    "measure",
+    "errors",
+    "ProbdeblendError",
+    "__version__",
+]
+
+
+def __getattr__(name):  # lazy: torch / jax are imported only when a prior is asked for
+    if name in ("load_prior", "list_priors"):
+        from .priors import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'probdeblend' has no attribute {name!r}")

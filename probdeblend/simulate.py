@@ -1,0 +1,563 @@
+"""GalSim simulations of isolated and blended galaxies with a truth table.
+
+The simulator is used to train the priors, to test, and to benchmark. It has three layers:
+
+1. :class:`GalaxyPopulation` samples a catalogue of galaxies (magnitude, redshift, bulge + disk
+   structure, intrinsic ellipticity, per-band fluxes from SEDs), see :doc:`/simulation` for every
+   distribution and its source.
+2. :func:`render_galaxy` draws one catalogue row with GalSim in a given band and frame.
+3. :func:`isolated_stamps` and :func:`blend_scene` build stamps / scenes with noise, PSFs and a
+   truth :class:`astropy.table.Table`.
+
+Conventions (see :doc:`/conventions`): images in electrons per pixel for the full survey exposure;
+pixel (x, y) 0-based with the centre of ``image[..., j, i]`` at ``(x=i, y=j)``; ellipticities are
+GalSim reduced shears ``g``; positions of truth tables are pixel coordinates in that convention.
+
+Chromaticity: every galaxy is a de Vaucouleurs bulge with an elliptical-galaxy SED plus an
+exponential disk with a spiral / irregular SED, each redshifted. Within a band each component is
+achromatic, so a band image is ``flux_bulge[b] * bulge + flux_disk[b] * disk`` convolved with the
+band's PSF. This is exact for a PSF that is constant across the band, as used here, and makes
+drawing ~an order of magnitude faster than integrating over wavelength.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+
+import galsim
+import numpy as np
+from astropy.table import Table
+from scipy.special import gammainc
+
+from . import measure
+from .survey import Band, Survey, get_survey
+
+__all__ = [
+    "GalaxyPopulation",
+    "Frame",
+    "render_galaxy",
+    "isolated_stamps",
+    "blend_scene",
+    "BlendConfig",
+    "SimulatedScene",
+]
+
+_DISK_SEDS = ("CWW_Sbc_ext", "CWW_Scd_ext", "CWW_Im_ext")
+_BULGE_SED = "CWW_E_ext"
+_B_N = {1: 1.6783469900166605, 4: 7.66924944}  # Sersic b_n (half-light normalisation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Population
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GalaxyPopulation:
+    """Distributions of galaxy properties, each documented with its source in docs/simulation.md.
+
+    Parameters
+    ----------
+    mag_range : (float, float)
+        AB magnitude range in ``ref_band`` (default r in 20-25.3, the LSST gold-sample depth).
+    ref_band : str
+        Band whose magnitude is drawn; other bands follow from the SEDs.
+    count_slope : float
+        Slope ``alpha`` of the differential number counts ``dN/dm ~ 10**(alpha m)``.
+    size_relation : (float, float, float)
+        ``(a, b, sigma)``: disk scale length ``ln(r_d / arcsec) = a + b (m - 23)`` with log-normal
+        scatter ``sigma`` (Miller et al. 2013 form).
+    hlr_range : (float, float)
+        Disk half-light radius clipped to this range (arcsec) so galaxies fit in stamps.
+    bulge_fraction_max : float
+        Bulge-to-total flux ratio in the reference band drawn as ``U(0, 1)**2 * max``.
+    bulge_size_ratio : (float, float)
+        Bulge/disk half-light-radius ratio drawn uniformly in this range.
+    sigma_g : float
+        Per-component dispersion of the intrinsic reduced shear, truncated at ``g_max``.
+    g_max : float
+        Largest intrinsic ``|g|``.
+    z0_relation : (float, float)
+        ``z0 = a m + b`` of the Smail-type redshift distribution ``p(z) ~ z^2 exp(-(z/z0)^1.5)``
+        (LSST Science Book eq. 3.8 with the reference-band magnitude).
+    disk_sed_weights : tuple of 3 floats
+        Probabilities of the Sbc, Scd and Im templates for disks.
+    """
+
+    mag_range: tuple[float, float] = (20.0, 25.3)
+    ref_band: str = "r"
+    count_slope: float = 0.33
+    size_relation: tuple[float, float, float] = (-1.145, -0.269, 0.3)
+    hlr_range: tuple[float, float] = (0.1, 2.0)
+    bulge_fraction_max: float = 1.0
+    bulge_size_ratio: tuple[float, float] = (0.3, 0.7)
+    sigma_g: float = 0.25
+    g_max: float = 0.7
+    z0_relation: tuple[float, float] = (0.0417, -0.744)
+    disk_sed_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)
+
+    def __post_init__(self):
+        lo, hi = self.mag_range
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise ValueError(f"mag_range must be (faint > bright) finite, got {self.mag_range}")
+        if not 0 < self.g_max < 1:
+            raise ValueError(f"g_max must be in (0, 1), got {self.g_max}")
+
+    def sample(self, n: int, survey: Survey, rng: np.random.Generator) -> Table:
+        """Draw ``n`` galaxies. Returns a Table with one row per galaxy.
+
+        Columns: ``mag`` (ref band, AB), ``z``, ``disk_sed``, ``bulge_frac`` (ref band),
+        ``hlr_disk``, ``hlr_bulge``, ``hlr`` (arcsec, circularised half-light radius of the
+        PSF-free galaxy in the reference band), ``g1_int``, ``g2_int`` and per band ``b``:
+        ``flux_bulge_<b>``, ``flux_disk_<b>``, ``flux_<b>`` (electrons).
+        """
+        n = int(n)
+        lo, hi = self.mag_range
+        # dN/dm ~ 10^(a m): inverse CDF of an exponential in m on [lo, hi]
+        k = self.count_slope * math.log(10)
+        u = rng.uniform(size=n)
+        mag = np.log(np.exp(k * lo) + u * (np.exp(k * hi) - np.exp(k * lo))) / k
+        z0 = np.clip(self.z0_relation[0] * mag + self.z0_relation[1], 0.02, None)
+        z = z0 * rng.gamma(2.0, size=n) ** (2.0 / 3.0)  # u=(z/z0)^1.5 ~ Gamma(2)
+        z = np.clip(z, 0.0, 3.0)
+        a, b, sig = self.size_relation
+        r_d = np.exp(a + b * (mag - 23.0) + sig * rng.standard_normal(n))
+        hlr_disk = np.clip(_B_N[1] * r_d, *self.hlr_range)
+        hlr_bulge = hlr_disk * rng.uniform(*self.bulge_size_ratio, size=n)
+        bulge_frac = rng.uniform(size=n) ** 2 * self.bulge_fraction_max
+        g1, g2 = _truncated_shear(n, self.sigma_g, self.g_max, rng)
+        sed_idx = rng.choice(len(_DISK_SEDS), size=n, p=np.asarray(self.disk_sed_weights))
+        t = Table()
+        t["mag"] = mag
+        t["z"] = z
+        t["disk_sed"] = np.asarray(_DISK_SEDS)[sed_idx]
+        t["bulge_frac"] = bulge_frac
+        t["hlr_disk"] = hlr_disk
+        t["hlr_bulge"] = hlr_bulge
+        t["hlr"] = _composite_hlr(bulge_frac, hlr_bulge, hlr_disk)
+        t["g1_int"] = g1
+        t["g2_int"] = g2
+        ref = survey.band(self.ref_band)
+        total_ref = ref.mag_to_flux(mag)
+        for band in survey:
+            col_b = _colour(_BULGE_SED, band, ref, z)
+            col_d = np.empty(n)
+            for i, name in enumerate(_DISK_SEDS):
+                sel = sed_idx == i
+                col_d[sel] = _colour(name, band, ref, z[sel])
+            t[f"flux_bulge_{band.name}"] = total_ref * bulge_frac * col_b
+            t[f"flux_disk_{band.name}"] = total_ref * (1 - bulge_frac) * col_d
+            t[f"flux_{band.name}"] = t[f"flux_bulge_{band.name}"] + t[f"flux_disk_{band.name}"]
+        return t
+
+
+def _truncated_shear(n, sigma, g_max, rng):
+    g = np.empty((0, 2))
+    while len(g) < n:
+        cand = sigma * rng.standard_normal((2 * (n - len(g)) + 8, 2))
+        g = np.concatenate([g, cand[np.hypot(cand[:, 0], cand[:, 1]) < g_max]])
+    return g[:n, 0], g[:n, 1]
+
+
+def _composite_hlr(bulge_frac, hlr_bulge, hlr_disk, iters=60):
+    """Circular half-light radius of a de Vaucouleurs + exponential sum (vectorised bisection)."""
+    def enclosed(r):
+        fb = gammainc(8.0, _B_N[4] * (r / hlr_bulge) ** 0.25)
+        fd = gammainc(2.0, _B_N[1] * (r / hlr_disk))
+        return bulge_frac * fb + (1 - bulge_frac) * fd
+
+    lo = np.zeros_like(hlr_disk)
+    hi = np.maximum(hlr_disk, hlr_bulge) * 4 + 1e-6
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = enclosed(mid) < 0.5
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@lru_cache(maxsize=None)
+def _sed(name: str) -> galsim.SED:
+    path = os.path.join(galsim.meta_data.share_dir, "SEDs", f"{name}.sed")
+    return galsim.SED(path, wave_type="Ang", flux_type="flambda")
+
+
+@lru_cache(maxsize=None)
+def _colour_table(sed_name: str, band: Band, ref: Band):
+    """Flux ratio (electrons in ``band`` / electrons in ``ref``) on a redshift grid."""
+    zs = np.linspace(0.0, 3.0, 151)
+    ratios = np.empty_like(zs)
+    sed = _sed(sed_name)
+    for i, zz in enumerate(zs):
+        s = sed.atRedshift(zz)
+        m_b = s.calculateMagnitude(band.bandpass)
+        m_r = s.calculateMagnitude(ref.bandpass)
+        ratios[i] = band.mag_to_flux(m_b) / ref.mag_to_flux(m_r)
+    return zs, ratios
+
+
+def _colour(sed_name, band, ref, z):
+    zs, ratios = _colour_table(sed_name, band, ref)
+    return np.interp(z, zs, ratios)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Frame:
+    """Where stamps are drawn: survey bands, pixel scale, size and PSF.
+
+    Parameters
+    ----------
+    survey : str
+        Survey name for :func:`probdeblend.get_survey` (``"lsst"``).
+    bands : tuple of str, optional
+        Subset / order of the survey's bands (default all).
+    stamp_size : int
+        Pixels per side.
+    pixel_scale : float, optional
+        arcsec/pixel (default the survey's).
+    psf_fwhm : float or None
+        ``None`` uses each band's survey PSF (Kolmogorov / Airy, see :mod:`probdeblend.survey`);
+        a number uses one circular Gaussian of that FWHM (arcsec) in every band, as in the
+        priors' model frame.
+    psf_size : int
+        Odd size of the PSF images stored with scenes.
+    """
+
+    survey: str = "lsst"
+    bands: tuple[str, ...] | None = None
+    stamp_size: int = 48
+    pixel_scale: float | None = None
+    psf_fwhm: float | None = None
+    psf_size: int = 41
+
+    @property
+    def survey_obj(self) -> Survey:
+        s = get_survey(self.survey)
+        return s.select(self.bands) if self.bands is not None else s
+
+    @property
+    def scale(self) -> float:
+        return self.pixel_scale if self.pixel_scale is not None else self.survey_obj.pixel_scale
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return self.survey_obj.band_names
+
+    def psf(self, band: Band, fwhm_scale: float = 1.0) -> galsim.GSObject:
+        """GalSim PSF of ``band`` in this frame; ``fwhm_scale`` multiplies the FWHM."""
+        if self.psf_fwhm is not None:
+            return galsim.Gaussian(fwhm=self.psf_fwhm * fwhm_scale)
+        return band.psf(band.psf_fwhm * fwhm_scale)
+
+    def psf_images(self, fwhm_scale: float = 1.0) -> np.ndarray:
+        """(band, psf_size, psf_size) unit-sum PSF images on this frame's pixel grid."""
+        out = []
+        for band in self.survey_obj:
+            img = self.psf(band, fwhm_scale).drawImage(
+                nx=self.psf_size, ny=self.psf_size, scale=self.scale
+            ).array
+            out.append(img / img.sum())
+        return np.asarray(out, dtype=np.float32)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bands"] = list(self.band_names)
+        d["pixel_scale"] = self.scale
+        return d
+
+
+def _components(row, band_name: str, shear=(0.0, 0.0)):
+    """(bulge, disk) GalSim profiles of a catalogue row in a band, flux in electrons."""
+    g_int = galsim.Shear(g1=float(row["g1_int"]), g2=float(row["g2_int"]))
+    g_lens = galsim.Shear(g1=float(shear[0]), g2=float(shear[1]))
+    total = g_lens + g_int  # GalSim: apply the intrinsic shape, then the lensing shear
+    bulge = galsim.DeVaucouleurs(
+        half_light_radius=float(row["hlr_bulge"]), flux=float(row[f"flux_bulge_{band_name}"])
+    ).shear(total)
+    disk = galsim.Exponential(
+        half_light_radius=float(row["hlr_disk"]), flux=float(row[f"flux_disk_{band_name}"])
+    ).shear(total)
+    return bulge, disk
+
+
+def render_galaxy(row, band: Band, frame: Frame, offset=(0.0, 0.0), shear=(0.0, 0.0),
+                  psf: galsim.GSObject | None = None) -> np.ndarray:
+    """Draw one catalogue row in one band: noiseless, PSF-convolved, pixel-integrated.
+
+    Parameters
+    ----------
+    row : astropy Table row (or mapping) from :meth:`GalaxyPopulation.sample`.
+    band : Band
+    frame : Frame
+    offset : (float, float)
+        (dx, dy) of the galaxy centre from the stamp centre, in **pixels**.
+    shear : (float, float)
+        Constant reduced shear (g1, g2) applied on top of the intrinsic shape.
+    psf : galsim.GSObject, optional
+        Overrides ``frame.psf(band)``.
+
+    Returns
+    -------
+    ndarray (stamp_size, stamp_size), float32, electrons per pixel. The stamp centre is pixel
+    coordinate ``((n - 1) / 2, (n - 1) / 2)``.
+    """
+    bulge, disk = _components(row, band.name, shear)
+    gal = galsim.Add(bulge, disk).shift(offset[0] * frame.scale, offset[1] * frame.scale)
+    psf = frame.psf(band) if psf is None else psf
+    n = frame.stamp_size
+    img = galsim.Convolve(gal, psf).drawImage(nx=n, ny=n, scale=frame.scale)
+    return img.array.astype(np.float32)
+
+
+def _add_noise(noiseless: np.ndarray, survey: Survey, rng: np.random.Generator,
+               rotate90: bool = False):
+    """Sky + source noise on a (band, y, x) sky-subtracted image. Returns (noisy, variance).
+
+    The noise is Gaussian with the Poisson variance ``sky_level + source`` (electrons): at full
+    survey depth the sky is >= 1e3 electrons per pixel in every band, where the Gaussian limit of
+    the Poisson distribution is accurate. ``rotate90`` rotates the unit noise field by 90 degrees
+    (used for the rotated twin of a scene: the same realisation, rotated with the scene).
+    """
+    sky = np.array([b.sky_level for b in survey], dtype=float)[:, None, None]
+    variance = sky + np.clip(noiseless, 0, None)
+    unit = rng.standard_normal(noiseless.shape)
+    if rotate90:
+        unit = np.rot90(unit, k=-1, axes=(-2, -1))  # matches (x, y) -> (c - dy, c + dx)
+    noisy = noiseless + np.sqrt(variance) * unit
+    return noisy.astype(np.float32), variance.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Isolated stamps
+# ----------------------------------------------------------------------------------------------
+def isolated_stamps(n: int, frame: Frame | None = None, population: GalaxyPopulation | None = None,
+                    seed: int = 0, noise: bool = False, max_offset: float = 0.0):
+    """Isolated galaxies, one per stamp, centred (optionally offset), noiseless and noisy.
+
+    Parameters
+    ----------
+    n : int
+        Number of stamps.
+    frame : Frame
+        Bands, pixel scale, stamp size and PSF (default: LSST ugrizy, 48x48 at 0.2", survey PSFs).
+    population : GalaxyPopulation
+    seed : int
+        Same seed -> same catalogue, images and noise.
+    noise : bool
+        Also return noisy images and their per-pixel variance.
+    max_offset : float
+        Galaxy centres drawn uniformly within ``+-max_offset`` pixels of the stamp centre.
+
+    Returns
+    -------
+    dict with ``noiseless`` (n, band, y, x) float32 electrons/pixel, ``psf`` (band, k, k),
+    ``truth`` (Table: population columns + ``x``, ``y``, ``snr``), and if ``noise``:
+    ``image`` and ``variance``.
+    """
+    frame = frame or Frame()
+    population = population or GalaxyPopulation()
+    rng = np.random.default_rng(seed)
+    survey = frame.survey_obj
+    cat = population.sample(n, survey, rng)
+    offsets = rng.uniform(-max_offset, max_offset, size=(n, 2)) if max_offset > 0 else np.zeros(
+        (n, 2))
+    nb, s = len(survey), frame.stamp_size
+    out = np.empty((n, nb, s, s), dtype=np.float32)
+    same_psf = frame.psf_fwhm is not None
+    for i in range(n):
+        row = cat[i]
+        if same_psf:  # one PSF for all bands: draw bulge and disk once, scale per band
+            out[i] = _draw_components_once(row, survey, frame, offsets[i])
+        else:
+            for j, band in enumerate(survey):
+                out[i, j] = render_galaxy(row, band, frame, offsets[i])
+    centre = (s - 1) / 2
+    cat["x"] = centre + offsets[:, 0]
+    cat["y"] = centre + offsets[:, 1]
+    ref = survey.band(population.ref_band)
+    cat["snr"] = measure.snr(out[:, survey.band_names.index(ref.name)], ref.sky_level)
+    result = {"noiseless": out, "psf": frame.psf_images(), "truth": cat}
+    if noise:
+        imgs, var = zip(*(_add_noise(o, survey, rng) for o in out), strict=True)
+        result["image"], result["variance"] = np.stack(imgs), np.stack(var)
+    return result
+
+
+def _draw_components_once(row, survey, frame, offset):
+    ref_name = survey.band_names[0]
+    unit = dict(row)
+    for bname in survey.band_names:  # unit-flux components, fluxes applied per band below
+        unit[f"flux_bulge_{bname}"] = 1.0
+        unit[f"flux_disk_{bname}"] = 1.0
+    bulge, disk = _components(unit, ref_name)
+    psf = frame.psf(survey.bands[0])
+    n, sc = frame.stamp_size, frame.scale
+    dx, dy = offset[0] * sc, offset[1] * sc
+    b_img = galsim.Convolve(bulge.shift(dx, dy), psf).drawImage(nx=n, ny=n, scale=sc).array
+    d_img = galsim.Convolve(disk.shift(dx, dy), psf).drawImage(nx=n, ny=n, scale=sc).array
+    fb = np.array([row[f"flux_bulge_{b}"] for b in survey.band_names])[:, None, None]
+    fd = np.array([row[f"flux_disk_{b}"] for b in survey.band_names])[:, None, None]
+    return (fb * b_img + fd * d_img).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blended scenes
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlendConfig:
+    """How blended scenes are laid out.
+
+    Parameters
+    ----------
+    frame : Frame
+        Survey, bands, scene size (``stamp_size``, default 80 px = 16" for LSST) and PSF.
+    n_galaxies : (int, int)
+        Inclusive range of the number of galaxies per scene (target included).
+    max_shift : float
+        Target centre drawn uniformly in a disk of this radius (arcsec) about the scene centre.
+    annulus : (float, float)
+        Inner / outer radius (arcsec) about the target where neighbours are placed uniformly
+        in area.
+    shear : (float, float)
+        Constant reduced shear (g1, g2) applied to every galaxy.
+    psf_fwhm_range : (float, float)
+        Each scene's PSF FWHM is the band's median times a factor uniform in this range.
+    """
+
+    frame: Frame = field(default_factory=lambda: Frame(stamp_size=80))
+    n_galaxies: tuple[int, int] = (2, 4)
+    max_shift: float = 0.2
+    annulus: tuple[float, float] = (0.5, 3.0)
+    shear: tuple[float, float] = (0.0, 0.0)
+    psf_fwhm_range: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self):
+        lo, hi = self.n_galaxies
+        if not 1 <= lo <= hi:
+            raise ValueError(f"n_galaxies must satisfy 1 <= min <= max, got {self.n_galaxies}")
+        if not 0 <= self.annulus[0] < self.annulus[1]:
+            raise ValueError(f"annulus must be (inner, outer) with 0 <= inner < outer, "
+                             f"got {self.annulus}")
+        if math.hypot(*self.shear) >= 1:
+            raise ValueError(f"|shear| must be < 1, got {self.shear}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frame"] = self.frame.to_dict()
+        return d
+
+
+@dataclass
+class SimulatedScene:
+    """A simulated scene: noisy image, variance, PSFs, per-galaxy noiseless images and truth.
+
+    ``truth`` has one row per galaxy (row 0 = target), with catalogue columns, ``x``, ``y``
+    (pixels), ``g1``, ``g2`` (lensed reduced shear of the PSF-free galaxy), ``snr`` and, for
+    the target, ``blendedness_total`` and ``blendedness_closest`` (others 0).
+    """
+
+    image: np.ndarray        # (band, y, x) electrons
+    variance: np.ndarray     # (band, y, x) electrons^2
+    psf: np.ndarray          # (band, k, k)
+    noiseless: np.ndarray    # (galaxy, band, y, x)
+    truth: Table
+    bands: tuple[str, ...]
+    pixel_scale: float
+
+    def to_scene(self, with_positions: bool = True):
+        """The observation as a :class:`probdeblend.Scene` (positions from the truth if asked)."""
+        from .scene import Scene
+
+        pos = np.stack([self.truth["x"], self.truth["y"]], -1) if with_positions else None
+        return Scene(self.image, self.variance, self.psf, self.bands, self.pixel_scale,
+                     positions=pos)
+
+
+def blend_scene(config: BlendConfig | None = None, population: GalaxyPopulation | None = None,
+                seed: int = 0, rotate90: bool = False, catalog: Table | None = None,
+                positions: np.ndarray | None = None) -> SimulatedScene:
+    """Simulate one blended scene.
+
+    Parameters
+    ----------
+    config : BlendConfig
+    population : GalaxyPopulation
+    seed : int
+        Determines the catalogue, the layout, the PSF jitter and the noise.
+    rotate90 : bool
+        Return the 90-degree rotated twin of the scene drawn with this seed: positions rotated by
+        90 deg about the scene centre, intrinsic ellipticities rotated by 90 deg (g -> -g), the
+        same shear, PSFs and the same noise realisation (rotated pairs cancel shape noise in shear
+        tests, Massey et al. 2007).
+    catalog, positions : optional
+        Use this catalogue (rows = galaxies, target first) and these (x, y) pixel positions
+        instead of drawing them.
+
+    Returns
+    -------
+    SimulatedScene
+    """
+    config = config or BlendConfig()
+    population = population or GalaxyPopulation()
+    frame = config.frame
+    survey = frame.survey_obj
+    rng = np.random.default_rng(seed)
+    n_gal = int(rng.integers(config.n_galaxies[0], config.n_galaxies[1] + 1))
+    cat = population.sample(n_gal, survey, rng) if catalog is None else Table(catalog, copy=True)
+    n_gal = len(cat)
+    s, scale = frame.stamp_size, frame.scale
+    centre = (s - 1) / 2
+    if positions is None:
+        r = config.max_shift * np.sqrt(rng.uniform())
+        phi = rng.uniform(0, 2 * np.pi)
+        pos = [(centre + r * np.cos(phi) / scale, centre + r * np.sin(phi) / scale)]
+        r_in, r_out = config.annulus
+        for _ in range(n_gal - 1):
+            rr = np.sqrt(rng.uniform(r_in**2, r_out**2))
+            ph = rng.uniform(0, 2 * np.pi)
+            pos.append((pos[0][0] + rr * np.cos(ph) / scale, pos[0][1] + rr * np.sin(ph) / scale))
+        pos = np.asarray(pos)
+    else:
+        pos = np.asarray(positions, dtype=float).reshape(n_gal, 2)
+    fwhm_scale = rng.uniform(*config.psf_fwhm_range)
+    noise_seed = rng.integers(2**63)
+    if rotate90:  # (x, y) -> (-y, x) about the centre; a 90 deg rotation of the shape is g -> -g
+        dx, dy = pos[:, 0] - centre, pos[:, 1] - centre
+        pos = np.stack([centre - dy, centre + dx], -1)
+        cat["g1_int"] = -np.asarray(cat["g1_int"])
+        cat["g2_int"] = -np.asarray(cat["g2_int"])
+    psfs = [frame.psf(b, fwhm_scale) for b in survey]
+    noiseless = np.empty((n_gal, len(survey), s, s), dtype=np.float32)
+    for i in range(n_gal):
+        for j, band in enumerate(survey):
+            noiseless[i, j] = render_galaxy(cat[i], band, frame, pos[i] - centre, config.shear,
+                                            psf=psfs[j])
+    total = noiseless.sum(0)
+    image, variance = _add_noise(total, survey, np.random.default_rng(noise_seed), rotate90)
+    cat["x"], cat["y"] = pos[:, 0], pos[:, 1]
+    lensed = [galsim.Shear(g1=config.shear[0], g2=config.shear[1])
+              + galsim.Shear(g1=float(a), g2=float(b))
+              for a, b in zip(cat["g1_int"], cat["g2_int"], strict=True)]
+    cat["g1"] = [sh.g1 for sh in lensed]
+    cat["g2"] = [sh.g2 for sh in lensed]
+    ref_idx = survey.band_names.index(population.ref_band)
+    ref = survey.bands[ref_idx]
+    cat["snr"] = measure.snr(noiseless[:, ref_idx], ref.sky_level)
+    b_tot, b_close = measure.blendedness(noiseless[0, ref_idx], noiseless[1:, ref_idx])
+    cat["is_target"] = np.arange(n_gal) == 0
+    cat["blendedness_total"] = np.where(cat["is_target"], float(b_tot), 0.0)
+    cat["blendedness_closest"] = np.where(cat["is_target"], float(b_close), 0.0)
+    cat.meta.update({"seed": int(seed), "rotate90": bool(rotate90),
+                     "shear": list(config.shear), "psf_fwhm_scale": float(fwhm_scale),
+                     "blendedness_band": population.ref_band})
+    return SimulatedScene(image, variance, frame.psf_images(fwhm_scale), noiseless, cat,
+                          survey.band_names, scale)
+
+
+def with_shear(config: BlendConfig, g1: float, g2: float) -> BlendConfig:
+    """A copy of ``config`` with the constant shear set to (g1, g2)."""
+    return replace(config, shear=(float(g1), float(g2)))
