@@ -38,7 +38,7 @@ def _cmd_simulate(args) -> int:
     from .simulate import BlendConfig, Frame
 
     frame = Frame(survey=args.survey, bands=tuple(args.bands) if args.bands else None,
-                  stamp_size=args.size, psf_fwhm=args.psf_fwhm)
+                  stamp_size=args.size, psf_fwhm=args.psf_fwhm, psf_size=args.psf_size)
     blend = BlendConfig(frame=frame, n_galaxies=(args.min_galaxies, args.max_galaxies),
                         shear=(args.g1, args.g2),
                         psf_fwhm_range=(args.psf_scale_min, args.psf_scale_max))
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--psf-fwhm", type=float, default=None,
                    help="one Gaussian PSF of this FWHM (arcsec) in all bands (model frame); "
                         "default: the survey's per-band PSFs")
+    s.add_argument("--psf-size", type=int, default=41, help="odd size of stored PSF images")
     s.add_argument("--max-offset", type=float, default=0.0, help="isolated: pixels")
     s.add_argument("--min-galaxies", type=int, default=2)
     s.add_argument("--max-galaxies", type=int, default=4)
