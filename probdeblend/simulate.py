@@ -79,8 +79,8 @@ class GalaxyPopulation:
     g_max : float
         Largest intrinsic ``|g|``.
     z0_relation : (float, float)
-        ``z0 = a m + b`` of the Smail-type redshift distribution ``p(z) ~ z^2 exp(-(z/z0)^1.5)``
-        (LSST Science Book eq. 3.8 with the reference-band magnitude).
+        ``z0 = a m + b`` of the Smail-type redshift distribution ``p(z) ~ z^2 exp(-z/z0)``
+        (LSST Science Book eq. 3.8, mean ``3 z0``; applied with the reference-band magnitude).
     disk_sed_weights : tuple of 3 floats
         Probabilities of the Sbc, Scd and Im templates for disks.
     """
@@ -119,7 +119,7 @@ class GalaxyPopulation:
         u = rng.uniform(size=n)
         mag = np.log(np.exp(k * lo) + u * (np.exp(k * hi) - np.exp(k * lo))) / k
         z0 = np.clip(self.z0_relation[0] * mag + self.z0_relation[1], 0.02, None)
-        z = z0 * rng.gamma(2.0, size=n) ** (2.0 / 3.0)  # u=(z/z0)^1.5 ~ Gamma(2)
+        z = z0 * rng.gamma(3.0, size=n)  # z/z0 ~ Gamma(3): the exponent the z0 fit is for
         z = np.clip(z, 0.0, 3.0)
         a, b, sig = self.size_relation
         r_d = np.exp(a + b * (mag - 23.0) + sig * rng.standard_normal(n))
@@ -318,9 +318,10 @@ def _add_noise(noiseless: np.ndarray, survey: Survey, rng: np.random.Generator,
     """Sky + source noise on a (band, y, x) sky-subtracted image. Returns (noisy, variance).
 
     The noise is Gaussian with the Poisson variance ``sky_level + source`` (electrons): at full
-    survey depth the sky is >= 1e3 electrons per pixel in every band, where the Gaussian limit of
-    the Poisson distribution is accurate. ``rotate90`` rotates the unit noise field by 90 degrees
-    (used for the rotated twin of a scene: the same realisation, rotated with the scene).
+    survey depth the sky is >~ 150 electrons per pixel (Euclid VIS; >= 1.6e3 in LSST bands),
+    where the Gaussian limit of the Poisson distribution is accurate. ``rotate90`` rotates the
+    unit noise field by 90 degrees (used for the rotated twin of a scene: the same realisation,
+    rotated with the scene).
     """
     sky = np.array([b.sky_level for b in survey], dtype=float)[:, None, None]
     variance = sky + np.clip(noiseless, 0, None)
