@@ -1,4 +1,4 @@
-"""Command line: ``probdeblend demo | simulate | train-prior``.
+"""Command line: ``probdeblend demo | simulate | train-prior | fit``.
 
 Run ``probdeblend <command> --help`` for the options of each command.
 """
@@ -14,21 +14,69 @@ __all__ = ["main"]
 
 
 def _cmd_demo(args) -> int:
+    """Simulate an LSST blend, deblend it, print the posterior summary next to the truth."""
+    import numpy as np
+
+    from . import diagnostics
+    from .fit import fit
     from .plotting import plot_blend
     from .simulate import BlendConfig, Frame, blend_scene
 
     cfg = BlendConfig(frame=Frame(survey=args.survey, stamp_size=args.size),
                       n_galaxies=(args.n_galaxies, args.n_galaxies))
     sim = blend_scene(cfg, seed=args.seed)
-    scene = sim.to_scene()
+    scene = sim.to_scene(with_positions=not args.detect)
     print(scene)
-    cols = ["x", "y", "mag", "z", "hlr", "g1", "g2", "snr", "blendedness_total",
-            "blendedness_closest"]
-    sim.truth[cols].pprint(max_width=200)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_blend(sim, path=out)
-    print(f"figure written to {out}")
+    if args.simulate_only:
+        plot_blend(sim, path=out)
+        print(f"figure written to {out}")
+        return 0
+    t0 = time.perf_counter()
+    idata = fit(scene, prior=args.prior, method=args.method, num_samples=args.num_samples,
+                seed=args.seed, progress=False)
+    dt = time.perf_counter() - t0
+    table = diagnostics.summary_table(idata, pareto_k=idata.attrs.get("pareto_k"))
+    truth = sim.truth
+    print(f"\nposterior summary ({idata.attrs['method']}, {dt:.1f} s):")
+    cols = [c for c in ("id", "x", "y", "flux_r", "flux_r_err", "e1", "e1_err", "e2", "e2_err",
+                        "r_hat", "ess_bulk", "pareto_k") if c in table.colnames]
+    table[cols].pprint(max_width=200)
+    print("\ntruth (target first; e1, e2 = true reduced shear g1, g2):")
+    truth[["x", "y", "flux_r", "g1", "g2", "snr", "blendedness_total"]].pprint(max_width=200)
+    diag = diagnostics.check_convergence(idata, warn=False)
+    print(f"\ndiagnostics: max R-hat {np.nanmax(list(diag['r_hat'].values())):.3f}, "
+          f"min ESS {np.nanmin(list(diag['ess_bulk'].values())):.0f}, "
+          f"divergences {diag['n_divergent']}")
+    model = idata.constant_data["model_mean"].values
+    diagnostics.plot_scene(scene, model, path=out,
+                           positions=np.stack([table["x"], table["y"]], -1))
+    corner = out.with_name(out.stem + "-corner" + out.suffix)
+    diagnostics.plot_corner(idata, source=0, truth=truth[0], path=corner)
+    print(f"figures written to {out} and {corner}")
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    """Deblend a scene stored as FITS (Scene.to_fits layout) and save the InferenceData."""
+    from . import diagnostics
+    from .fit import fit
+    from .scene import Scene
+
+    scene = Scene.from_fits(args.scene)
+    idata = fit(scene, prior=args.prior, method=args.method, num_samples=args.num_samples,
+                seed=args.seed, num_chains=args.num_chains, progress=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    idata.to_netcdf(str(out))
+    table = diagnostics.summary_table(idata, pareto_k=idata.attrs.get("pareto_k"))
+    table.write(out.with_suffix(".ecsv"), overwrite=True)
+    table.pprint(max_width=200)
+    print(f"posterior written to {out}; summary to {out.with_suffix('.ecsv')}")
+    if args.plot:
+        diagnostics.plot_scene(scene, idata.constant_data["model_mean"].values, path=args.plot)
+        print(f"figure written to {args.plot}")
     return 0
 
 
@@ -84,13 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="probdeblend", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="simulate a blended LSST scene, show its truth, save a figure")
+    d = sub.add_parser("demo", help="simulate a blended LSST scene, deblend it, compare with "
+                                     "the truth, save figures")
     d.add_argument("--survey", default="lsst")
     d.add_argument("--size", type=int, default=80, help="scene size in pixels")
     d.add_argument("--n-galaxies", type=int, default=3)
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--out", default="probdeblend-demo.png")
+    d.add_argument("--prior", default="lsst-vae")
+    d.add_argument("--method", default="auto", choices=["auto", "amortized", "svi", "nuts"])
+    d.add_argument("--num-samples", type=int, default=500)
+    d.add_argument("--detect", action="store_true", help="detect sources instead of using truth")
+    d.add_argument("--simulate-only", action="store_true", help="only simulate and plot")
     d.set_defaults(func=_cmd_demo)
+
+    f = sub.add_parser("fit", help="deblend a scene FITS file (Scene.to_fits layout)")
+    f.add_argument("scene", help="FITS file written by probdeblend.Scene.to_fits")
+    f.add_argument("--out", required=True, help="InferenceData output (.nc)")
+    f.add_argument("--prior", default="lsst-vae")
+    f.add_argument("--method", default="auto", choices=["auto", "amortized", "svi", "nuts"])
+    f.add_argument("--num-samples", type=int, default=1000)
+    f.add_argument("--num-chains", type=int, default=4)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--plot", default=None, help="scene / model / residual figure (PNG)")
+    f.set_defaults(func=_cmd_fit)
 
     s = sub.add_parser("simulate", help="write a sharded dataset of isolated stamps or blends")
     s.add_argument("out", help="output directory")
@@ -138,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "size", 0) is None:
+    if args.command == "simulate" and args.size is None:
         args.size = 48 if getattr(args, "kind", "isolated") == "isolated" else 80
     return int(args.func(args) or 0)
 

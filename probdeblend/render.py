@@ -166,7 +166,6 @@ class SceneRenderer:
         self.kernel_ft = difference_kernel_ft(psf, model_psf, self.fft_shape, bands)
         self.freqs = (np.fft.fftfreq(self.fft_shape[0])[:, None],
                       np.fft.rfftfreq(self.fft_shape[1])[None, :])
-        self._cache: dict = {}
 
     @classmethod
     def from_scene(cls, scene, frame) -> SceneRenderer:
@@ -183,31 +182,14 @@ class SceneRenderer:
         k = scene.psf.shape[-1]
         return cls(scene.psf, scene.shape, frame.psf_image(k), frame.stamp_size, scene.bands)
 
-    def constants(self, backend: str, dtype=None):
-        """(kernel_ft, freqs) as arrays of ``backend`` ('torch' or 'jax'), cached."""
-        if backend in self._cache:
-            return self._cache[backend]
-        if backend == "torch":
-            import torch
-
-            kern = torch.as_tensor(self.kernel_ft.astype(np.complex64))
-            freqs = tuple(torch.as_tensor(f.astype(np.float32)) for f in self.freqs)
-        elif backend == "jax":
-            import jax.numpy as jnp
-
-            kern = jnp.asarray(self.kernel_ft.astype(np.complex64))
-            freqs = tuple(jnp.asarray(f.astype(np.float32)) for f in self.freqs)
-        else:
-            raise ValueError(f"backend must be 'torch' or 'jax', got {backend!r}")
-        self._cache[backend] = (kern, freqs)
-        return self._cache[backend]
-
     def __call__(self, stamps, fluxes, positions):
         """Render with the backend of ``stamps`` (torch tensor or JAX array); see :func:`render`."""
-        backend = "torch" if type(stamps).__module__.startswith("torch") else "jax"
-        kern, freqs = self.constants(backend)
-        if backend == "torch":
+        kern = self.kernel_ft.astype(np.complex64)
+        freqs = tuple(f.astype(np.float32) for f in self.freqs)
+        if type(stamps).__module__.startswith("torch"):
             import torch as xp
-        else:
+
+            kern, freqs = xp.as_tensor(kern), tuple(xp.as_tensor(f) for f in freqs)
+        else:  # numpy constants are safe to close over inside jit traces
             import jax.numpy as xp
         return render(stamps, fluxes, positions, kern, freqs, self.image_shape, xp)

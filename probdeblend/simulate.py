@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 
 import galsim
 import numpy as np
@@ -177,13 +177,13 @@ def _composite_hlr(bulge_frac, hlr_bulge, hlr_disk, iters=60):
     return 0.5 * (lo + hi)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sed(name: str) -> galsim.SED:
     path = os.path.join(galsim.meta_data.share_dir, "SEDs", f"{name}.sed")
     return galsim.SED(path, wave_type="Ang", flux_type="flambda")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _colour_table(sed_name: str, band: Band, ref: Band):
     """Flux ratio (electrons in ``band`` / electrons in ``ref``) on a redshift grid."""
     zs = np.linspace(0.0, 3.0, 151)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import galsim
 import numpy as np
@@ -180,7 +180,7 @@ def _gaussian_fwhm_for(lam_over_diam: float, obscuration: float, fwhm: float) ->
     return float(brentq(excess, 0.0, fwhm, xtol=1e-4 * fwhm))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bandpass(survey: str, name: str) -> galsim.Bandpass:
     files = _BANDPASS_FILES.get((survey, name))
     if files is None:
@@ -241,7 +241,7 @@ def available_surveys() -> list[str]:
     return sorted(set(_SURVEY_ALIASES) | set(surveycodex.available_surveys))
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_survey(name: str) -> Survey:
     """Return the :class:`Survey` called ``name`` (``"lsst"``, ``"hsc"``, ``"euclid"``, ...).
 

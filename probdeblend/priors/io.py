@@ -64,6 +64,8 @@ __all__ = [
     "list_priors",
     "shipped_priors_dir",
     "file_sha256",
+    "save_weights",
+    "load_weights",
 ]
 
 #: Keys every model card must have.
@@ -109,9 +111,38 @@ def shipped_priors_dir() -> Path:
 def list_priors(directory: str | os.PathLike | None = None) -> list[str]:
     """Names of the priors (a card and its weights) in ``directory`` (default: shipped ones)."""
     d = Path(directory) if directory is not None else shipped_priors_dir()
+    return list_weight_files(d, exclude_kinds=_OTHER_KINDS)
+
+
+#: Card ``kind`` values of non-prior models stored next to the priors (see
+#: :mod:`probdeblend.amortized`); :func:`list_priors` leaves them out.
+_OTHER_KINDS = ("amortized",)
+
+
+def list_weight_files(directory, kinds=None, exclude_kinds=()) -> list[str]:
+    """Names of the ``<name>.json`` + ``<name>.safetensors`` pairs in ``directory``.
+
+    ``kinds`` keeps only cards whose ``kind`` is one of them; ``exclude_kinds`` drops cards whose
+    ``kind`` is one of them (a card that cannot be read is kept unless ``kinds`` is given).
+    """
+    d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted(p.stem for p in d.glob("*.json") if p.with_suffix(".safetensors").is_file())
+    names = []
+    for p in sorted(d.glob("*.json")):
+        if not p.with_suffix(".safetensors").is_file():
+            continue
+        if kinds is not None or exclude_kinds:
+            try:
+                kind = json.loads(p.read_text()).get("kind")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                kind = None
+            if kinds is not None and kind not in kinds:
+                continue
+            if kind is not None and kind in exclude_kinds:
+                continue
+        names.append(p.stem)
+    return names
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -123,8 +154,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _resolve(name_or_path) -> tuple[Path, Path]:
-    """``(card_path, weights_path)`` of a prior name or path, or raise PriorLoadError."""
+def _resolve(name_or_path, what: str = "prior", available=None) -> tuple[Path, Path]:
+    """``(card_path, weights_path)`` of a prior name or path, or raise PriorLoadError.
+
+    ``what`` names the kind of model in messages; ``available(directory)`` lists the shipped
+    names offered when nothing is found (default :func:`list_priors`).
+    """
     raw = os.fspath(name_or_path)
     p = Path(raw).expanduser()
     is_name = (
@@ -143,19 +178,19 @@ def _resolve(name_or_path) -> tuple[Path, Path]:
         if card.is_file():
             if not weights.is_file():
                 raise PriorLoadError(
-                    f"prior {raw!r}: the model card {card} exists but its weights {weights} are "
+                    f"{what} {raw!r}: the model card {card} exists but its weights {weights} are "
                     f"missing; restore the .safetensors file next to the card (re-download or "
-                    f"re-generate the prior)"
+                    f"re-generate the {what})"
                 )
             return card, weights
     shipped = shipped_priors_dir()
-    available = list_priors(shipped)
+    names = (available or list_priors)(shipped)
     looked = ", ".join(str(Path(str(c) + ".json")) for c in candidates)
     raise PriorLoadError(
-        f"prior {raw!r} not found (looked for {looked}). Shipped priors available in {shipped}: "
-        f"{available if available else 'none'}. Pass one of these names, a path to a prior's "
-        f".json card / .safetensors weights / their common stem, or set PROBDEBLEND_PRIORS_DIR "
-        f"to the folder holding your priors."
+        f"{what} {raw!r} not found (looked for {looked}). Shipped {what}s available in "
+        f"{shipped}: {names if names else 'none'}. Pass one of these names, a path to a "
+        f"{what}'s .json card / .safetensors weights / their common stem, or set "
+        f"PROBDEBLEND_PRIORS_DIR to the folder holding your priors."
     )
 
 
@@ -188,24 +223,31 @@ def read_card(name_or_path) -> dict:
     return _read_card_file(card_path)
 
 
-def _read_card_file(card_path: Path) -> dict:
+def _read_json_card(
+    card_path: Path, required=(), what: str = "prior", writer: str = "save_prior"
+) -> dict:
     try:
         card = json.loads(card_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PriorLoadError(
             f"model card {card_path} is not readable JSON ({e}); re-download or "
-            f"re-generate the prior"
+            f"re-generate the {what}"
         ) from e
     if not isinstance(card, dict):
         raise PriorLoadError(
             f"model card {card_path} must hold a JSON object, got {type(card).__name__}"
         )
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    missing = [k for k in required if k not in card]
     if missing:
         raise PriorLoadError(
             f"model card {card_path} is missing the keys {missing} (required: "
-            f"{list(REQUIRED_CARD_KEYS)}); re-generate the card with save_prior"
+            f"{list(required)}); re-generate the card with {writer}"
         )
+    return card
+
+
+def _read_card_file(card_path: Path) -> dict:
+    card = _read_json_card(card_path, REQUIRED_CARD_KEYS)
     if card["kind"] not in _KINDS:
         raise PriorLoadError(
             f"model card {card_path}: kind must be one of {_KINDS}, got {card['kind']!r}"
@@ -310,12 +352,25 @@ def save_prior(
         for k, v in m.state_dict().items():
             tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous().clone()
 
+    return _write_pair(stem, tensors, out, {"format": "pt", "probdeblend_prior": out["name"]})
+
+
+def _stem(path) -> Path:
+    p = Path(path).expanduser()
+    return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+
+
+def _write_pair(stem: Path, tensors: dict, out: dict, metadata: dict) -> Path:
+    """Write ``stem.safetensors`` and the card ``out`` (+ sha256, size) as ``stem.json``.
+
+    Both files are first written under temporary names and then renamed.
+    """
     weights = Path(str(stem) + ".safetensors")
     card_path = Path(str(stem) + ".json")
     tag = f".tmp-{os.getpid()}"
     tmp_w, tmp_c = Path(str(weights) + tag), Path(str(card_path) + tag)
     try:
-        save_file(tensors, str(tmp_w), metadata={"format": "pt", "probdeblend_prior": out["name"]})
+        save_file(tensors, str(tmp_w), metadata=metadata)
         os.chmod(tmp_w, 0o644)  # safetensors creates the file owner-only
         out["sha256"] = file_sha256(tmp_w)
         out["file_size_bytes"] = tmp_w.stat().st_size
@@ -327,6 +382,72 @@ def save_prior(
             if t.exists():
                 t.unlink()
     return card_path
+
+
+def save_weights(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], card: Mapping
+) -> Path:
+    """Write any named tensors plus a JSON card as ``<stem>.safetensors`` / ``<stem>.json``.
+
+    The generic form of :func:`save_prior` (used by :mod:`probdeblend.amortized`): ``card`` is
+    stored as given (converted to JSON types; ``sha256`` and ``file_size_bytes`` of the weight
+    file are computed and added), ``card["name"]`` defaults to the file stem. The two files are
+    written under temporary names and renamed, so an interrupted save leaves nothing half
+    written. Returns the card's path.
+    """
+    stem = _stem(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = {k: v for k, v in dict(card).items() if k not in ("sha256", "file_size_bytes")}
+    out.setdefault("name", stem.name)
+    out = _jsonable(out)  # fail before writing anything
+    flat = {str(k): v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": "pt", "probdeblend_model": str(out["name"])}
+    return _write_pair(stem, flat, out, meta)
+
+
+def _verify_checksum(
+    card: dict, card_path: Path, weights_path: Path, writer: str, what: str = "prior"
+) -> None:
+    digest = file_sha256(weights_path)
+    if digest != card["sha256"]:
+        raise ChecksumMismatchError(
+            f"weights {weights_path} have sha256 {digest} but the model card {card_path} records "
+            f"{card['sha256']}: the file is corrupted or does not belong to this card. "
+            f"Re-download the {what} (or re-generate it with {writer}); do not edit weights "
+            f"or checksums by hand."
+        )
+
+
+def _read_tensors(weights_path: Path, what: str = "prior") -> dict:
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise PriorLoadError(
+            f"cannot read weights {weights_path} ({e}); re-download or re-generate the {what}"
+        ) from e
+
+
+def load_weights(
+    name_or_path: str | os.PathLike, required_keys=("name",), what: str = "model", available=None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a ``<stem>.safetensors`` + ``<stem>.json`` pair written by :func:`save_weights`.
+
+    ``name_or_path`` is a name in :func:`shipped_priors_dir` or a path (card, weights or stem),
+    as for :func:`load_prior`. The card must hold ``required_keys`` and the weights' sha256 must
+    match the card's. Returns ``(tensors, card)``.
+
+    Raises
+    ------
+    PriorLoadError
+        Missing files, unreadable card or weights, missing card keys.
+    ChecksumMismatchError
+        The weights' sha256 differs from the card's.
+    """
+    card_path, weights_path = _resolve(name_or_path, what=what, available=available)
+    required = tuple(dict.fromkeys(tuple(required_keys) + ("sha256", "file_size_bytes")))
+    card = _read_json_card(card_path, required, what=what, writer="save_weights")
+    _verify_checksum(card, card_path, weights_path, writer="save_weights", what=what)
+    return _read_tensors(weights_path, what=what), card
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -359,14 +480,7 @@ def load_prior(
     """
     card_path, weights_path = _resolve(name_or_path)
     card = _read_card_file(card_path)
-    digest = file_sha256(weights_path)
-    if digest != card["sha256"]:
-        raise ChecksumMismatchError(
-            f"weights {weights_path} have sha256 {digest} but the model card {card_path} records "
-            f"{card['sha256']}: the file is corrupted or does not belong to this card. "
-            f"Re-download the prior (or re-generate it with save_prior); do not edit weights "
-            f"or checksums by hand."
-        )
+    _verify_checksum(card, card_path, weights_path, writer="save_prior")
     try:
         frame = ModelFrame.from_dict(card["frame"])
     except (KeyError, TypeError, ValueError) as e:
@@ -382,12 +496,7 @@ def load_prior(
                 f"{list(frame.bands)}. Request a subset of those, or use a prior trained on "
                 f"these bands"
             )
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise PriorLoadError(
-            f"cannot read weights {weights_path} ({e}); re-download or re-generate the prior"
-        ) from e
+    tensors = _read_tensors(weights_path)
     arch = card["architecture"]
     try:
         encoder = Encoder(

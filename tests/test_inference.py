@@ -1,0 +1,211 @@
+"""Forward model, scene model (Pyro vs NumPyro), MAP/Laplace, and simulation-based calibration.
+
+All on a tiny prior (latent 4, 3 bands, 24-px stamps) so the suite stays fast; the shipped
+priors are exercised in tests/test_fit.py.
+"""
+
+from __future__ import annotations
+
+import galsim
+import jax
+import numpy as np
+import pytest
+import torch
+from jax.flatten_util import ravel_pytree
+
+import probdeblend as pb
+from probdeblend.errors import InvalidPSFError
+from probdeblend.inference import SceneProblem, find_map, laplace
+from probdeblend.model import Backend, SceneSpec, scene_model
+from probdeblend.priors.frame import ModelFrame
+from probdeblend.priors.train import build_tiny_prior
+from probdeblend.render import SceneRenderer, fft_size
+
+SCALE = 0.2
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    card = build_tiny_prior(d, frame=ModelFrame(bands=("g", "r", "i"), stamp_size=24), epochs=1)
+    return pb.load_prior(str(card))
+
+
+def _gaussian_psf(fwhm, size=25):
+    img = galsim.Gaussian(fwhm=fwhm).drawImage(nx=size, ny=size, scale=SCALE).array
+    return img / img.sum()
+
+
+# ---------------------------------------------------------------------------- render
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_render_matches_galsim_gaussian_psf(backend):
+    """A Gaussian galaxy in the model frame, rendered to a wider Gaussian PSF at a sub-pixel
+    position, equals GalSim's direct drawing (independent reference)."""
+    n, N = 48, 64
+    gal = galsim.Gaussian(sigma=0.4).shear(g1=0.2, g2=-0.1)
+    model_psf = galsim.Gaussian(fwhm=0.4)
+    obs_psf = galsim.Gaussian(fwhm=0.85)
+    stamp = galsim.Convolve(gal, model_psf).drawImage(nx=n, ny=n, scale=SCALE).array
+    stamp = stamp / stamp.sum()
+    x, y = 20.3, 41.7
+    ref = galsim.Convolve(gal, obs_psf).drawImage(
+        nx=N, ny=N, scale=SCALE, offset=(x - (N - 1) / 2, y - (N - 1) / 2)).array * 1000.0
+    R = SceneRenderer(_gaussian_psf(0.85)[None], (N, N), _gaussian_psf(0.4), n)
+    if backend == "torch":
+        out = R(torch.tensor(stamp[None, None]), torch.tensor([[1000.0]]),
+                torch.tensor([[x, y]])).numpy()[0]
+    else:
+        import jax.numpy as jnp
+
+        out = np.asarray(R(jnp.asarray(stamp[None, None]), jnp.asarray([[1000.0]]),
+                           jnp.asarray([[x, y]])))[0]
+    assert np.abs(out - ref).max() / ref.max() < 1e-4
+    assert out.sum() == pytest.approx(ref.sum(), rel=1e-4)
+
+
+def test_render_kolmogorov_close_to_galsim():
+    """Same with a Kolmogorov PSF: limited by the 41-px PSF image cutting the wings."""
+    n, N = 48, 64
+    gal = galsim.Exponential(half_light_radius=0.5).shear(g1=0.1, g2=0.2)
+    obs = galsim.Kolmogorov(fwhm=0.8)
+    stamp = galsim.Convolve(gal, galsim.Gaussian(fwhm=0.4)).drawImage(nx=n, ny=n,
+                                                                      scale=SCALE).array
+    psf = obs.drawImage(nx=41, ny=41, scale=SCALE).array
+    psf /= psf.sum()
+    ref = galsim.Convolve(gal, obs).drawImage(nx=N, ny=N, scale=SCALE, offset=(0.4, -0.3)).array
+    R = SceneRenderer(psf[None], (N, N), _gaussian_psf(0.4, 41), n)
+    out = R(torch.tensor((stamp / stamp.sum())[None, None]), torch.tensor([[stamp.sum()]]),
+            torch.tensor([[(N - 1) / 2 + 0.4, (N - 1) / 2 - 0.3]])).numpy()[0]
+    assert np.abs(out - ref).max() / ref.max() < 1e-2
+
+
+def test_render_rejects_psf_narrower_than_model():
+    with pytest.raises(InvalidPSFError, match="narrower than the prior's model PSF"):
+        SceneRenderer(_gaussian_psf(0.3)[None], (32, 32), _gaussian_psf(0.5), 24, bands=["r"])
+
+
+def test_fft_size():
+    assert fft_size(97) == 100 and fft_size(128) == 128 and fft_size(1) == 1
+
+
+# ---------------------------------------------------------------------------- model
+def _scene_for(prior, n_src=2, seed=0, size=32):
+    """A scene drawn from the model itself (prior draws, rendered, noise)."""
+    rng = np.random.default_rng(seed)
+    bands = prior.bands
+    psf = np.stack([_gaussian_psf(0.8)] * len(bands))
+    sky = 400.0
+    var = np.full((len(bands), size, size), sky, np.float32)
+    pos = np.array([[size / 2 - 3, size / 2], [size / 2 + 4, size / 2 + 2]])[:n_src]
+    scene = pb.Scene(np.zeros((len(bands), size, size), np.float32), var, psf, bands, SCALE,
+                     positions=pos)
+    backend = Backend.numpyro(prior)
+    renderer = SceneRenderer.from_scene(scene, prior.frame)
+    flux = np.full((n_src, len(bands)), 2e4)
+    spec = SceneSpec.build(backend, scene, renderer, pos, flux, prior.latent_dim, flux_scale=0.5)
+    return scene, spec, backend, rng
+
+
+def test_pyro_and_numpyro_models_agree(tiny_prior):
+    """The same parameters give the same log joint under Pyro (torch) and NumPyro (JAX)."""
+    import pyro
+    from numpyro.infer.util import log_density
+
+    scene, spec_np, backend_np, rng = _scene_for(tiny_prior)
+    scene = scene.__class__(scene.image + rng.normal(0, 20, scene.image.shape).astype(np.float32),
+                            scene.variance, scene.psf, scene.bands, SCALE,
+                            positions=scene.positions)
+    renderer = SceneRenderer.from_scene(scene, tiny_prior.frame)
+    specs = {}
+    for name, be in (("numpyro", backend_np), ("pyro", Backend.pyro(tiny_prior))):
+        specs[name] = (be, SceneSpec.build(be, scene, renderer, scene.positions,
+                                           np.full((2, 3), 2e4), tiny_prior.latent_dim))
+    params = {"latent_base": rng.normal(size=(2, 4)), "log_flux": np.log(2e4) + rng.normal(
+        0, 0.1, (2, 3)), "offset": rng.normal(0, 0.3, (2, 2))}
+    be, spec = specs["numpyro"]
+    lp_np = float(log_density(lambda: scene_model(be, spec), (), {},
+                              {k: np.asarray(v, np.float32) for k, v in params.items()})[0])
+    be, spec = specs["pyro"]
+    cond = pyro.condition(lambda: scene_model(be, spec),
+                          data={k: torch.tensor(v, dtype=torch.float32) for k, v in params.items()})
+    tr = pyro.poutine.trace(cond).get_trace()
+    lp_pyro = float(tr.log_prob_sum())
+    assert np.isfinite(lp_np)
+    assert lp_pyro == pytest.approx(lp_np, rel=1e-4, abs=1e-2)
+
+
+def test_flatten_order_matches_ravel_pytree(tiny_prior):
+    _, spec, backend, rng = _scene_for(tiny_prior)
+    prob = SceneProblem(backend, spec)
+    params = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in prob.template.items()}
+    flat_jax = np.asarray(ravel_pytree(params)[0])
+    assert np.allclose(prob.flatten(params), flat_jax)
+    stacked = {k: np.stack([v, 2 * v]) for k, v in params.items()}
+    assert np.allclose(prob.flatten_draws(stacked)[1], 2 * flat_jax)
+    assert np.allclose(prob.unflatten(flat_jax)["log_flux"], params["log_flux"])
+
+
+def test_compiled_functions_are_shared_across_scenes(tiny_prior):
+    _, spec1, backend, _ = _scene_for(tiny_prior, seed=1)
+    _, spec2, _, _ = _scene_for(tiny_prior, seed=2)
+    p1, p2 = SceneProblem(backend, spec1), SceneProblem(backend, spec2)
+    assert p1._fns is p2._fns
+
+
+def test_map_and_laplace(tiny_prior):
+    """MAP improves on the start; the Laplace covariance is symmetric positive definite and its
+    flux variance is close to the Cramer-Rao scale for a bright source."""
+    scene, spec, backend, rng = _scene_for(tiny_prior, n_src=1)
+    prob = SceneProblem(backend, spec)
+    init = {"latent_base": np.zeros((1, 4)), "log_flux": np.full((1, 3), np.log(1.5e4)),
+            "offset": np.full((1, 2), 0.3)}
+    # data: the model at a known point plus noise
+    truth = {"latent_base": rng.normal(size=(1, 4)), "log_flux": np.full((1, 3), np.log(2e4)),
+             "offset": np.zeros((1, 2))}
+    z = prob.deterministic(prob.flatten(truth)[None])["latent"]
+    model = np.asarray(prob.fn("model_image")(z, truth["log_flux"][None].astype(np.float32),
+                                              np.asarray(spec.positions0)[None], spec))[0]
+    image = model + rng.normal(0, 20, model.shape)
+    scene2 = pb.Scene(image.astype(np.float32), scene.variance, scene.psf, scene.bands, SCALE,
+                      positions=scene.positions)
+    spec2 = SceneSpec.build(backend, scene2, SceneRenderer.from_scene(scene2, tiny_prior.frame),
+                            scene.positions, np.full((1, 3), 2e4), 4)
+    prob2 = SceneProblem(backend, spec2)
+    flat_map, info = find_map(prob2, init)
+    assert info["map_logp"] > float(prob2.logp(prob2.flatten(init).astype(np.float32)))
+    cov = laplace(prob2, flat_map)
+    assert np.allclose(cov, cov.T)
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+    m = prob2.unflatten(flat_map)
+    assert np.all(np.abs(np.exp(m["log_flux"]) / 2e4 - 1) < 0.1)  # fluxes recovered
+    assert np.all(np.abs(m["offset"]) < 0.3)
+
+
+def test_simulation_based_calibration(tiny_prior):
+    """SBC (Talts et al. 2018) on scenes drawn from the model itself: the rank of each true
+    parameter among posterior draws is uniform when inference is exact. NUTS on a 1-source
+    scene, 40 replicates, ranks of flux_r, offset x and two latent coordinates; a chi-square
+    test on 5 bins must not reject uniformity at p < 0.001 for any of them."""
+    from numpyro.infer import MCMC, NUTS, Predictive
+    from scipy import stats
+
+    _, spec, backend, _ = _scene_for(tiny_prior, n_src=1, size=24)
+    model = lambda spec, observe=True: scene_model(backend, spec, observe)  # noqa: E731
+    prior_pred = Predictive(model, num_samples=40)
+    draws = prior_pred(jax.random.PRNGKey(0), spec, observe=False)
+    mcmc = MCMC(NUTS(model, dense_mass=True, max_tree_depth=6), num_warmup=150,
+                num_samples=99, progress_bar=False, jit_model_args=True)
+    ranks = {"log_flux": [], "offset": [], "u0": [], "u1": []}
+    for i in range(40):
+        spec_i = spec.with_arrays(lambda a: a)
+        spec_i.image = draws["obs"][i]
+        mcmc.run(jax.random.PRNGKey(100 + i), spec_i)
+        s = mcmc.get_samples()
+        ranks["log_flux"].append(int((s["log_flux"][:, 0, 1] < draws["log_flux"][i, 0, 1]).sum()))
+        ranks["offset"].append(int((s["offset"][:, 0, 0] < draws["offset"][i, 0, 0]).sum()))
+        ranks["u0"].append(int((s["latent_base"][:, 0, 0] < draws["latent_base"][i, 0, 0]).sum()))
+        ranks["u1"].append(int((s["latent_base"][:, 0, 1] < draws["latent_base"][i, 0, 1]).sum()))
+    for name, r in ranks.items():
+        counts = np.histogram(r, bins=5, range=(0, 100))[0]
+        p = stats.chisquare(counts).pvalue
+        assert p > 1e-3, f"{name}: SBC ranks not uniform, counts {counts}, p={p:.2g}"
