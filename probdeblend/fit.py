@@ -37,6 +37,9 @@ __all__ = ["fit", "METHODS", "FitContext"]
 
 METHODS = ("auto", "amortized", "svi", "nuts")
 
+#: priors loaded by name in this process (with their compiled log-densities)
+_PRIORS: dict = {}
+
 
 class FitContext:
     """Everything ``fit`` builds for one scene (prior, renderer, spec, problem, amortized q).
@@ -51,9 +54,13 @@ class FitContext:
         from .render import SceneRenderer
 
         self.scene, self.prior = scene, prior
-        self.np_prior = prior.to_numpyro()
-        self.backend = Backend.numpyro(self.np_prior)
-        self.backend.torch_prior = prior
+        cached = prior.__dict__.get("_probdeblend_numpyro")
+        if cached is None:  # one twin + backend per prior: compiled functions are reused
+            np_prior = prior.to_numpyro()
+            backend = Backend.numpyro(np_prior)
+            backend.torch_prior = prior
+            cached = prior.__dict__["_probdeblend_numpyro"] = (np_prior, backend)
+        self.np_prior, self.backend = cached
         self.renderer = SceneRenderer.from_scene(scene, prior.frame)
         positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
         if amortized is not None:
@@ -297,7 +304,10 @@ def fit(scene: Scene, prior="lsst-vae", method: str = "auto", num_samples: int =
         raise ValueError(f"engine must be 'numpyro' or 'pyro', got {engine!r}")
     t_start = time.perf_counter()
     timings = {}
-    prior = prior if isinstance(prior, LearnedPrior) else load_prior(prior)
+    if not isinstance(prior, LearnedPrior):
+        if prior not in _PRIORS:  # keep loaded priors: their compiled functions are reused
+            _PRIORS[prior] = load_prior(prior)
+        prior = _PRIORS[prior]
     scene = _prepare_scene(scene, prior)
     positions, det_table = _sources(scene, detect_kwargs)
     amortized = _load_amortized(prior)
