@@ -6,12 +6,15 @@ Public entry points (see the docs for each):
 * :func:`get_survey` — LSST / HSC / Euclid bands, zero points, sky, PSFs, noise.
 * :mod:`probdeblend.simulate` — GalSim simulations of isolated and blended galaxies with truth.
 * :func:`load_prior` — shipped learned galaxy priors as Pyro / NumPyro distributions.
+* :func:`fit` — deblend a scene: posterior samples as ArviZ InferenceData.
+* :mod:`probdeblend.diagnostics` — summary tables, convergence checks, plots.
+* :mod:`probdeblend.shear` — shear posterior of an ensemble, m / c bias fits.
 * :mod:`probdeblend.measure` — the library's ellipticity / flux / blendedness conventions.
 """
 
 from __future__ import annotations
 
-from . import errors, measure, simulate
+from . import diagnostics, errors, measure, shear, simulate
 from .errors import ProbdeblendError
 from .scene import Scene
 from .survey import Band, Survey, available_surveys, get_survey
@@ -26,6 +29,9 @@ __all__ = [
     "available_surveys",
     "load_prior",
     "list_priors",
+    "fit",
+    "diagnostics",
+    "shear",
     "simulate",
     "measure",
     "errors",
@@ -39,4 +45,8 @@ def __getattr__(name):  # lazy: torch / jax are imported only when a prior is as
         from .priors import io
 
         return getattr(io, name)
+    if name == "fit":
+        from .fit import fit
+
+        return fit
     raise AttributeError(f"module 'probdeblend' has no attribute {name!r}")
