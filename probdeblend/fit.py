@@ -174,18 +174,14 @@ def _amortized_draws(ctx: FitContext, num_samples: int, seed: int, n_proposals: 
         params = {k: np.repeat(np.asarray(v, np.float64)[None], n_proposals, 0)
                   for k, v in base.items()}
         params["latent_base"][:, s], params["log_flux"][:, s], params["offset"][:, s] = u, lf, off
-        flats = np.stack([ctx.problem.flatten({k: v[i] for k, v in params.items()})
-                          for i in range(n_proposals)])
-        log_w = ctx.problem.logp_batch(flats) - log_q
+        log_w = ctx.problem.logp_batch(ctx.problem.flatten_draws(params)) - log_q
         log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
         ks[s] = pareto_k(log_w)
         w = np.exp(log_w - log_w.max())
         idx = rng.choice(n_proposals, size=num_samples, p=w / w.sum())
         out["latent_base"][:, s], out["log_flux"][:, s] = u[idx], lf[idx]
         out["offset"][:, s] = off[idx]
-    flats = np.stack([ctx.problem.flatten({k: v[i] for k, v in out.items()})
-                      for i in range(num_samples)])
-    return flats, ks
+    return ctx.problem.flatten_draws(out), ks
 
 
 def _diag_normal_logpdf(x, loc, scale):

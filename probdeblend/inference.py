@@ -160,6 +160,7 @@ def _compile(backend, template) -> dict:
     from jax.flatten_util import ravel_pytree
     from numpyro.infer.util import log_density
 
+    from .likelihood import loglike_per_band
     from .model import scene_model
 
     _, unravel = ravel_pytree(template)
@@ -173,11 +174,8 @@ def _compile(backend, template) -> dict:
         return spec.render(backend.decode(z), xp.exp(log_flux), positions, xp)
 
     def loglike_bands(z, log_flux, positions, spec):
-        """Normalised Gaussian log-likelihood per band (unmasked pixels)."""
-        r = xp.where(spec.good, (spec.image - model_image(z, log_flux, positions, spec))
-                     / spec.sigma, 0.0)
-        norm = xp.where(spec.good, -xp.log(spec.sigma) - 0.5 * np.log(2 * np.pi), 0.0)
-        return (-0.5 * r**2 + norm).sum((-2, -1))
+        return loglike_per_band(model_image(z, log_flux, positions, spec), spec.image,
+                                spec.sigma, spec.good, xp)
 
     return {
         "decode": jax.jit(backend.decode),
@@ -209,16 +207,19 @@ def find_map(problem: SceneProblem, init: dict, max_iter: int = 500, tol: float 
     return res.x, info
 
 
-def laplace(problem: SceneProblem, flat_map, min_eig: float = 1e-6):
+def laplace(problem: SceneProblem, flat_map, min_eig: float = 0.1):
     """Covariance of the Laplace approximation at ``flat_map`` (inverse Hessian of -log p).
 
-    Eigenvalues of the Hessian below ``min_eig`` (flat or non-convex directions) are raised to
-    it, so the result is always a valid covariance.
+    The Hessian is made positive definite by taking the absolute value of its eigenvalues and
+    flooring them at ``min_eig``: a direction of zero or negative curvature at the MAP (the
+    likelihood can be locally non-convex in the latent) then gets a variance of at most
+    ``1 / min_eig``, the scale of the priors (unit normal latent base, log-flux width 2, position
+    width 1 px), instead of an unbounded one that would wreck NUTS's mass matrix.
     """
     H = -np.asarray(problem.hessian(np.asarray(flat_map, np.float32)), dtype=np.float64)
     H = 0.5 * (H + H.T)
     w, V = np.linalg.eigh(H)
-    w = np.maximum(w, min_eig)
+    w = np.maximum(np.abs(w), min_eig)
     return (V / w) @ V.T
 
 

@@ -9,6 +9,12 @@ For a scene with ``S`` sources, ``B`` bands and a prior with latent dimension ``
     scene_b   = render(decode(z), exp(log f), x0 + d)                          (B, ny, nx)
     image     ~ Normal(scene, sqrt(variance))  over unmasked pixels            "obs"
 
+When conditioning on the image, ``obs`` is a ``factor`` holding ``-0.5 * sum(residual^2 /
+variance)``: the Gaussian log-likelihood without its normalising constant (a constant of the
+data, ~1e5 nats for an 80x80x6 scene, which would otherwise eat float32's resolution of the
+log-density); see :mod:`probdeblend.likelihood`. The ``log_likelihood`` group of results is
+normalised.
+
 ``z = flow(u)`` with ``u ~ N(0, I)`` is *exactly* the learned prior of the latent (the flow is
 the prior's own density, see :mod:`probdeblend.priors`); sampling in ``u`` whitens the prior,
 which is what MCMC wants. Fluxes are sampled in log space (positivity, scale-free geometry).
@@ -30,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .likelihood import chi2_loglike
 from .render import SceneRenderer, render
 
 __all__ = ["Backend", "SceneSpec", "scene_model"]
@@ -224,6 +231,8 @@ def scene_model(backend: Backend, spec: SceneSpec, observe: bool = True):
                         dist.Normal(xp.zeros((S, 2)), spec.position_scale).to_event(2))
     positions = ppl.deterministic("position", spec.positions0 + offset)
     model = spec.render(backend.decode(z), xp.exp(log_flux), positions, xp)
-    ppl.sample("obs", dist.Normal(model, spec.sigma).mask(spec.good).to_event(3),
-               obs=spec.image if observe else None)
+    if observe:
+        ppl.factor("obs", chi2_loglike(model, spec.image, spec.sigma, spec.good, xp))
+    else:
+        ppl.sample("obs", dist.Normal(model, spec.sigma).mask(spec.good).to_event(3))
     return model
