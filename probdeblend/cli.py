@@ -35,7 +35,8 @@ def _cmd_demo(args) -> int:
         return 0
     t0 = time.perf_counter()
     idata = fit(scene, prior=args.prior, method=args.method, num_samples=args.num_samples,
-                seed=args.seed, progress=False)
+                seed=args.seed, num_chains=args.num_chains, num_warmup=args.num_warmup,
+                progress=False, check=False)
     dt = time.perf_counter() - t0
     table = diagnostics.summary_table(idata, pareto_k=idata.attrs.get("pareto_k"))
     truth = sim.truth
@@ -46,9 +47,12 @@ def _cmd_demo(args) -> int:
     print("\ntruth (target first; e1, e2 = true reduced shear g1, g2):")
     truth[["x", "y", "flux_r", "g1", "g2", "snr", "blendedness_total"]].pprint(max_width=200)
     diag = diagnostics.check_convergence(idata, warn=False)
-    print(f"\ndiagnostics: max R-hat {np.nanmax(list(diag['r_hat'].values())):.3f}, "
-          f"min ESS {np.nanmin(list(diag['ess_bulk'].values())):.0f}, "
-          f"divergences {diag['n_divergent']}")
+    rhat = [v for v in diag["r_hat"].values() if v is not None and np.isfinite(v)]
+    ess = [v for v in diag["ess_bulk"].values() if v is not None and np.isfinite(v)]
+    print("\ndiagnostics: max R-hat " + (f"{max(rhat):.3f}" if rhat else "n/a (one chain)")
+          + (f", min bulk ESS {min(ess):.0f}" if ess else "")
+          + f", divergences {diag['n_divergent']}; Pareto k-hat per source "
+          + str(np.round(idata.attrs.get("pareto_k", []), 2).tolist()))
     model = idata.constant_data["model_mean"].values
     diagnostics.plot_scene(scene, model, path=out,
                            positions=np.stack([table["x"], table["y"]], -1))
@@ -136,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the truth, save figures")
     d.add_argument("--survey", default="lsst")
     d.add_argument("--size", type=int, default=80, help="scene size in pixels")
-    d.add_argument("--n-galaxies", type=int, default=3)
+    d.add_argument("--n-galaxies", type=int, default=2)
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--out", default="probdeblend-demo.png")
     d.add_argument("--prior", default="lsst-vae")
     d.add_argument("--method", default="auto", choices=["auto", "amortized", "svi", "nuts"])
-    d.add_argument("--num-samples", type=int, default=500)
+    d.add_argument("--num-samples", type=int, default=300, help="draws per chain")
+    d.add_argument("--num-chains", type=int, default=2)
+    d.add_argument("--num-warmup", type=int, default=150)
     d.add_argument("--detect", action="store_true", help="detect sources instead of using truth")
     d.add_argument("--simulate-only", action="store_true", help="only simulate and plot")
     d.set_defaults(func=_cmd_demo)

@@ -672,8 +672,11 @@ def plot_corner(idata, source=0, var_names=("flux", "e1", "e2"), bands=("r",), t
     fig, axes = plt.subplots(n, n, figsize=(2.4 * n + 0.6, 2.4 * n + 0.6), squeeze=False)
     truths = [_truth_value(truth, key) for key in keys]
     limits = []
+    columns = [np.asarray(c, dtype=float) for c in columns]
+    finite = np.all([np.isfinite(c) for c in columns], axis=0)  # drop draws with a failed shape
+    columns = [c[finite] for c in columns]
     for col, tv in zip(columns, truths, strict=True):
-        lo, hi = np.percentile(col, [0.5, 99.5]) if len(col) else (0.0, 1.0)
+        lo, hi = np.percentile(col, [0.5, 99.5]) if len(col) else (-1.0, 1.0)
         width = max(hi - lo, 1e-12 * max(abs(lo), 1.0), 1e-300)
         if tv is not None and lo - 3 * width <= tv <= hi + 3 * width:  # keep nearby truths
             lo, hi = min(lo, tv), max(hi, tv)

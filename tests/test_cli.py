@@ -71,11 +71,18 @@ def test_simulate_blends_default_size(tmp_path):
     np.testing.assert_allclose(meta["blend"]["shear"], [0.02, 0.0])
 
 
-def test_demo_writes_a_png(tmp_path, capsys):
-    path = tmp_path / "sub" / "d.png"
-    assert main(["demo", "--out", str(path)]) == 0
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 10_000
+def test_demo_deblends_and_writes_figures(tmp_path, capsys):
+    """The end-to-end demo with the shipped prior (amortized + reweighting, few draws)."""
+    path = tmp_path / "d.png"
+    assert main(["demo", "--out", str(path), "--method", "amortized", "--num-samples", "50",
+                 "--n-galaxies", "2"]) == 0
+    assert path.stat().st_size > 1000
+    assert (tmp_path / "d-corner.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "blendedness_total" in out and str(path) in out
+    assert "posterior summary" in out and "flux_r" in out
+
+
+def test_demo_simulate_only(tmp_path):
+    path = tmp_path / "s.png"
+    assert main(["demo", "--out", str(path), "--simulate-only"]) == 0
+    assert path.stat().st_size > 1000
