@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Posterior", "SceneProblem", "find_map", "laplace", "run_nuts", "run_svi",
-           "importance_resample", "pareto_k", "run_nuts_pyro"]
+           "pareto_k", "run_nuts_pyro"]
 
 
 @dataclass
@@ -313,34 +313,6 @@ def pareto_k(log_weights) -> float:
         warnings.simplefilter("ignore")
         _, k = az.psislw(lw)
     return float(np.asarray(k))
-
-
-def importance_resample(problem: SceneProblem, flats, log_q, num_samples: int, seed: int = 0):
-    """Reweight proposal draws with the full scene posterior and resample them.
-
-    Parameters
-    ----------
-    flats : array (n, dim)
-        Proposal draws (e.g. from the amortized posterior).
-    log_q : array (n,)
-        Proposal log-density of each draw (in the flat space).
-
-    Returns
-    -------
-    (Posterior, info) with ``info["pareto_k"]`` and the effective sample size of the weights.
-    """
-    lp = problem.logp_batch(flats)
-    log_w = lp - np.asarray(log_q, dtype=np.float64)
-    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
-    k = pareto_k(log_w)
-    w = np.exp(log_w - log_w.max())
-    w /= w.sum()
-    ess = float(1.0 / np.sum(w**2))
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(w), size=num_samples, replace=True, p=w)
-    samples = problem.deterministic(flats[idx][None])
-    info = {"pareto_k": k, "is_ess": ess, "n_proposals": int(len(w))}
-    return Posterior(samples, {"lp": lp[idx][None]}, "amortized+is", {}, info), info
 
 
 def run_nuts_pyro(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
