@@ -3,6 +3,10 @@
     python benchmarks/deblend_benchmark.py --n 500 --n-svi 60 --n-nuts 12 \
         --out benchmarks/results/deblend
 
+Rows are appended to ``<out>/rows.jsonl`` per (method, scene) as they are measured, and a run
+skips what is already there, so the slow methods can run separately (``--methods nuts``) and
+``--report-only`` rebuilds the report from whatever has been measured.
+
 Scenes: 80x80 px LSST ugrizy at 0.2"/px, a target within 0.2" of the centre plus 1-3 neighbours
 within 0.5-3" of it, r = 20-25.3 (the simulator's population), per-band Kolmogorov PSFs with the
 FWHM scaled by U(0.9, 1.2), variance = sky + source counts. Seeds 10_000_000 + i, disjoint from
@@ -71,103 +75,140 @@ def summarize_target(draws: dict, r_idx: int):
     return {"flux_r": f, "e1": e1, "e2": e2}
 
 
-def record(rows, name, i, post, truth, gm):
+def record(rows, name, i, post, truth, gm, seconds):
     f, e1, e2 = post["flux_r"], post["e1"], post["e2"]
     t_f, t1, t2 = float(truth["flux_r"]), float(truth["g1"]), float(truth["g2"])
     row = {"method": name, "scene": i, "flux_rel": np.median(f) / t_f - 1,
            "e1": np.nanmedian(e1), "e2": np.nanmedian(e2), "g1": t1, "g2": t2,
            "g1m": gm[0], "g2m": gm[1], "snr": float(truth["snr"]),
-           "blend": float(truth["blendedness_total"])}
+           "blend": float(truth["blendedness_total"]), "seconds": seconds}
     row["cov68_flux"], row["cov95_flux"] = interval_hits(f, t_f)
     for k, (e, t) in {"e1": (e1, gm[0]), "e2": (e2, gm[1])}.items():
         row[f"cov68_{k}"], row[f"cov95_{k}"] = interval_hits(e, t)
     rows.append(row)
 
 
+ALL_METHODS = ("amortized", "is", "svi", "nuts", "sep")
+NAMES = {"is": "amortized+IS"}
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Rows already measured (one JSON object per line), so runs can be split and resumed."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run(args):
+    """Measure every (method, scene) pair not yet in ``rows.jsonl``, appending as it goes."""
     warnings.simplefilter("ignore")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    done = {(r["method"], r["scene"]) for r in load_rows(rows_path)}
+    done |= {("sep", r["scene"]) for r in load_rows(out / "sep_missed.jsonl")}
     prior = pb.load_prior(args.prior)
     amortized = _load_amortized(prior)
     r_idx = list(prior.bands).index("r")
-    cfg = BlendConfig(frame=Frame(survey="lsst", stamp_size=80), n_galaxies=(2, 4),
-                      max_shift=0.2, annulus=(0.5, 3.0), psf_fwhm_range=(0.9, 1.2))
-    speed = throughput(amortized, prior, args)  # first: cheap, and fails early if broken
-    rows, timing = [], {"amortized": 0.0, "amortized+IS": 0.0, "svi": 0.0, "nuts": 0.0}
-    sep_found = 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(methods) - set(ALL_METHODS) - {"throughput", "ess"}:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from "
+                         f"{ALL_METHODS + ('throughput', 'ess')}")
+    if "throughput" in methods and (args.redo or not (out / "throughput.json").exists()):
+        (out / "throughput.json").write_text(json.dumps(throughput(amortized, prior, args)))
+    limit = {"amortized": args.n, "sep": args.n, "is": args.n_is, "svi": args.n_svi,
+             "nuts": args.n_nuts}
+    todo = [(i, [m for m in ALL_METHODS if m in methods and i < limit[m]
+                 and (NAMES.get(m, m), i) not in done]) for i in range(args.n)]
+    todo = [(i, ms) for i, ms in todo if ms]
     from tqdm.auto import tqdm
 
     t_all = time.perf_counter()
-    for i in tqdm(range(args.n), desc="scenes"):
-        sim = blend_scene(cfg, seed=10_000_000 + i)
-        scene = sim.to_scene()
-        truth = sim.truth[0]
-        gm = measured_truth(truth, prior)
+    with rows_path.open("a") as fh:
+        for i, ms in tqdm(todo, desc="scenes"):
+            new = measure_scene(i, ms, prior, amortized, r_idx, args)
+            for row in new:
+                if row["method"] == "sep_missed":
+                    with (out / "sep_missed.jsonl").open("a") as miss:
+                        miss.write(json.dumps(row) + "\n")
+                else:
+                    fh.write(json.dumps(row, default=float) + "\n")
+            fh.flush()
+    if "ess" in methods and (args.redo or not (out / "nuts_ess.json").exists()):
+        (out / "nuts_ess.json").write_text(json.dumps(nuts_time_to_ess(prior, amortized, args)))
+    with (out / "runs.jsonl").open("a") as fh:
+        fh.write(json.dumps({"argv": args.argv, "wall_s": time.perf_counter() - t_all,
+                             "scenes": len(todo)}) + "\n")
+    report(out, args)
+
+
+def benchmark_scene(i: int):
+    """The i-th benchmark scene (seed 10_000_000 + i) and its target's truth row."""
+    cfg = BlendConfig(frame=Frame(survey="lsst", stamp_size=80), n_galaxies=(2, 4),
+                      max_shift=0.2, annulus=(0.5, 3.0), psf_fwhm_range=(0.9, 1.2))
+    sim = blend_scene(cfg, seed=10_000_000 + i)
+    return sim.to_scene(), sim.truth[0]
+
+
+def measure_scene(i, methods, prior, amortized, r_idx, args) -> list[dict]:
+    """Rows for scene ``i`` and each of ``methods`` (target = source 0)."""
+    scene, truth = benchmark_scene(i)
+    gm = measured_truth(truth, prior)
+    rows: list[dict] = []
+    n = args.num_samples
+    ctx = None
+    if set(methods) - {"sep"}:
         t0 = time.perf_counter()
         ctx = FitContext(scene, prior, scene.positions, amortized)
-        # amortized: draws of q itself
-        rng = np.random.default_rng(i)
-        q = ctx.q
-        n = args.num_samples
-        u = np.asarray(ctx.np_prior.twin.flow_inverse(
-            (q["z_loc"][None] + q["z_scale"][None] * rng.standard_normal(
-                (n,) + q["z_loc"].shape)).astype(np.float32))[0])
-        shape_f = (n,) + q["log_flux_loc"].shape
-        params = {"latent_base": u,
-                  "log_flux": q["log_flux_loc"][None]
-                  + q["log_flux_scale"][None] * rng.standard_normal(shape_f),
-                  "offset": q["offset_scale"][None] * rng.standard_normal((n, ctx.n_sources, 2))}
-        draws, _ = _derived(ctx, ctx.problem.flatten_draws(params)[None])
-        timing["amortized"] += time.perf_counter() - t0
-        record(rows, "amortized", i, summarize_target(draws, r_idx), truth, gm)
-        if i < args.n_is:
-            t0 = time.perf_counter()
-            flats, ks = _amortized_draws(ctx, n, i, args.proposals)
-            draws, _ = _derived(ctx, flats[None])
-            timing["amortized+IS"] += time.perf_counter() - t0
-            record(rows, "amortized+IS", i, summarize_target(draws, r_idx), truth, gm)
-            rows[-1]["pareto_k"] = float(ks[0])
-        if i < args.n_svi:
-            from probdeblend.inference import run_svi
+        t_ctx = time.perf_counter() - t0
+    if "amortized" in methods:
+        t0 = time.perf_counter()
+        draws, _ = _derived(ctx, ctx.sample_q(n, seed=i)[None])
+        record(rows, "amortized", i, summarize_target(draws, r_idx), truth, gm,
+               t_ctx + time.perf_counter() - t0)
+    if "is" in methods:
+        t0 = time.perf_counter()
+        flats, ks = _amortized_draws(ctx, n, i, args.proposals)
+        draws, _ = _derived(ctx, flats[None])
+        record(rows, "amortized+IS", i, summarize_target(draws, r_idx), truth, gm,
+               t_ctx + time.perf_counter() - t0)
+        rows[-1]["pareto_k"] = float(ks[0])
+    if "svi" in methods:
+        from probdeblend.inference import run_svi
 
-            t0 = time.perf_counter()
-            loc, cov = ctx.q_flat()
-            post = run_svi(ctx.problem, loc, cov, num_steps=args.svi_steps, num_samples=n, seed=i)
-            draws, _ = _derived(ctx, ctx.problem.flatten_draws(post.samples))
-            timing["svi"] += time.perf_counter() - t0
-            record(rows, "svi", i, summarize_target(draws, r_idx), truth, gm)
-        if i < args.n_nuts:
-            from probdeblend.inference import find_map, laplace, run_nuts
+        t0 = time.perf_counter()
+        loc, cov = ctx.q_flat()
+        post = run_svi(ctx.problem, loc, cov, num_steps=args.svi_steps, num_samples=n, seed=i)
+        draws, _ = _derived(ctx, ctx.problem.flatten_draws(post.samples))
+        record(rows, "svi", i, summarize_target(draws, r_idx), truth, gm,
+               t_ctx + time.perf_counter() - t0)
+    if "nuts" in methods:
+        from probdeblend.inference import find_map, laplace, run_nuts
 
-            t0 = time.perf_counter()
-            flat_map, _ = find_map(ctx.problem, ctx.init)
-            cov = laplace(ctx.problem, flat_map)
-            post = run_nuts(ctx.problem, flat_map, cov, num_warmup=args.nuts_warmup,
-                            num_samples=args.nuts_samples, num_chains=4, seed=i)
-            draws, _ = _derived(ctx, ctx.problem.flatten_draws(post.samples))
-            timing["nuts"] += time.perf_counter() - t0
-            record(rows, "nuts", i, summarize_target(draws, r_idx), truth, gm)
-        # sep baseline
+        t0 = time.perf_counter()
+        flat_map, _ = find_map(ctx.problem, ctx.init)
+        cov = laplace(ctx.problem, flat_map)
+        post = run_nuts(ctx.problem, flat_map, cov, num_warmup=args.nuts_warmup,
+                        num_samples=args.nuts_samples, num_chains=args.nuts_chains, seed=i)
+        draws, _ = _derived(ctx, ctx.problem.flatten_draws(post.samples))
+        record(rows, "nuts", i, summarize_target(draws, r_idx), truth, gm,
+               t_ctx + time.perf_counter() - t0)
+    if "sep" in methods:
+        t0 = time.perf_counter()
         tab = sep_baseline(scene)
         j = match_positions(tab, np.array([[truth["x"], truth["y"]]]), max_distance=2.0)[0] \
             if len(tab) else -1
+        base = {"scene": i, "g1": float(truth["g1"]), "g2": float(truth["g2"]), "g1m": gm[0],
+                "g2m": gm[1], "snr": float(truth["snr"]),
+                "blend": float(truth["blendedness_total"]),
+                "seconds": time.perf_counter() - t0}
         if j >= 0:
-            sep_found += 1
-            rows.append({"method": "sep", "scene": i,
+            rows.append({"method": "sep", **base,
                          "flux_rel": float(tab["flux_r"][j]) / float(truth["flux_r"]) - 1,
-                         "e1": float(tab["g1"][j]), "e2": float(tab["g2"][j]),
-                         "g1": float(truth["g1"]), "g2": float(truth["g2"]), "g1m": gm[0],
-                         "g2m": gm[1], "snr": float(truth["snr"]),
-                         "blend": float(truth["blendedness_total"])})
-    wall = time.perf_counter() - t_all
-    nuts_speed = []
-    if args.n_ess:
-        try:
-            nuts_speed = nuts_time_to_ess(prior, amortized, args)
-        except Exception as err:  # keep the accuracy table even if the timing run fails
-            print(f"NUTS timing failed: {err!r}")
-    report(rows, timing, speed, nuts_speed, sep_found, wall, args, out)
+                         "e1": float(tab["g1"][j]), "e2": float(tab["g2"][j])})
+        else:
+            rows.append({"method": "sep_missed", **base})
+    return rows
 
 
 def throughput(amortized, prior, args):
@@ -202,7 +243,8 @@ def nuts_time_to_ess(prior, amortized, args):
         scene = blend_scene(cfg, seed=30_000_000 + k).to_scene()
         t0 = time.perf_counter()
         idata = fit(scene, prior=prior, method="nuts", num_samples=args.nuts_samples,
-                    num_warmup=args.nuts_warmup, num_chains=4, seed=k, check=False)
+                    num_warmup=args.nuts_warmup, num_chains=args.nuts_chains, seed=k,
+                    check=False)
         wall = time.perf_counter() - t0
         if k == 0:
             continue  # compilation run
@@ -215,24 +257,48 @@ def nuts_time_to_ess(prior, amortized, args):
     return out
 
 
-def report(rows, timing, speed, nuts_speed, sep_found, wall, args, out):
+def report(out: Path, args):
+    """Aggregate ``rows.jsonl`` (and the throughput / NUTS timing files) into report.md + plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = load_rows(out / "rows.jsonl")
+    missed = load_rows(out / "sep_missed.jsonl")
+    if not rows:
+        raise SystemExit(f"no rows in {out / 'rows.jsonl'}; run the benchmark first")
+    timing: dict = {}
+    for r in rows:
+        timing[r["method"]] = timing.get(r["method"], 0.0) + r.get("seconds", np.nan)
+    speed = json.loads((out / "throughput.json").read_text()) \
+        if (out / "throughput.json").exists() else {}
+    nuts_speed = json.loads((out / "nuts_ess.json").read_text()) \
+        if (out / "nuts_ess.json").exists() else []
+    runs = load_rows(out / "runs.jsonl")
+    wall = sum(r["wall_s"] for r in runs)
+    sep_found = sum(r["method"] == "sep" for r in rows)
+    n_sep = sep_found + len(missed)
+    count = {m: len({r["scene"] for r in rows if r["method"] == m})
+             for m in ("amortized", "amortized+IS", "svi", "nuts")}
     methods = [m for m in ("amortized", "amortized+IS", "svi", "nuts", "sep")
                if any(r["method"] == m for r in rows)]
     table = {}
     lines = ["# Deblending benchmark", "",
-             f"Command: `python benchmarks/deblend_benchmark.py {' '.join(args.argv)}`", "",
+             "Commands (rows are appended per (method, scene) and resumed, so a report can "
+             "gather several runs):", ""]
+    lines += [f"    python benchmarks/deblend_benchmark.py {' '.join(r['argv'])}"
+              f"    # {r['wall_s'] / 60:.1f} min, {r['scenes']} scenes" for r in runs]
+    lines += ["",
              f"Machine: {platform.processor() or platform.machine()}, "
-             f"{__import__('os').cpu_count()} cores; total wall time {wall / 60:.1f} min. "
-             f"Prior `{args.prior}`. Scenes: {args.n} LSST 80x80 blends (target + 1-3 neighbours"
-             f" within 3\"); importance reweighting on the first {args.n_is}, SVI on the first "
-             f"{args.n_svi}, NUTS on the first {args.n_nuts}.", "",
+             f"{__import__('os').cpu_count()} cores, CPU only; total wall time {wall / 60:.1f} "
+             f"min. Prior `{args.prior}`. Scenes: LSST 80x80 ugrizy blends (target + 1-3 "
+             f"neighbours within 3\"); amortized on {count['amortized']}, importance "
+             f"reweighting on {count['amortized+IS']}, SVI on {count['svi']}, NUTS on "
+             f"{count['nuts']} (always the first scenes of the same seeded list).", "",
              f"sep detected the target as a separate source (within 2 px) in {sep_found} of "
-             f"{args.n} scenes ({100 * sep_found / args.n:.0f}%); its metrics are on those.", "",
+             f"{n_sep} scenes ({100 * sep_found / max(n_sep, 1):.0f}%); its metrics are on "
+             "those.", "",
              "| method | n | flux_r rel. err median | NMAD | NMAD (SNR>20) | median (SNR>20) |"
              " e1 err NMAD | e2 err NMAD | \\|e\\| err median | m (vs g) | m (vs measured) |"
              " cov68 flux | cov95 flux | cov68 e | cov95 e | s / scene |",
@@ -255,10 +321,16 @@ def report(rows, timing, speed, nuts_speed, sep_found, wall, args, out):
                          "cov95_e2")}
         hi = snr > 20
         t = timing.get(m, np.nan) / max(len(R), 1)
+        if m != "sep" and "pareto_k" in R[0]:
+            ks = np.array([r["pareto_k"] for r in R])
+            pk = {"pareto_k_median": float(np.median(ks)),
+                  "frac_k_gt_0.7": float(np.mean(ks > 0.7))}
+        else:
+            pk = {}
         table[m] = {"n": len(R), "flux_median": float(np.median(fr)), "flux_nmad": nmad(fr),
                     "flux_nmad_snr20": nmad(fr[hi]), "flux_median_snr20": float(np.median(fr[hi])),
                     "e1_nmad": nmad(de[:, 0]), "e2_nmad": nmad(de[:, 1]), "abs_e_median": mabs,
-                    "m_vs_g": m_g, "m_vs_measured": m_m, **cov, "s_per_scene": t,
+                    "m_vs_g": m_g, "m_vs_measured": m_m, **cov, "s_per_scene": t, **pk,
                     "blend_bins": {}}
         for lo, hi_ in B_BINS:
             sel = np.array([lo <= r["blend"] < hi_ for r in R])
@@ -282,10 +354,16 @@ def report(rows, timing, speed, nuts_speed, sep_found, wall, args, out):
         lines.append(f"| {m} | " + " | ".join(
             f"{b['flux_nmad']:.3f} / {b['flux_median']:+.3f} ({b['n']})" for b in bins.values())
             + " |")
-    lines += ["", f"Amortized encoder throughput: **{speed.get('sources_per_s', np.nan):.0f} "
-              f"sources/s** ({speed})."]
+    if "amortized+IS" in table and "pareto_k_median" in table["amortized+IS"]:
+        c = table["amortized+IS"]
+        lines += ["", f"Pareto k-hat of the target's importance weights: median "
+                  f"{c['pareto_k_median']:.2f}, k > 0.7 in {100 * c['frac_k_gt_0.7']:.0f}% of "
+                  "scenes (where `fit(method='auto')` falls back to NUTS)."]
+    if speed:
+        lines += ["", f"Amortized encoder throughput: **{speed.get('sources_per_s', np.nan):.0f} "
+                  f"sources/s** ({speed})."]
     if nuts_speed:
-        lines += ["", "NUTS on 2-galaxy 64x64 scenes (4 chains, "
+        lines += ["", f"NUTS on 2-galaxy 64x64 scenes ({args.nuts_chains} chains, "
                   f"{args.nuts_warmup} warm-up + {args.nuts_samples} draws each):", "",
                   "| scene | wall (s) | MAP+Laplace+NUTS (s) | min ESS (flux, e1, e2) | "
                   "time to 400 ESS (s) | mean leapfrog steps |", "|---|---|---|---|---|---|"]
@@ -333,7 +411,7 @@ def report(rows, timing, speed, nuts_speed, sep_found, wall, args, out):
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "metrics.json").write_text(json.dumps(
         {"table": table, "throughput": speed, "nuts": nuts_speed, "wall_s": wall,
-         "timing_s": timing, "sep_detected": sep_found, "args": vars(args)},
+         "timing_s": timing, "sep_detected": sep_found, "sep_scenes": n_sep, "runs": runs},
         indent=2, default=float))
     print("\n".join(lines))
 
@@ -348,15 +426,23 @@ def main(argv=None):
     p.add_argument("--n-nuts", type=int, default=12)
     p.add_argument("--n-ess", type=int, default=3, help="2-galaxy scenes timed to 400 ESS")
     p.add_argument("--num-samples", type=int, default=200)
-    p.add_argument("--proposals", type=int, default=800)
+    p.add_argument("--proposals", type=int, default=256)
     p.add_argument("--svi-steps", type=int, default=500)
     p.add_argument("--nuts-warmup", type=int, default=200)
     p.add_argument("--nuts-samples", type=int, default=250)
+    p.add_argument("--nuts-chains", type=int, default=4)
+    p.add_argument("--methods", default="throughput,amortized,is,svi,nuts,sep,ess",
+                   help="comma list from amortized,is,svi,nuts,sep,throughput,ess")
+    p.add_argument("--redo", action="store_true", help="re-measure throughput / ess files")
+    p.add_argument("--report-only", action="store_true")
     p.add_argument("--prior", default="lsst-vae")
     p.add_argument("--out", default="benchmarks/results/deblend")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    run(args)
+    if args.report_only:
+        report(Path(args.out), args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,22 @@ class FitContext:
         return loc, np.diag(scale**2)
 
 
+    def sample_q(self, num_samples: int, seed: int = 0) -> np.ndarray:
+        """Draws of the amortized q itself, without reweighting, as flat vectors (n, dim).
+
+        The latent draws are mapped through the inverse flow to the sampler's base space;
+        offsets are relative to ``q["positions"]`` in pixels, log-fluxes in log(image units).
+        """
+        q, n = self.q, int(num_samples)
+        rng = np.random.default_rng(seed)
+        z = q["z_loc"][None] + q["z_scale"][None] * rng.standard_normal((n,) + q["z_loc"].shape)
+        u = np.asarray(self.np_prior.twin.flow_inverse(z.astype(np.float32))[0])
+        lf = q["log_flux_loc"][None] + q["log_flux_scale"][None] * rng.standard_normal(
+            (n,) + q["log_flux_loc"].shape)
+        off = q["offset_scale"][None] * rng.standard_normal((n, self.n_sources, 2))
+        return self.problem.flatten_draws({"latent_base": u, "log_flux": lf, "offset": off})
+
+
 def _fallback_q(scene, prior, positions):
     """Crude starting point when no amortized encoder exists for the prior: z = 0, sep Kron
     fluxes, the given positions, broad scales."""
