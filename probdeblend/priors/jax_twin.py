@@ -47,8 +47,24 @@ def _hwio(w: np.ndarray) -> np.ndarray:
 
 
 def _conv(x, w, b, stride: int):
+    if stride == 1 and w.shape[:2] == (3, 3):
+        return _conv3x3_matmul(x, w) + b
     y = lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=_DN)
     return y + b
+
+
+def _conv3x3_matmul(x, w):
+    """Stride-1 3x3 SAME convolution as one matmul over the nine shifted copies (im2col).
+
+    XLA on CPU runs ``conv_general_dilated`` about 5x slower inside a loop (``while``/``scan``,
+    i.e. inside NUTS's tree building) than when called on its own, while a matmul runs at full
+    speed in both; measured with JAX 0.10 on 2 cores, value-and-gradient of the decoder for two
+    latents: 25.5 ms (conv) vs 5.8 ms (matmul) per step inside ``lax.fori_loop``.
+    """
+    n, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], -1)
+    return cols @ w.reshape(9 * c, w.shape[-1])
 
 
 def _make_fast_conv(w_hwio: np.ndarray, b: np.ndarray):
