@@ -126,6 +126,7 @@ class SceneSpec:
     position_scale: float
     latent_dim: int
     image_shape: tuple[int, int]
+    model_psf_sigma: float = 0.0
 
     _ARRAYS = ("image", "sigma", "good", "positions0", "flux_loc", "flux_scale", "kernel_ft",
                "freq_y", "freq_x")
@@ -143,10 +144,11 @@ class SceneSpec:
         return (self.n_sources, self.latent_dim, self.n_bands, tuple(self.image_shape),
                 tuple(self.kernel_ft.shape), float(self.position_scale))
 
-    def render(self, stamps, fluxes, positions, xp):
-        """Noiseless scene (…, band, y, x) of flux-normalised stamps (see :func:`render`)."""
+    def render(self, stamps, fluxes, positions, xp, shear=None):
+        """Noiseless scene (…, band, y, x) of flux-normalised stamps (see :func:`render`);
+        ``shear`` (g1, g2) shears every PSF-free galaxy."""
         return render(stamps, fluxes, positions, self.kernel_ft, (self.freq_y, self.freq_x),
-                      self.image_shape, xp)
+                      self.image_shape, xp, shear=shear, model_psf_sigma=self.model_psf_sigma)
 
     def with_arrays(self, convert) -> SceneSpec:
         """A copy with every array field passed through ``convert``."""
@@ -194,7 +196,7 @@ def _register_pytree():
 
     if getattr(_register_pytree, "done", False):
         return
-    static = ("position_scale", "latent_dim", "image_shape")
+    static = ("position_scale", "latent_dim", "image_shape", "model_psf_sigma")
 
     def flatten(spec):
         return ([getattr(spec, k) for k in SceneSpec._ARRAYS],
@@ -208,7 +210,7 @@ def _register_pytree():
     _register_pytree.done = True
 
 
-def scene_model(backend: Backend, spec: SceneSpec, observe: bool = True):
+def scene_model(backend: Backend, spec: SceneSpec, observe: bool = True, shear=None):
     """The scene model (see the module docstring). Runs under Pyro or NumPyro.
 
     Parameters
@@ -217,6 +219,10 @@ def scene_model(backend: Backend, spec: SceneSpec, observe: bool = True):
     spec : SceneSpec
     observe : bool
         Condition on ``spec.image`` (False: sample the image, for prior predictive checks).
+    shear : array (2,), optional
+        A constant reduced shear (g1, g2) applied to every galaxy of the scene (the latents then
+        describe the *intrinsic*, unlensed galaxies). Used by the full-forward-model shear
+        inference, :func:`probdeblend.shear.infer_forward`, where it is a shared sample site.
 
     Returns
     -------
@@ -230,7 +236,7 @@ def scene_model(backend: Backend, spec: SceneSpec, observe: bool = True):
     offset = ppl.sample("offset",
                         dist.Normal(xp.zeros((S, 2)), spec.position_scale).to_event(2))
     positions = ppl.deterministic("position", spec.positions0 + offset)
-    model = spec.render(backend.decode(z), xp.exp(log_flux), positions, xp)
+    model = spec.render(backend.decode(z), xp.exp(log_flux), positions, xp, shear=shear)
     if observe:
         ppl.factor("obs", chi2_loglike(model, spec.image, spec.sigma, spec.good, xp))
     else:

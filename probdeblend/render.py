@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import InvalidPSFError
 
-__all__ = ["SceneRenderer", "render", "difference_kernel_ft", "fft_size"]
+__all__ = ["SceneRenderer", "render", "shear_stamps", "difference_kernel_ft", "fft_size"]
 
 #: Largest |PSF_b / PSF_model| allowed in Fourier space before the model PSF counts as too wide.
 _MAX_KERNEL_GAIN = 1.05
@@ -97,7 +97,94 @@ def difference_kernel_ft(psf: np.ndarray, model_psf: np.ndarray, shape: tuple[in
     return ratio
 
 
-def render(stamps, fluxes, positions, kernel_ft, freqs, image_shape, xp):
+def _periodic_sinc(t, n: int, xp):
+    """Band-limited interpolation kernel of a period-``n`` sampled signal (``n`` even): the
+    value at offset ``t`` (pixels) of a unit sample, ``sin(pi t) / (n tan(pi t / n))``."""
+    small = xp.abs(t) < 1e-3
+    ts = xp.where(small, 1.0, t)
+    # second-order Taylor series near 0, so that first *and second* derivatives (Hessians for
+    # the Laplace approximation) are right at integer offsets, e.g. at g = 0 exactly
+    taylor = 1.0 - (math.pi**2 / 6.0) * (1.0 - 1.0 / n**2) * t**2
+    return xp.where(small, taylor, xp.sin(math.pi * ts) / (n * xp.tan(math.pi * ts / n)))
+
+
+def _resample(stamps, positions, axis: int, xp):
+    """Band-limited resampling of the last two axes along ``axis`` (-1: x, -2: y).
+
+    ``positions`` (lines, n) or (n,): pixel index at which each output pixel samples its line;
+    for ``axis=-1`` a line is a row (index y), for ``axis=-2`` a column (index x).
+    """
+    n = stamps.shape[-1]
+    j = xp.arange(n, dtype=stamps.dtype)
+    w = _periodic_sinc(positions[..., :, None] - j, n, xp)   # (lines?, out, in)
+    if axis == -1:
+        return xp.einsum("yij,...yj->...yi", w, stamps) if w.ndim == 3 else stamps @ w.T
+    return xp.einsum("xij,...jx->...ix", w, stamps) if w.ndim == 3 else w @ stamps
+
+
+def shear_stamps(stamps, shear, xp):
+    """Apply a constant reduced shear ``g = (g1, g2)`` to model-frame stamps about their centre.
+
+    The sheared image is ``I'(x) = I(S^{-1} x)`` with GalSim's shear matrix
+    ``S = [[1 + g1, g2], [g2, 1 - g1]] / sqrt(1 - |g|^2)`` (unit determinant, so flux is kept).
+    ``S^{-1} = L D U`` (lower shear, axis scaling, upper shear) gives three separable passes of
+    band-limited (periodic-sinc) resampling, each exact for a band-limited periodic stamp; the
+    stamps must be even-sized and their light contained (wrap-around is not treated).
+
+    Shearing a model-frame image also shears its model PSF. The renderer undoes that in Fourier
+    space with :func:`model_psf_shear_correction`; this function only moves pixels.
+
+    Parameters
+    ----------
+    stamps : array (..., n, n)
+    shear : array (2,)
+        One (g1, g2) for every stamp.
+    xp : module (``torch`` or ``jax.numpy``)
+    """
+    n = stamps.shape[-1]
+    c = (n - 1) / 2.0
+    g1, g2 = shear[..., 0], shear[..., 1]
+    norm = xp.sqrt(1.0 - g1**2 - g2**2)
+    a, b = (1.0 - g1) / norm, -g2 / norm          # S^{-1} = [[a, b], [b, d]], ad - b^2 = 1
+    r = xp.arange(n, dtype=stamps.dtype) - c        # centred coordinates of pixel indices
+    beta = b / a
+    # pass 1 (L): h1(u, v) = I(u, v + beta u): column x samples y at v + beta u_x
+    h = _resample(stamps, r[None, :] + beta * r[:, None] + c, -2, xp)
+    # pass 2 (D): h2(u, v) = h1(a u, v / a)
+    h = _resample(h, a * r + c, -1, xp)
+    h = _resample(h, r / a + c, -2, xp)
+    # pass 3 (U): h3(u, v) = h2(u + beta v, v): row y samples x at u + beta v_y
+    return _resample(h, r[None, :] + beta * r[:, None] + c, -1, xp)
+
+
+def model_psf_shear_correction(shear, freqs, model_psf_sigma: float, xp):
+    """Fourier multiplier ``P_m(k) / P_m(S k)`` that restores the unsheared model PSF after
+    :func:`shear_stamps` sheared it along with the galaxy.
+
+    ``P_m`` is the pixel-integrated Gaussian model PSF (``sigma`` in pixels): a Gaussian times
+    the pixel response ``sinc(k_x) sinc(k_y)``; both are restored. ``freqs`` are the (rows,
+    columns) frequency arrays (cycles / pixel) of the FFT grid.
+    """
+    fy, fx = freqs
+    g1, g2 = shear[..., 0], shear[..., 1]
+    norm = xp.sqrt(1.0 - g1**2 - g2**2)
+    sx = ((1 + g1) * fx + g2 * fy) / norm
+    sy = (g2 * fx + (1 - g1) * fy) / norm
+    k2 = fx**2 + fy**2
+    gauss = xp.exp(-2 * math.pi**2 * model_psf_sigma**2 * (k2 - sx**2 - sy**2))
+    return gauss * _sinc(fx, xp) * _sinc(fy, xp) / (_sinc(sx, xp) * _sinc(sy, xp))
+
+
+def _sinc(k, xp):
+    """sin(pi k) / (pi k), safe at 0 and differentiable."""
+    small = xp.abs(k) < 1e-3
+    ks = xp.where(small, 1.0, k)
+    taylor = 1.0 - (math.pi * k) ** 2 / 6.0  # exact to second order (see _periodic_sinc)
+    return xp.where(small, taylor, xp.sin(math.pi * ks) / (math.pi * ks))
+
+
+def render(stamps, fluxes, positions, kernel_ft, freqs, image_shape, xp, shear=None,
+           model_psf_sigma: float = 0.0):
     """Render sources into a scene. Backend-agnostic (``xp`` = ``torch`` or ``jax.numpy``).
 
     Parameters
@@ -116,6 +203,11 @@ def render(stamps, fluxes, positions, kernel_ft, freqs, image_shape, xp):
         (ny, nx) of the scene.
     xp : module
         ``torch`` or ``jax.numpy``.
+    shear : array (2,), optional
+        Constant reduced shear (g1, g2) applied to every PSF-free galaxy (GalSim convention),
+        about each source's own centre; see :func:`shear_stamps`.
+    model_psf_sigma : float
+        Gaussian sigma (pixels) of the prior's model PSF; needed with ``shear``.
 
     Returns
     -------
@@ -127,11 +219,24 @@ def render(stamps, fluxes, positions, kernel_ft, freqs, image_shape, xp):
     centre = (n - 1) / 2.0
     dx = positions[..., 0] - centre
     dy = positions[..., 1] - centre
+    if shear is not None:
+        stamps = shear_stamps(stamps, shear, xp)
+        kernel_ft = kernel_ft * model_psf_shear_correction(shear, freqs, model_psf_sigma, xp)
     phase = xp.exp(-2j * math.pi * (fx * dx[..., None, None] + fy * dy[..., None, None]))
     stamp_ft = xp.fft.rfft2(stamps * fluxes[..., None, None], s=fft_shape)
     total_ft = (stamp_ft * phase[..., None, :, :]).sum(-4)  # sum over sources
     scene = xp.fft.irfft2(total_ft * kernel_ft, s=fft_shape)
     return scene[..., : image_shape[0], : image_shape[1]]
+
+
+def _gaussian_sigma(psf: np.ndarray) -> float:
+    """sigma (pixels) of a centred, circular Gaussian PSF image, from its second moments minus
+    the pixel's 1/12 (exact for a pixel-integrated Gaussian)."""
+    k = psf.shape[-1]
+    r = np.arange(k) - (k - 1) / 2
+    p = psf / psf.sum()
+    var = float((p.sum(0) * r**2).sum() + (p.sum(1) * r**2).sum()) / 2
+    return float(np.sqrt(max(var - 1 / 12, 1e-12)))
 
 
 class SceneRenderer:
@@ -166,6 +271,7 @@ class SceneRenderer:
         self.kernel_ft = difference_kernel_ft(psf, model_psf, self.fft_shape, bands)
         self.freqs = (np.fft.fftfreq(self.fft_shape[0])[:, None],
                       np.fft.rfftfreq(self.fft_shape[1])[None, :])
+        self.model_psf_sigma = _gaussian_sigma(np.asarray(model_psf, dtype=np.float64))
 
     @classmethod
     def from_scene(cls, scene, frame) -> SceneRenderer:
@@ -182,8 +288,9 @@ class SceneRenderer:
         k = scene.psf.shape[-1]
         return cls(scene.psf, scene.shape, frame.psf_image(k), frame.stamp_size, scene.bands)
 
-    def __call__(self, stamps, fluxes, positions):
-        """Render with the backend of ``stamps`` (torch tensor or JAX array); see :func:`render`."""
+    def __call__(self, stamps, fluxes, positions, shear=None):
+        """Render with the backend of ``stamps`` (torch tensor or JAX array); see :func:`render`.
+        ``shear`` (g1, g2), an array of the same backend, shears every PSF-free galaxy."""
         kern = self.kernel_ft.astype(np.complex64)
         freqs = tuple(f.astype(np.float32) for f in self.freqs)
         if type(stamps).__module__.startswith("torch"):
@@ -192,4 +299,5 @@ class SceneRenderer:
             kern, freqs = xp.as_tensor(kern), tuple(xp.as_tensor(f) for f in freqs)
         else:  # numpy constants are safe to close over inside jit traces
             import jax.numpy as xp
-        return render(stamps, fluxes, positions, kern, freqs, self.image_shape, xp)
+        return render(stamps, fluxes, positions, kern, freqs, self.image_shape, xp, shear=shear,
+                      model_psf_sigma=self.model_psf_sigma)

@@ -18,6 +18,10 @@ with ``|d e_int / d e| = (1 - |g|^2)^2 / |1 - conj(g) e|^4``. ``p_I`` is an isot
 with :func:`probdeblend.measure.psf_corrected_shape`), so the interim prior is the one the
 deblender's posteriors actually carry. Conventions: see :mod:`probdeblend.measure`.
 
+:func:`infer_forward` is the full-forward-model variant for small ensembles: the shear is a
+sample site of a joint model of all scenes, applied to every decoded (intrinsic) galaxy inside
+the renderer (:func:`probdeblend.render.shear_stamps`), so no shape estimator is involved.
+
 Shear calibration follows Arcelin et al. 2021 (eqs. 8-9): ``e_obs = (1 + m) g_true + c`` per
 component, measured with pairs of sheared copies; :func:`multiplicative_bias` fits it.
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["infer", "log_likelihood", "interim_sigma", "multiplicative_bias"]
+__all__ = ["infer", "infer_forward", "log_likelihood", "interim_sigma", "multiplicative_bias"]
 
 
 def _log_interim(e, sigma):
@@ -173,3 +177,145 @@ def multiplicative_bias(g_true, g_est, g_err=None):
         cov = cov * np.sum(w * resid**2) / max(len(x) - 2, 1)
     return {"m": float(beta[0] - 1), "c": float(beta[1]), "m_err": float(np.sqrt(cov[0, 0])),
             "c_err": float(np.sqrt(cov[1, 1]))}
+
+
+class _ShearEnsemble:
+    """The joint posterior of a shared shear and every scene's sites, in one flat vector
+    ``theta = [g1, g2, flat_1, ..., flat_K]``, with the interface that
+    :func:`probdeblend.inference.find_map` and ``_nuts_runner`` use."""
+
+    def __init__(self, contexts, shear_scale: float):
+        import jax
+        import jax.numpy as jnp
+
+        self.contexts = contexts
+        self.spec = tuple(c.problem.spec for c in contexts)
+        dims = [c.problem.dim for c in contexts]
+        self.slices = []
+        start = 2
+        for d in dims:
+            self.slices.append(slice(start, start + d))
+            start += d
+        self.dim = start
+        fns = [c.problem.fn("logp_shear") for c in contexts]
+        slices = self.slices
+
+        def logp(theta, specs):
+            g = theta[:2]
+            out = -0.5 * jnp.sum((g / shear_scale) ** 2)
+            for fn, sl, spec in zip(fns, slices, specs, strict=True):
+                out = out + fn(jnp.concatenate([g, theta[sl]]), spec)
+            return out
+
+        self._logp = logp
+        self._vg = jax.jit(jax.value_and_grad(logp))
+        self.shear_scale = shear_scale
+
+    def fn(self, name):
+        if name != "logp":
+            raise KeyError(name)
+        return self._logp
+
+    def logp_and_grad(self, theta):
+        return self._vg(theta, self.spec)
+
+    def deterministic(self, flats):
+        return {"theta": np.asarray(flats)}
+
+    def hessian(self, theta):
+        """Arrowhead Hessian: each scene couples only to the shear."""
+        H = np.zeros((self.dim, self.dim))
+        H[:2, :2] = -np.eye(2) / self.shear_scale**2
+        theta = np.asarray(theta, np.float32)
+        for ctx, sl in zip(self.contexts, self.slices, strict=True):
+            Hk = np.asarray(ctx.problem.fn("hessian_shear")(
+                np.concatenate([theta[:2], theta[sl]]), ctx.problem.spec), np.float64)
+            idx = np.r_[0, 1, np.arange(sl.start, sl.stop)]
+            H[np.ix_(idx, idx)] += Hk
+        return H
+
+
+def infer_forward(scenes, prior="lsst-vae", method: str = "nuts", num_warmup: int = 150,
+                  num_samples: int = 300, num_chains: int = 2, shear_scale: float = 0.1,
+                  seed: int = 0):
+    """Full-forward-model posterior of a constant shear (g1, g2) shared by a few scenes.
+
+    One joint model: ``g ~ Normal(0, shear_scale)`` per component, and for every scene the
+    scene model of :mod:`probdeblend.model` with every decoded galaxy (the *intrinsic*,
+    unlensed galaxy, drawn from the learned prior) sheared by ``g`` before the PSF
+    (:func:`probdeblend.render.shear_stamps`). Inference: MAP of each scene from its amortized
+    posterior (``g = 0``), joint MAP by L-BFGS, Laplace approximation (the Hessian is an
+    arrowhead: scenes couple only through ``g``) and, for ``method="nuts"``, NUTS with that
+    dense mass matrix. The cost grows with the total number of sources (every scene's latents
+    are sampled): meant for ensembles of a few to a few tens of scenes; use :func:`infer` for
+    large ones. The result depends on the learned prior being isotropic (no preferred
+    orientation), which is what the shear is measured against.
+
+    Parameters
+    ----------
+    scenes : list of probdeblend.Scene
+        Scenes with ``positions`` set (or detectable), all at the prior's pixel scale.
+    prior : str or LearnedPrior
+    method : "nuts" or "laplace"
+        ``laplace`` returns draws of the Laplace approximation (fast).
+    num_warmup, num_samples, num_chains : int
+        NUTS settings (``laplace``: ``num_samples`` draws, one chain).
+    shear_scale : float
+        Prior width of each shear component.
+    seed : int
+
+    Returns
+    -------
+    arviz.InferenceData with ``posterior`` ``g1``, ``g2`` (chain, draw) and attrs
+    ``g1_mean``, ``g2_mean``, ``g1_sd``, ``g2_sd``, ``n_scenes``, ``n_sources``, ``method``,
+    ``time_s``.
+    """
+    import time
+
+    import arviz as az
+
+    from .fit import _PRIORS, FitContext, _load_amortized, _prepare_scene, _sources
+    from .inference import find_map, floored_inverse, run_nuts
+    from .priors.distribution import LearnedPrior
+    from .priors.io import load_prior
+
+    if method not in ("nuts", "laplace"):
+        raise ValueError(f"method must be 'nuts' or 'laplace', got {method!r}")
+    if len(scenes) == 0:
+        raise ValueError("scenes is empty; pass a list of probdeblend.Scene")
+    if not shear_scale > 0:
+        raise ValueError(f"shear_scale must be > 0, got {shear_scale}")
+    t0 = time.perf_counter()
+    if not isinstance(prior, LearnedPrior):
+        if prior not in _PRIORS:
+            _PRIORS[prior] = load_prior(prior)
+        prior = _PRIORS[prior]
+    amortized = _load_amortized(prior)
+    contexts, flats = [], [np.zeros(2)]
+    for scene in scenes:
+        scene = _prepare_scene(scene, prior)
+        positions, _ = _sources(scene, None)
+        ctx = FitContext(scene, prior, positions, amortized)
+        flat, _ = find_map(ctx.problem, ctx.init)
+        contexts.append(ctx)
+        flats.append(flat)
+    ens = _ShearEnsemble(contexts, shear_scale)
+    theta0 = np.concatenate(flats)
+    bounds = [(-0.9, 0.9)] * 2 + [(None, None)] * (ens.dim - 2)  # |g| < 1 for the renderer
+    theta_map, _ = find_map(ens, None, x0=theta0, bounds=bounds)
+    cov = floored_inverse(-ens.hessian(theta_map))
+    if method == "laplace":
+        rng = np.random.default_rng(seed)
+        g = theta_map[:2] + rng.multivariate_normal(np.zeros(2), cov[:2, :2], num_samples)
+        g = g[None]
+    else:
+        post = run_nuts(ens, theta_map, cov, num_warmup=num_warmup, num_samples=num_samples,
+                        num_chains=num_chains, seed=seed)
+        g = post.samples["theta"][..., :2]
+    g1, g2 = g[..., 0], g[..., 1]
+    return az.from_dict(
+        posterior={"g1": g1, "g2": g2},
+        attrs={"g1_mean": float(g1.mean()), "g2_mean": float(g2.mean()),
+               "g1_sd": float(g1.std()), "g2_sd": float(g2.std()),
+               "n_scenes": len(scenes), "n_sources": int(sum(c.n_sources for c in contexts)),
+               "method": f"forward model ({method})", "time_s": time.perf_counter() - t0})
