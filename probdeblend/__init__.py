@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from . import diagnostics, errors, measure, shear, simulate
 from .errors import ProbdeblendError
+from .fit import fit  # eager (the module imports only numpy): see the note in __getattr__
 from .scene import Scene
 from .survey import Band, Survey, available_surveys, get_survey
 
@@ -45,8 +46,7 @@ def __getattr__(name):  # lazy: torch / jax are imported only when a prior is as
         from .priors import io
 
         return getattr(io, name)
-    if name == "fit":
-        from .fit import fit
-
-        return fit
+    # ``fit`` is imported eagerly above: a lazy import here would let the import system bind
+    # the *submodule* probdeblend.fit to the package attribute after the first call, so a
+    # second ``probdeblend.fit(scene)`` would fail with "'module' object is not callable".
     raise AttributeError(f"module 'probdeblend' has no attribute {name!r}")

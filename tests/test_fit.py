@@ -86,3 +86,11 @@ def test_extra_bands_are_ignored(tiny_prior):
     scene = blend_scene(cfg, seed=1).to_scene()
     idata = _fit(scene, tiny_prior, method="amortized", num_samples=20)
     assert list(idata.posterior["band"].values) == ["g", "r", "i"]
+
+
+def test_package_fit_stays_the_function():
+    """Regression: a lazy import let ``probdeblend.fit`` become the submodule after the first
+    call, so a second ``pb.fit(scene)`` raised "'module' object is not callable"."""
+    from probdeblend.fit import FitContext  # noqa: F401  (imports the submodule again)
+
+    assert callable(pb.fit) and pb.fit.__name__ == "fit"
