@@ -36,6 +36,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _resumable import command_lines, load_rows, log_run
+from _resumable import main as resumable_main
 
 import probdeblend as pb
 from probdeblend.detection import match_positions, sep_baseline
@@ -92,13 +94,6 @@ ALL_METHODS = ("amortized", "is", "svi", "nuts", "sep")
 NAMES = {"is": "amortized+IS"}
 
 
-def load_rows(path: Path) -> list[dict]:
-    """Rows already measured (one JSON object per line), so runs can be split and resumed."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run(args):
     """Measure every (method, scene) pair not yet in ``rows.jsonl``, appending as it goes."""
     warnings.simplefilter("ignore")
@@ -136,9 +131,7 @@ def run(args):
             fh.flush()
     if "ess" in methods and (args.redo or not (out / "nuts_ess.json").exists()):
         (out / "nuts_ess.json").write_text(json.dumps(nuts_time_to_ess(prior, amortized, args)))
-    with (out / "runs.jsonl").open("a") as fh:
-        fh.write(json.dumps({"argv": args.argv, "wall_s": time.perf_counter() - t_all,
-                             "scenes": len(todo)}) + "\n")
+    log_run(out, args.argv, time.perf_counter() - t_all, len(todo))
     report(out, args)
 
 
@@ -253,7 +246,9 @@ def nuts_time_to_ess(prior, amortized, args):
         sampling = sum(idata.attrs.get(f"time_{t}", 0.0) for t in ("map_laplace_s", "nuts_s"))
         out.append({"wall_s": wall, "sampling_s": sampling, "min_ess": min_ess,
                     "time_to_400_ess_s": sampling * 400 / max(min_ess, 1e-9),
-                    "mean_leapfrog_steps": idata.attrs.get("mean_leapfrog_steps")})
+                    "mean_leapfrog_steps": idata.attrs.get("mean_leapfrog_steps"),
+                    "chains": args.nuts_chains, "warmup": args.nuts_warmup,
+                    "samples": args.nuts_samples})
     return out
 
 
@@ -287,8 +282,7 @@ def report(out: Path, args):
     lines = ["# Deblending benchmark", "",
              "Commands (rows are appended per (method, scene) and resumed, so a report can "
              "gather several runs):", ""]
-    lines += [f"    python benchmarks/deblend_benchmark.py {' '.join(r['argv'])}"
-              f"    # {r['wall_s'] / 60:.1f} min, {r['scenes']} scenes" for r in runs]
+    lines += command_lines("deblend_benchmark.py", runs)
     lines += ["",
              f"Machine: {platform.processor() or platform.machine()}, "
              f"{__import__('os').cpu_count()} cores, CPU only; total wall time {wall / 60:.1f} "
@@ -363,8 +357,9 @@ def report(out: Path, args):
         lines += ["", f"Amortized encoder throughput: **{speed.get('sources_per_s', np.nan):.0f} "
                   f"sources/s** ({speed})."]
     if nuts_speed:
-        lines += ["", f"NUTS on 2-galaxy 64x64 scenes ({args.nuts_chains} chains, "
-                  f"{args.nuts_warmup} warm-up + {args.nuts_samples} draws each):", "",
+        first = nuts_speed[0]  # the settings the timing was measured with
+        lines += ["", f"NUTS on 2-galaxy 64x64 scenes ({first['chains']} chains, "
+                  f"{first['warmup']} warm-up + {first['samples']} draws each):", "",
                   "| scene | wall (s) | MAP+Laplace+NUTS (s) | min ESS (flux, e1, e2) | "
                   "time to 400 ESS (s) | mean leapfrog steps |", "|---|---|---|---|---|---|"]
         for k, s in enumerate(nuts_speed, 1):
@@ -417,8 +412,6 @@ def report(out: Path, args):
 
 
 def main(argv=None):
-    import sys
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--n-is", type=int, default=200, help="scenes with importance reweighting")
@@ -434,15 +427,9 @@ def main(argv=None):
     p.add_argument("--methods", default="throughput,amortized,is,svi,nuts,sep,ess",
                    help="comma list from amortized,is,svi,nuts,sep,throughput,ess")
     p.add_argument("--redo", action="store_true", help="re-measure throughput / ess files")
-    p.add_argument("--report-only", action="store_true")
     p.add_argument("--prior", default="lsst-vae")
     p.add_argument("--out", default="benchmarks/results/deblend")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.report_only:
-        report(Path(args.out), args)
-    else:
-        run(args)
+    resumable_main(p, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _resumable import command_lines, load_rows, log_run
+from _resumable import main as resumable_main
 
 import probdeblend as pb
 from probdeblend.detection import match_positions, sep_baseline
@@ -118,16 +120,8 @@ def run(args):
             np.savez_compressed(out / "draws" / f"{b:05d}.npz", **draws)
             fh.write(json.dumps(row) + "\n")
             fh.flush()
-    with (out / "runs.jsonl").open("a") as fh:
-        fh.write(json.dumps({"argv": args.argv, "wall_s": time.perf_counter() - t_all,
-                             "scenes": len(todo)}) + "\n")
+    log_run(out, args.argv, time.perf_counter() - t_all, len(todo))
     report(out, args)
-
-
-def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def pair_estimates(rows, est: str, comp: int, g: float):
@@ -205,8 +199,7 @@ def report(out: Path, args):
     sep_ok = np.mean([np.isfinite(r["sep_+1"][0]) for r in rows])
     lines = ["# Shear-bias benchmark", "", "Commands (resumable; rows appended per base scene):",
              ""]
-    lines += [f"    python benchmarks/shear_benchmark.py {' '.join(r['argv'])}"
-              f"    # {r['wall_s'] / 60:.1f} min, {r['scenes']} base scenes" for r in runs]
+    lines += command_lines("shear_benchmark.py", runs, "base scenes")
     lines += ["", f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores, CPU "
               f"only; total wall time {wall / 60:.1f} min for {len(rows)} base scenes x 8 "
               f"copies = {8 * len(rows)} scenes ({wall / max(8 * len(rows), 1):.2f} s/scene). "
@@ -267,21 +260,13 @@ def report(out: Path, args):
 
 
 def main(argv=None):
-    import sys
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=300, help="base scenes (x 8 sheared/rotated copies)")
     p.add_argument("--g", type=float, default=0.02, help="applied shear per component")
     p.add_argument("--draws", type=int, default=64, help="posterior draws per target")
     p.add_argument("--prior", default="lsst-vae")
     p.add_argument("--out", default="benchmarks/results/shear")
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.report_only:
-        report(Path(args.out), args)
-    else:
-        run(args)
+    resumable_main(p, run, report, argv)
 
 
 if __name__ == "__main__":
