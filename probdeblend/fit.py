@@ -93,7 +93,6 @@ class FitContext:
                                       "offset": self.q["offset_scale"]})
         return loc, np.diag(scale**2)
 
-
     def sample_q(self, num_samples: int, seed: int = 0) -> np.ndarray:
         """Draws of the amortized q itself, without reweighting, as flat vectors (n, dim).
 
@@ -108,6 +107,22 @@ class FitContext:
             (n,) + q["log_flux_loc"].shape)
         off = q["offset_scale"][None] * rng.standard_normal((n, self.n_sources, 2))
         return self.problem.flatten_draws({"latent_base": u, "log_flux": lf, "offset": off})
+
+
+def resolve_prior(prior):
+    """A loaded prior from a shipped name / path, or ``prior`` itself if already loaded.
+
+    Priors loaded by name are kept for the process (:data:`_PRIORS`), so the functions compiled
+    for them are reused by later calls.
+    """
+    from .priors.distribution import LearnedPrior
+    from .priors.io import load_prior
+
+    if isinstance(prior, LearnedPrior):
+        return prior
+    if prior not in _PRIORS:
+        _PRIORS[prior] = load_prior(prior)
+    return _PRIORS[prior]
 
 
 def _fallback_q(scene, prior, positions):
@@ -308,18 +323,13 @@ def fit(scene: Scene, prior="lsst-vae", method: str = "auto", num_samples: int =
         timings. :func:`probdeblend.diagnostics.summary_table` gives the per-source table.
     """
     from . import diagnostics
-    from .priors.distribution import LearnedPrior
-    from .priors.io import load_prior
 
     _check_args(scene, method, num_samples, num_chains, seed)
     if engine not in ("numpyro", "pyro"):
         raise ValueError(f"engine must be 'numpyro' or 'pyro', got {engine!r}")
     t_start = time.perf_counter()
     timings = {}
-    if not isinstance(prior, LearnedPrior):
-        if prior not in _PRIORS:  # keep loaded priors: their compiled functions are reused
-            _PRIORS[prior] = load_prior(prior)
-        prior = _PRIORS[prior]
+    prior = resolve_prior(prior)
     scene = _prepare_scene(scene, prior)
     positions, det_table = _sources(scene, detect_kwargs)
     amortized = _load_amortized(prior)

@@ -147,14 +147,15 @@ def shear_stamps(stamps, shear, xp):
     norm = xp.sqrt(1.0 - g1**2 - g2**2)
     a, b = (1.0 - g1) / norm, -g2 / norm          # S^{-1} = [[a, b], [b, d]], ad - b^2 = 1
     r = xp.arange(n, dtype=stamps.dtype) - c        # centred coordinates of pixel indices
-    beta = b / a
+    # line k samples pixel i at r_i + beta r_k (+ c): the L and U passes, with L = U^T
+    sheared = r[None, :] + (b / a) * r[:, None] + c
     # pass 1 (L): h1(u, v) = I(u, v + beta u): column x samples y at v + beta u_x
-    h = _resample(stamps, r[None, :] + beta * r[:, None] + c, -2, xp)
+    h = _resample(stamps, sheared, -2, xp)
     # pass 2 (D): h2(u, v) = h1(a u, v / a)
     h = _resample(h, a * r + c, -1, xp)
     h = _resample(h, r / a + c, -2, xp)
     # pass 3 (U): h3(u, v) = h2(u + beta v, v): row y samples x at u + beta v_y
-    return _resample(h, r[None, :] + beta * r[:, None] + c, -1, xp)
+    return _resample(h, sheared, -1, xp)
 
 
 def model_psf_shear_correction(shear, freqs, model_psf_sigma: float, xp):

@@ -245,22 +245,21 @@ def _newton(ens: _ShearEnsemble, theta, floored_inverse, max_iter: int = 8):
     posterior. Returns (theta, Laplace covariance at theta).
     """
     theta = np.asarray(theta, np.float64)
-    value, _ = ens.logp_and_grad(theta.astype(np.float32))
+    value, grad = ens.logp_and_grad(theta.astype(np.float32))
     value = float(value)
     cov = floored_inverse(-ens.hessian(theta))
     for _ in range(max_iter):
-        _, grad = ens.logp_and_grad(theta.astype(np.float32))
         step = cov @ np.asarray(grad, np.float64)
         for _ in range(6):
             trial = theta + step
             if np.hypot(*trial[:2]) < 0.9:
-                new, _ = ens.logp_and_grad(trial.astype(np.float32))
+                new, new_grad = ens.logp_and_grad(trial.astype(np.float32))
                 if float(new) >= value - 1e-3:
                     break
             step = step / 2
         else:
             break
-        theta, value = trial, float(new)
+        theta, value, grad = trial, float(new), new_grad
         cov = floored_inverse(-ens.hessian(theta))
         if np.abs(step[:2]).max() < 1e-5:
             break
@@ -307,10 +306,8 @@ def infer_forward(scenes, prior="lsst-vae", method: str = "nuts", num_warmup: in
 
     import arviz as az
 
-    from .fit import _PRIORS, FitContext, _load_amortized, _prepare_scene, _sources
+    from .fit import FitContext, _load_amortized, _prepare_scene, _sources, resolve_prior
     from .inference import find_map, floored_inverse, run_nuts
-    from .priors.distribution import LearnedPrior
-    from .priors.io import load_prior
 
     if method not in ("nuts", "laplace"):
         raise ValueError(f"method must be 'nuts' or 'laplace', got {method!r}")
@@ -319,10 +316,7 @@ def infer_forward(scenes, prior="lsst-vae", method: str = "nuts", num_warmup: in
     if not shear_scale > 0:
         raise ValueError(f"shear_scale must be > 0, got {shear_scale}")
     t0 = time.perf_counter()
-    if not isinstance(prior, LearnedPrior):
-        if prior not in _PRIORS:
-            _PRIORS[prior] = load_prior(prior)
-        prior = _PRIORS[prior]
+    prior = resolve_prior(prior)
     amortized = _load_amortized(prior)
     contexts, flats = [], [np.zeros(2)]
     for scene in scenes:
