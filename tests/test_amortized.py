@@ -195,7 +195,7 @@ def test_centroid_features_move_with_the_cutout(g):
 
 # -- training data -------------------------------------------------------------------------------
 def test_training_set_targets(data, prior, blend_dir):
-    from probdeblend.amortized import _render_model_frame
+    from probdeblend.amortized.training_set import _render_model_frame
     from probdeblend.dataset import load_dataset
 
     assert len(data) == N_SCENES and data.image.shape == (N_SCENES, 3, 32, 32)
