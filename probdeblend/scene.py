@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from functools import cached_property
@@ -39,8 +38,12 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
+from .atomic import write_fits
 from .errors import (
     BandMismatchError,
+    CorruptFileError,
+    FITSChecksumError,
+    InputNotFoundError,
     InvalidDtypeError,
     InvalidImageError,
     InvalidPSFError,
@@ -66,7 +69,6 @@ _F32_MAX = float(np.finfo(np.float32).max)
 #: Smallest variance whose inverse is finite in float32.
 _MIN_VARIANCE = 1.0 / _F32_MAX
 _MAX_LISTED = 10  # offending source indices listed in a message
-_COMPRESSED_SUFFIXES = (".gz", ".bz2")
 _WCS_KEYS = ("CTYPE1", "CRVAL1", "CRPIX1", "CD1_1", "PC1_1", "CDELT1")
 
 
@@ -765,32 +767,10 @@ class Scene:
 
         Raises
         ------
-        FileExistsError
-            ``path`` exists and ``overwrite`` is False.
+        OutputExistsError
+            ``path`` exists and ``overwrite`` is False (a ``FileExistsError``).
         """
-        path = Path(path)
-        if not overwrite and path.exists():
-            raise FileExistsError(
-                f"{str(path)!r} already exists; pass overwrite=True to replace it or choose "
-                "another path"
-            )
-        hdul = self._to_hdulist()
-        suffix = path.suffix if path.suffix.lower() in _COMPRESSED_SUFFIXES else ""
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-        try:
-            hdul.writeto(tmp, checksum=True)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                _move_no_clobber(tmp, path)
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+        write_fits(self._to_hdulist(), path, overwrite=overwrite, checksum=True)
 
     def _to_hdulist(self) -> fits.HDUList:
         primary = fits.PrimaryHDU()
@@ -801,6 +781,7 @@ class Scene:
         h["BUNIT"] = (self.units, "flux per pixel unit of IMAGE")
         h["HASWCS"] = (self._wcs is not None, "IMAGE header carries the scene WCS")
         h["PBVERSN"] = (FITS_FORMAT_VERSION, "probdeblend Scene FITS format version")
+        h["NEXTEND"] = (4 if self.positions is not None else 3, "number of extensions")
 
         img_header = fits.Header()
         if self._wcs is not None:
@@ -850,11 +831,18 @@ class Scene:
 
         Raises
         ------
+        InputNotFoundError
+            ``path`` does not exist (a ``FileNotFoundError``).
+        CorruptFileError
+            The file is truncated, damaged or not FITS (``hdu`` names the HDU when known).
+        FITSChecksumError
+            An HDU has ``CHECKSUM`` / ``DATASUM`` keywords that do not match its content
+            (``hdu`` names it); checksums are verified whenever present.
         SceneError
             A required extension or header key is missing, or the content is invalid.
         """
         path = Path(path)
-        with fits.open(path, memmap=False, lazy_load_hdus=False, checksum=True) as hdul:
+        with _open_verified(path) as hdul:
             present = [hdu.name for hdu in hdul]
 
             def get(name: str, argument: str, required: bool = True) -> Any:
@@ -970,19 +958,98 @@ class Scene:
         return f"Scene({', '.join(parts)})"
 
 
-def _move_no_clobber(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, failing with FileExistsError if ``dst`` appeared meanwhile."""
+
+# --------------------------------------------------------------------------------------------
+# verified FITS reading
+# --------------------------------------------------------------------------------------------
+_TRUNCATION_HINTS = ("truncated", "header size is not multiple", "corrupt", "extra bytes")
+
+
+def _hdu_label(hdul: fits.HDUList, i: int) -> str:
+    name = hdul[i].name or "PRIMARY"
+    return f"{name!r} (HDU #{i})"
+
+
+def _open_verified(path: Path) -> fits.HDUList:
+    """Open a FITS file fully into memory, refusing truncated, damaged or tampered files.
+
+    Checks, in order: the file exists; astropy can parse every header and load every data
+    array without a truncation warning; the primary ``NEXTEND`` (when present) matches the
+    number of extensions; every ``CHECKSUM`` / ``DATASUM`` present verifies.
+    """
+    if not path.exists():
+        raise InputNotFoundError(
+            path, f"path: {str(path)!r} does not exist; check the file name", argument="path"
+        )
+    if path.is_dir():
+        raise CorruptFileError(path, f"path: {str(path)!r} is a folder, not a FITS file")
+    fix = ("re-create or re-download it (Scene.to_fits writes checksummed files)")
+    caught: list[warnings.WarningMessage] = []
+    hdul = None
     try:
-        os.link(src, dst)  # atomic, refuses to replace an existing file
-    except FileExistsError:
-        raise FileExistsError(
-            f"{str(dst)!r} already exists; pass overwrite=True to replace it or choose another path"
-        ) from None
-    except OSError:  # filesystem without hard links
-        if dst.exists():
-            raise FileExistsError(
-                f"{str(dst)!r} already exists; pass overwrite=True to replace it"
-            ) from None
-        os.replace(src, dst)
-        return
-    os.unlink(src)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                hdul = fits.open(path, memmap=False, lazy_load_hdus=False, checksum=False)
+            except Exception as exc:  # noqa: BLE001 - astropy/zlib/bz2 raise many kinds
+                raise CorruptFileError(
+                    path,
+                    f"path: {str(path)!r} is not a readable FITS file "
+                    f"({type(exc).__name__}: {exc}); it is truncated, damaged or not FITS: {fix}",
+                ) from exc
+            for i, hdu in enumerate(hdul):
+                try:
+                    _ = hdu.data
+                except Exception as exc:  # noqa: BLE001
+                    raise CorruptFileError(
+                        path,
+                        f"path: HDU {_hdu_label(hdul, i)} of {str(path)!r} cannot be read "
+                        f"({type(exc).__name__}: {exc}); the file is truncated or damaged: {fix}",
+                        hdu=hdul[i].name,
+                    ) from exc
+        for w in caught:
+            text = str(w.message)
+            if any(h in text.lower() for h in _TRUNCATION_HINTS):
+                raise CorruptFileError(
+                    path,
+                    f"path: {str(path)!r} is truncated or damaged (astropy: "
+                    f"{' '.join(text.split())}); {fix}",
+                )
+        primary = hdul[0].header
+        n_ext = len(hdul) - 1
+        if "NEXTEND" in primary:
+            try:
+                announced = int(primary["NEXTEND"])
+            except (TypeError, ValueError):
+                announced = n_ext
+            if announced > n_ext:
+                raise CorruptFileError(
+                    path,
+                    f"path: {str(path)!r} holds {n_ext} extension(s) "
+                    f"{[h.name for h in hdul[1:]]} but its primary header announces "
+                    f"NEXTEND={announced}: the file is truncated (or extensions were removed "
+                    f"without updating NEXTEND); {fix}",
+                )
+        for i, hdu in enumerate(hdul):
+            header = hdu.header
+            if "DATASUM" in header and hdu.verify_datasum() == 0:
+                raise FITSChecksumError(
+                    path,
+                    f"path: HDU {_hdu_label(hdul, i)} of {str(path)!r} fails its DATASUM check: "
+                    f"its data changed after the file was written (corruption or an edit); "
+                    f"{fix}. If you changed it on purpose, rewrite it with checksum=True",
+                    hdu=hdu.name,
+                )
+            if "CHECKSUM" in header and hdu.verify_checksum() == 0:
+                raise FITSChecksumError(
+                    path,
+                    f"path: HDU {_hdu_label(hdul, i)} of {str(path)!r} fails its CHECKSUM check: "
+                    f"its header or data changed after the file was written (corruption or an "
+                    f"edit); {fix}. If you changed it on purpose, rewrite it with checksum=True",
+                    hdu=hdu.name,
+                )
+    except BaseException:
+        if hdul is not None:
+            hdul.close()
+        raise
+    return hdul

@@ -13,10 +13,14 @@ from astropy.wcs import WCS
 
 from probdeblend.errors import (
     BandMismatchError,
+    CorruptFileError,
+    FITSChecksumError,
+    InputNotFoundError,
     InvalidDtypeError,
     InvalidImageError,
     InvalidPSFError,
     InvalidVarianceError,
+    OutputExistsError,
     PositionError,
     ProbdeblendError,
     SceneError,
@@ -484,7 +488,98 @@ def test_from_fits_missing_extension(args, tmp_path):
     Scene(**args).to_fits(path)
     with fits.open(path) as hdul:
         hdus = [h.copy() for h in hdul if h.name != "PSF"]
-    fits.HDUList(hdus).writeto(path, overwrite=True)
+    hdus[0].header["NEXTEND"] = len(hdus) - 1  # a deliberate edit, not a truncation
+    fits.HDUList(hdus).writeto(path, overwrite=True, checksum=True)
     with pytest.raises(SceneError, match="'PSF' extension") as info:
         Scene.from_fits(path)
     assert info.value.argument == "psf"
+
+
+# -- verified reading: checksums, truncation, corruption ----------------------------------------
+def _written(args, tmp_path, name="scene.fits"):
+    path = tmp_path / name
+    Scene(**args).to_fits(path)
+    return path
+
+
+def _data_offset(path, hdu_name):
+    with fits.open(path) as hdul:
+        return hdul[hdu_name].fileinfo()["datLoc"]
+
+
+def test_from_fits_flipped_image_bytes_names_the_hdu(args, tmp_path):
+    path = _written(args, tmp_path)
+    raw = bytearray(path.read_bytes())
+    start = _data_offset(path, "IMAGE") + 128
+    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FITSChecksumError) as info:
+        Scene.from_fits(path)
+    err = info.value
+    assert err.hdu == "IMAGE" and "'IMAGE'" in str(err) and "DATASUM" in str(err)
+    assert isinstance(err, CorruptFileError) and isinstance(err, ValueError)
+    assert err.argument == "path" and err.path == str(path)
+
+
+def test_from_fits_edited_header_fails_checksum(args, tmp_path):
+    path = _written(args, tmp_path)
+    raw = path.read_bytes()
+    i = raw.index(b"PIXSCALE= ")
+    card = b"PIXSCALE=                  0.3"  # same length as the written card's value field
+    j = raw.index(b"/", i)
+    raw = raw[:i] + card.ljust(j - i) + raw[j:]
+    path.write_bytes(raw)
+    with pytest.raises(FITSChecksumError, match="CHECKSUM") as info:
+        Scene.from_fits(path)
+    assert info.value.hdu == "PRIMARY"
+
+
+@pytest.mark.parametrize("where", ["header0", "header1", "image_data", "boundary", "last_byte"])
+def test_from_fits_truncated_is_a_corrupt_file(args, tmp_path, where):
+    path = _written(args, tmp_path)
+    raw = path.read_bytes()
+    image = _data_offset(path, "IMAGE")
+    variance = _data_offset(path, "VARIANCE")
+    cut = {"header0": 100, "header1": 2880 + 1000, "image_data": image + 100,
+           "boundary": variance - 2880, "last_byte": len(raw) - 1}[where]
+    path.write_bytes(raw[:cut])
+    with pytest.raises(CorruptFileError) as info:
+        Scene.from_fits(path)
+    assert not isinstance(info.value, SceneError)
+    assert any(w in str(info.value) for w in ("truncated", "not a readable FITS"))
+
+
+def test_from_fits_truncated_gzip(args, tmp_path):
+    path = _written(args, tmp_path, "scene.fits.gz")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptFileError):
+        Scene.from_fits(path)
+
+
+def test_from_fits_not_fits_and_missing(args, tmp_path):
+    path = tmp_path / "notes.fits"
+    path.write_text("this is not a FITS file\n" * 200)
+    with pytest.raises(CorruptFileError, match="not a readable FITS file"):
+        Scene.from_fits(path)
+    with pytest.raises(InputNotFoundError) as info:
+        Scene.from_fits(tmp_path / "absent.fits")
+    assert isinstance(info.value, FileNotFoundError) and info.value.argument == "path"
+
+
+def test_from_fits_without_checksums_still_reads(args, tmp_path):
+    path = _written(args, tmp_path)
+    with fits.open(path) as hdul:
+        hdus = [h.copy() for h in hdul]
+    for h in hdus:
+        for key in ("CHECKSUM", "DATASUM"):
+            h.header.remove(key, ignore_missing=True)
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    assert Scene.from_fits(path).bands == BANDS
+
+
+def test_to_fits_refusal_is_output_exists_error(args, tmp_path):
+    path = _written(args, tmp_path)
+    with pytest.raises(OutputExistsError) as info:
+        Scene(**args).to_fits(path)
+    assert isinstance(info.value, FileExistsError) and info.value.path == str(path)
