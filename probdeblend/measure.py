@@ -1,10 +1,14 @@
 r"""Measurements on galaxy images: the library's one definition of each convention.
 
-Every function here is pure numpy (plus ``scipy.ndimage`` for SSIM), takes images shaped
-``(..., ny, nx)`` and is vectorised over the leading batch axes ``...`` (sources, bands, posterior
-draws, ...); results have the batch shape. Nothing here knows about PSFs: shapes and sizes are
-those of the image handed in (observed, PSF-convolved shapes unless the caller passes a
-PSF-corrected image, e.g. a decoded galaxy in the prior's model frame).
+Every function here takes images shaped ``(..., ny, nx)`` and is vectorised over the leading
+batch axes ``...`` (sources, bands, posterior draws, ...); results have the batch shape. Most are
+pure numpy (plus ``scipy.ndimage`` for SSIM); :func:`adaptive_moments_torch` and
+:func:`shape_torch` (PSF-corrected shapes for a Gaussian PSF, the fast per-draw estimator) run in
+torch on CPU or GPU, :func:`psf_corrected_shape_fast` wraps the latter for numpy, and
+:func:`shear_response` calibrates it on a prior's own galaxies. Apart from
+:func:`psf_corrected_shape` and the Gaussian-PSF estimators, nothing here knows about PSFs:
+shapes and sizes are those of the image handed in (observed, PSF-convolved shapes unless the
+caller passes a PSF-corrected image).
 
 Pixel coordinates
 -----------------
@@ -62,6 +66,7 @@ blendedness; the docstrings state what was implemented and how it was checked. :
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -73,6 +78,12 @@ __all__ = [
     "moments",
     "ellipticity",
     "psf_corrected_shape",
+    "psf_corrected_shape_fast",
+    "shape_torch",
+    "adaptive_moments_torch",
+    "TorchMoments",
+    "gaussian_psf_moments",
+    "model_psf_sigma_pix",
     "shear_from_moments",
     "distortion_to_shear",
     "shear_to_distortion",
@@ -569,6 +580,405 @@ def psf_corrected_shape(image, psf_image, pixel_scale: float = 1.0):
                 gg = e / (1 + np.sqrt(1 - abs(e) ** 2))
                 g1[i], g2[i] = gg.real, gg.imag
     return g1.reshape(batch), g2.reshape(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# fast PSF-corrected shapes in torch (batched, CPU or GPU)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TorchMoments:
+    """Result of :func:`adaptive_moments_torch`: tensors of the images' batch shape.
+
+    Attributes
+    ----------
+    x, y : Tensor
+        Weight centroid in pixels (module's 0-based pixel-centre convention).
+    Mxx, Myy, Mxy : Tensor
+        Adaptive covariance in pixels^2 (HSM ``moments_sigma**2 * (1 + e) ...``: for a Gaussian
+        image, its covariance).
+    amp : Tensor
+        ``sum(I w)`` at the final weight (image units); HSM's ``moments_amp`` is ``2 amp``.
+    rho4 : Tensor
+        ``sum(I w rho^4) / sum(I w)`` at the final weight; 2 for a Gaussian. HSM's radial
+        kurtosis is ``a4 = rho4 / 2 - 1``.
+    ok : Tensor of bool
+        Converged to ``tol`` without failing. Other entries are NaN.
+    n_iter : Tensor of int
+        Iterations used.
+    """
+
+    x: object
+    y: object
+    Mxx: object
+    Myy: object
+    Mxy: object
+    amp: object
+    rho4: object
+    ok: object
+    n_iter: object
+
+
+def _torch_default_tol(dtype) -> float:
+    import torch
+
+    return 1e-6 if dtype == torch.float64 else 1e-5
+
+
+def _adaptive_moments_flat(img, max_iter: int, tol: float, compact_frac: float = 0.85):
+    """HSM ``find_ellipmom_2`` iteration on ``img`` ``(n, ny, nx)``, all images together.
+
+    Same update rule, 0.25 step bound, step-size scale (minor-axis sigma of the weight) and
+    shiftscale0 convergence factor as :func:`_weighted_moments` (GalSim HSM); the weight is cut
+    where ``rho^2 >= -2 ln(tol / 10)``. Converged / failed images leave the working set (it is
+    re-gathered when it has shrunk below ``compact_frac`` of its size), so the cost follows the
+    slowest images only. Returns a tuple of ``(n,)`` tensors:
+    x, y, Mxx, Myy, Mxy, amp, rho4, ok, n_iter.
+    """
+    import torch
+
+    n, ny, nx = img.shape
+    dev, dt = img.device, img.dtype
+    xs = torch.arange(nx, dtype=dt, device=dev)
+    ys = torch.arange(ny, dtype=dt, device=dev)
+    # starting guess: centroid and half the trace of the second moments of the positive part
+    pos = img.clamp(min=0)
+    px, py = pos.sum(1), pos.sum(2)
+    f = px.sum(1)
+    has = f > 0
+    safe = torch.where(has, f, torch.ones_like(f))
+    x0 = torch.where(has, px @ xs / safe, torch.full_like(f, (nx - 1) / 2))
+    y0 = torch.where(has, py @ ys / safe, torch.full_like(f, (ny - 1) / 2))
+    r2 = ((px * (xs - x0[:, None]) ** 2).sum(1) + (py * (ys - y0[:, None]) ** 2).sum(1)) / safe
+    s2 = (0.5 * r2).clamp(1.0, (min(nx, ny) / 4.0) ** 2)
+    mxx, myy, mxy = s2.clone(), s2.clone(), torch.zeros_like(s2)
+    converged = torch.zeros(n, dtype=torch.bool, device=dev)
+    failed = ~has
+    n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
+    shiftscale0 = torch.full_like(f, float("nan"))
+    max_m = float(max(nx, ny)) ** 2
+    max_nsig2 = -2.0 * math.log(tol / 10.0)
+    bound = _BOUND_CORRECT_WT
+
+    idx = torch.nonzero(has).flatten()
+    sub = img[idx]
+    live = torch.ones(idx.numel(), dtype=torch.bool, device=dev)  # within the working set
+    for it in range(int(max_iter)):
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if n_live < compact_frac * idx.numel():
+            idx, sub = idx[live], sub[live]
+            live = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
+        a, b, c = mxx[idx], myy[idx], mxy[idx]
+        xc, yc = x0[idx], y0[idx]
+        det = a * b - c * c
+        det = torch.where(live & (det > 0), det, torch.ones_like(det))
+        ixx, iyy, ixy = b / det, a / det, -c / det
+        dx = xs[None, :] - xc[:, None]  # (m, nx)
+        dy = ys[None, :] - yc[:, None]  # (m, ny)
+        rho2 = ((ixx[:, None] * dx * dx)[:, None, :] + (iyy[:, None] * dy * dy)[:, :, None]
+                + (2.0 * ixy[:, None] * dy)[:, :, None] * dx[:, None, :])
+        iw = torch.where(rho2 < max_nsig2, torch.exp(-0.5 * rho2), torch.zeros_like(rho2)) * sub
+        sx = iw.sum(1)  # (m, nx)
+        sy = iw.sum(2)  # (m, ny)
+        rx = torch.bmm(iw, dx[:, :, None])[..., 0]  # (m, ny): sum_x iw dx
+        amp = sx.sum(1)
+        amp_s = torch.where(amp > 0, amp, torch.ones_like(amp))
+        bx = (sx * dx).sum(1) / amp_s
+        by = (sy * dy).sum(1) / amp_s
+        wxx = (sx * dx * dx).sum(1) / amp_s
+        wyy = (sy * dy * dy).sum(1) / amp_s
+        wxy = (rx * dy).sum(1) / amp_s
+        semi_b2 = 0.5 * (a + b - torch.sqrt((a - b) ** 2 + 4.0 * c * c))
+        bad = ~(amp > 0) | ~(semi_b2 > 0)
+        sb2 = torch.where(semi_b2 > 0, semi_b2, torch.ones_like(semi_b2))
+        shiftscale = torch.sqrt(sb2)
+        if it == 0:
+            shiftscale0[idx] = shiftscale
+        ddx = (2.0 * bx / shiftscale).clamp(-bound, bound)
+        ddy = (2.0 * by / shiftscale).clamp(-bound, bound)
+        dxx = (4.0 * (wxx - 0.5 * a) / sb2).clamp(-bound, bound)
+        dyy = (4.0 * (wyy - 0.5 * b) / sb2).clamp(-bound, bound)
+        dxy = (4.0 * (wxy - 0.5 * c) / sb2).clamp(-bound, bound)
+        conv = torch.stack([ddx.abs(), ddy.abs(), dxx.abs(), dyy.abs(), dxy.abs()]).amax(0)
+        ratio = shiftscale0[idx] / shiftscale
+        conv = torch.where(ratio > 1.0, conv * ratio, conv)
+        # update (HSM applies the step also on the converging iteration)
+        nx0, ny0 = xc + ddx * shiftscale, yc + ddy * shiftscale
+        na, nb, nc = a + dxx * sb2, b + dyy * sb2, c + dxy * sb2
+        bad = bad | ~torch.isfinite(conv) | ~(na > 0) | ~(na * nb - nc * nc > 0)
+        bad = bad | (na + nb > max_m) | (nx0 < -0.5) | (nx0 > nx - 0.5)
+        bad = bad | (ny0 < -0.5) | (ny0 > ny - 0.5)
+        upd = live & ~bad
+        x0[idx] = torch.where(upd, nx0, xc)
+        y0[idx] = torch.where(upd, ny0, yc)
+        mxx[idx] = torch.where(upd, na, a)
+        myy[idx] = torch.where(upd, nb, b)
+        mxy[idx] = torch.where(upd, nc, c)
+        n_iter[idx] += live.to(torch.int64)
+        failed[idx] = failed[idx] | (live & bad)
+        done = upd & (conv < tol)
+        converged[idx] = converged[idx] | done
+        live = live & ~bad & ~done
+
+    ok = converged & ~failed
+    # amplitude and radial fourth moment at the final weight (HSM evaluates them with the weight
+    # of its last iteration, one step of size < tol earlier: the same to O(tol))
+    amp = torch.full_like(f, float("nan"))
+    rho4 = torch.full_like(f, float("nan"))
+    idx = torch.nonzero(ok).flatten()
+    if idx.numel():
+        sub = img[idx]
+        a, b, c = mxx[idx], myy[idx], mxy[idx]
+        det = a * b - c * c
+        ixx, iyy, ixy = b / det, a / det, -c / det
+        dx = xs[None, :] - x0[idx][:, None]
+        dy = ys[None, :] - y0[idx][:, None]
+        rho2 = ((ixx[:, None] * dx * dx)[:, None, :] + (iyy[:, None] * dy * dy)[:, :, None]
+                + (2.0 * ixy[:, None] * dy)[:, :, None] * dx[:, None, :])
+        iw = torch.where(rho2 < max_nsig2, torch.exp(-0.5 * rho2), torch.zeros_like(rho2)) * sub
+        am = iw.sum((1, 2))
+        amp[idx] = am
+        rho4[idx] = (iw * rho2 * rho2).sum((1, 2)) / am
+    nan = torch.tensor(float("nan"), dtype=dt, device=dev)
+    out = [torch.where(ok, v, nan) for v in (x0, y0, mxx, myy, mxy)]
+    return (*out, amp, rho4, ok, n_iter)
+
+
+def _as_image_tensor(stamps, name: str = "stamps"):
+    import torch
+
+    if not isinstance(stamps, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (..., ny, nx), got {type(stamps).__name__}; "
+            "use psf_corrected_shape_fast for numpy arrays"
+        )
+    if stamps.ndim < 2 or stamps.shape[-1] < 3 or stamps.shape[-2] < 3:
+        raise ValueError(
+            f"{name} must have shape (..., ny, nx) with ny, nx >= 3, got {tuple(stamps.shape)}"
+        )
+    if not stamps.is_floating_point():
+        stamps = stamps.to(torch.get_default_dtype())
+    return stamps
+
+
+def adaptive_moments_torch(stamps, *, max_iter: int = 200, tol: float | None = None,
+                           batch_size: int | None = None) -> TorchMoments:
+    """Adaptive (elliptical-Gaussian-weighted) moments in torch, batched over stamps.
+
+    The torch twin of :func:`moments` with ``weight_sigma="adaptive"`` (GalSim HSM
+    ``FindAdaptiveMom`` semantics: same iteration, step bound, convergence factor and weight
+    cut), running on the stamps' device and dtype with no Python loop over stamps.
+
+    Parameters
+    ----------
+    stamps : torch.Tensor, shape (..., ny, nx)
+        Background-subtracted images (any flux units); leading axes are a batch.
+        ``float64`` reproduces HSM to ~1e-6; ``float32`` (e.g. on a GPU) to ~1e-4.
+    max_iter : int
+        Iteration limit (HSM allows 400; bulge + disk galaxies need 20-70).
+    tol : float, optional
+        Convergence threshold on the largest relative step; default 1e-6 (float64) or 1e-5
+        (float32 and narrower).
+    batch_size : int, optional
+        Stamps processed at once (bounds memory: ~10 temporaries of ``batch_size * ny * nx``
+        elements). Default: ``2**22 / (ny nx)`` on CPU, ``2**25 / (ny nx)`` on GPU.
+
+    Returns
+    -------
+    TorchMoments
+        Tensors of the batch shape ``stamps.shape[:-2]``; pixels and pixels^2.
+    """
+    import torch
+
+    img = _as_image_tensor(stamps)
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    tol = _torch_default_tol(img.dtype) if tol is None else float(tol)
+    if not 0 < tol < 1:
+        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    batch = img.shape[:-2]
+    ny, nx = img.shape[-2:]
+    flat = img.reshape((-1, ny, nx))
+    if batch_size is None:
+        batch_size = max(1, (2**25 if img.is_cuda else 2**22) // (ny * nx))
+    parts = []
+    with torch.no_grad():
+        for s in range(0, flat.shape[0], int(batch_size)):
+            parts.append(_adaptive_moments_flat(flat[s:s + int(batch_size)], int(max_iter), tol))
+    if not parts:
+        parts = [_adaptive_moments_flat(flat, 1, tol)]
+    cols = [torch.cat(p) for p in zip(*parts, strict=True)]
+    return TorchMoments(*(c.reshape(batch) for c in cols))
+
+
+def _pixelized_gaussian(sigma: float, size: int, pixelized: bool, dtype, device):
+    """Centred, unit-sum circular Gaussian of ``sigma`` pixels on a ``size x size`` grid,
+    integrated over each pixel (``pixelized``) or sampled at pixel centres."""
+    import torch
+
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    if pixelized:
+        s = sigma * math.sqrt(2.0)
+        prof = 0.5 * (torch.erf((r + 0.5) / s) - torch.erf((r - 0.5) / s))
+    else:
+        prof = torch.exp(-0.5 * (r / sigma) ** 2)
+    img = prof[:, None] * prof[None, :]
+    return (img / img.sum()).to(dtype=dtype, device=device)
+
+
+_PSF_CACHE: dict = {}
+
+
+def gaussian_psf_moments(psf_sigma_pix: float, pixelized: bool = True) -> tuple[float, float]:
+    """Adaptive moments of the circular Gaussian model PSF: ``(T, a4)``.
+
+    ``T = Mxx + Myy`` (pixels^2) and the radial kurtosis ``a4 = rho4 / 2 - 1`` of the PSF image
+    as HSM would measure it (adaptive moments of the PSF drawn on the pixel grid, pixel-integrated
+    if ``pixelized``, as ``galsim.Gaussian(...).drawImage()`` and ``ModelFrame.psf_image``).
+    For a pixel-integrated Gaussian ``T ~ 2 (sigma^2 + 1/12)``; ``a4`` is ~+0.047 for
+    sigma = 0.85 px (the pixel's non-Gaussianity). Cached.
+
+    The PSF is centred on a pixel centre, as HSM measures ``ModelFrame.psf_image(25)``. An
+    undersampled PSF's adaptive moments depend on its sub-pixel phase (sigma = 0.85 px: ``T`` is
+    1.577 px^2 centred on a pixel, 1.647 on a pixel corner, 1.615 for the continuous profile).
+    On bulge + disk galaxies at random sub-pixel positions the pixel-centred value gave the
+    smallest bias and scatter of :func:`shape_torch` (m ~ +0.01, rms error 0.006, against
+    m ~ +0.03, rms 0.010 with the PSF moments taken at each galaxy's own phase or from the
+    continuous profile).
+    """
+    import torch
+
+    key = (float(psf_sigma_pix), bool(pixelized))
+    if key not in _PSF_CACHE:
+        sigma = float(psf_sigma_pix)
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"psf_sigma_pix must be a positive number of pixels, got {sigma}")
+        size = 2 * int(math.ceil(8 * sigma + 4)) + 1
+        img = _pixelized_gaussian(sigma, size, bool(pixelized), torch.float64, "cpu")
+        m = adaptive_moments_torch(img, max_iter=400, tol=1e-10)
+        if not bool(m.ok):
+            raise RuntimeError(f"adaptive moments of the Gaussian PSF (sigma={sigma}) failed")
+        _PSF_CACHE[key] = (float(m.Mxx + m.Myy), float(m.rho4) / 2.0 - 1.0)
+    return _PSF_CACHE[key]
+
+
+def shape_torch(stamps, psf_sigma_pix: float, *, max_iter: int = 200, tol: float | None = None,
+                correction: str = "bj-gaussian-psf", pixelized: bool = True,
+                batch_size: int | None = None):
+    r"""PSF-corrected reduced shear ``(g1, g2)`` of noiseless stamps, batched in torch.
+
+    Estimator: adaptive moments (:func:`adaptive_moments_torch`, HSM ``FindAdaptiveMom``) of each
+    stamp, corrected for a circular Gaussian PSF with the Bernstein & Jarvis (2002, AJ 123, 583,
+    section 4) resolution correction including the radial kurtosis ``a4`` (GalSim HSM's
+    ``psf_corr_bj``). For a round PSF it reads
+
+    .. math:: e = \frac{e_{\rm obs}}{R}, \qquad
+              R = 1 - \frac{T_P}{T_I}\,\frac{1 - a_{4P}}{1 + a_{4P}}\,
+                  \frac{1 + a_{4I}}{1 - a_{4I}},
+
+    with ``e_obs = (Mxx - Myy, 2 Mxy) / T_I`` the distortion of the galaxy's adaptive moments,
+    ``T = Mxx + Myy`` (pixels^2), ``a4 = rho4 / 2 - 1`` (zero for a Gaussian), ``I`` the observed
+    galaxy and ``P`` the PSF. The corrected distortion ``e`` is converted to reduced shear
+    ``g = e / (1 + sqrt(1 - |e|^2))`` (GalSim convention, module docstring).
+
+    ``correction`` selects the PSF terms:
+
+    * ``"bj-gaussian-psf"`` (default): ``T_P`` from the adaptive moments of the
+      pixel-integrated Gaussian PSF and ``a4P = 0``, i.e. the PSF is replaced by the Gaussian
+      of matching adaptive moments. This is exactly the last step of re-Gaussianization
+      (REGAUSS, Hirata & Seljak 2003, which calls ``psf_corr_bj`` with ``a4P = 0`` after
+      re-Gaussianizing): for a Gaussian model PSF the REGAUSS residual ``P - G`` is only the
+      pixel response's small non-Gaussianity, so REGAUSS's convolution step changes little and
+      is skipped here. On noiseless bulge + disk galaxies it has ``|m| < ~1 %`` (see
+      ``benchmarks/results/shapes/report.md``), smaller than REGAUSS's.
+    * ``"bj"``: HSM's ``shear_est="BJ"`` exactly (``a4P`` measured on the pixel-integrated PSF,
+      ~+0.047 for the LSST model PSF); agrees with ``galsim.hsm.EstimateShear(...,
+      shear_est="BJ")`` to ~1e-4 but is biased low by ~8 % on bulge + disk galaxies, because
+      the first-order kurtosis factor over-corrects the pixel's contribution.
+    * ``"gaussian"``: plain moment subtraction ``R = 1 - T_P/T_I`` (both ``a4`` zero): exact for
+      Gaussian galaxies, biased low by ~20 % for cuspy ones.
+
+    Why BJ on adaptive moments: it needs only moments (one pass over the pixels per iteration,
+    no convolution), so it batches trivially on CPU and GPU, and it reproduces the estimator the
+    project used before (REGAUSS) up to the re-Gaussianization of a nearly Gaussian PSF. The
+    remaining multiplicative bias on a population is measured by :func:`shear_response`
+    and divided out.
+
+    Parameters
+    ----------
+    stamps : torch.Tensor, shape (..., ny, nx)
+        Noiseless images convolved with the PSF (e.g. band-averaged decoded prior stamps),
+        on any device; leading axes are a batch.
+    psf_sigma_pix : float
+        sigma of the circular Gaussian PSF in pixels (``fwhm / 2.35482 / pixel_scale``;
+        :func:`model_psf_sigma_pix` for a prior's frame).
+    max_iter, tol, batch_size
+        See :func:`adaptive_moments_torch`.
+    correction : {"bj-gaussian-psf", "bj", "gaussian"}
+        PSF correction, see above.
+    pixelized : bool
+        The PSF includes the pixel response (as images drawn by GalSim with the default
+        method, and decoded prior stamps). Its moments are those of the pixel-integrated
+        Gaussian (:func:`gaussian_psf_moments`).
+
+    Returns
+    -------
+    g1, g2 : torch.Tensor
+        Reduced shear of the PSF-free galaxy, batch shape ``stamps.shape[:-2]``, stamps' dtype
+        and device; NaN where ``ok`` is False.
+    ok : torch.Tensor of bool
+        False where the adaptive moments failed or did not converge, the galaxy is not
+        resolved (``R <= 0``) or ``|e| >= 1``.
+    """
+    import torch
+
+    if correction not in ("bj-gaussian-psf", "bj", "gaussian"):
+        raise ValueError(
+            f"correction must be 'bj-gaussian-psf', 'bj' or 'gaussian', got {correction!r}")
+    t_psf, a4_psf = gaussian_psf_moments(psf_sigma_pix, pixelized)
+    m = adaptive_moments_torch(stamps, max_iter=max_iter, tol=tol, batch_size=batch_size)
+    t_gal = m.Mxx + m.Myy
+    e1o = (m.Mxx - m.Myy) / t_gal
+    e2o = 2.0 * m.Mxy / t_gal
+    if correction == "gaussian":
+        kurt = torch.ones_like(t_gal)
+    else:
+        a4o = 0.5 * m.rho4 - 1.0
+        kurt = (1.0 + a4o) / (1.0 - a4o)
+        if correction == "bj":
+            kurt = kurt * ((1.0 - a4_psf) / (1.0 + a4_psf))
+    res = 1.0 - t_psf / t_gal * kurt
+    ok = m.ok & (res > 0) & torch.isfinite(res)
+    safe_r = torch.where(ok, res, torch.ones_like(res))
+    e1, e2 = e1o / safe_r, e2o / safe_r
+    esq = e1 * e1 + e2 * e2
+    ok = ok & (esq < 1.0)
+    f = 1.0 / (1.0 + torch.sqrt(torch.where(ok, 1.0 - esq, torch.ones_like(esq))))
+    nan = torch.tensor(float("nan"), dtype=t_gal.dtype, device=t_gal.device)
+    return torch.where(ok, e1 * f, nan), torch.where(ok, e2 * f, nan), ok
+
+
+def model_psf_sigma_pix(frame) -> float:
+    """sigma (pixels) of a prior's Gaussian model PSF: ``frame.psf_fwhm / 2.35482 /
+    frame.pixel_scale`` (the continuous Gaussian, before the pixel response)."""
+    return float(frame.psf_fwhm) / (2.0 * math.sqrt(2.0 * math.log(2.0))) / float(
+        frame.pixel_scale)
+
+
+def psf_corrected_shape_fast(image, psf_sigma_pix: float, **kwargs):
+    """Numpy wrapper of :func:`shape_torch` (float64, CPU): ``(g1, g2)`` arrays.
+
+    A fast drop-in for :func:`psf_corrected_shape` when the PSF is a circular Gaussian of
+    sigma ``psf_sigma_pix`` pixels (pixel-integrated by default); NaN where the measurement
+    failed. ``kwargs`` go to :func:`shape_torch`. Runs on torch's current CPU thread count.
+    """
+    import torch
+
+    img = _as_images(image, min_size=3)
+    g1, g2, _ = shape_torch(torch.from_numpy(np.ascontiguousarray(img)), psf_sigma_pix,
+                            **kwargs)
+    return g1.numpy(), g2.numpy()
 
 
 def half_light_radius(image, center=None, n_bisect: int = 40) -> np.ndarray:
