@@ -262,11 +262,12 @@ def _detect_on(scene, image, threshold, min_area, deblend_nthresh, deblend_cont,
         t[f"flux_{band}"].unit = scene.units
         t[f"flux_{band}_err"].unit = scene.units
     t.meta.update(table.meta)
-    return t, obj, segmap
+    return t, obj, _relabel(segmap, seg_id)
 
 
 def detect(scene, threshold: float = 3.0, min_area: int = 5, deblend_nthresh: int = 32,
-           deblend_cont: float = 0.005, min_separation: float = 1.0) -> Table:
+           deblend_cont: float = 0.005, min_separation: float = 1.0,
+           return_segmap: bool = False) -> Table | tuple[Table, np.ndarray]:
     """Detect sources on the scene's multi-band S/N map with sep (SExtractor's algorithm).
 
     Parameters
@@ -282,6 +283,8 @@ def detect(scene, threshold: float = 3.0, min_area: int = 5, deblend_nthresh: in
         Minimum flux fraction of a branch to count as a separate source; 1 disables deblending.
     min_separation : float, default 1.0
         Detections closer than this (pixels) to a higher-S/N one are merged into it.
+    return_segmap : bool, default False
+        Also return the segmentation map.
 
     Returns
     -------
@@ -290,6 +293,9 @@ def detect(scene, threshold: float = 3.0, min_area: int = 5, deblend_nthresh: in
         flux_<band>, flux_<band>_err, a, b, theta, kron_radius, npix, flag`` (see the module
         notes; x, y are 0-based pixel centres). No detection gives an empty table with the
         same columns, not an error.
+    segmap : int32 array (ny, nx)
+        Only with ``return_segmap``: ``id + 1`` of the source owning each pixel above the
+        threshold (sep's isophotal footprints after deblending), 0 elsewhere.
 
     Raises
     ------
@@ -307,9 +313,20 @@ def detect(scene, threshold: float = 3.0, min_area: int = 5, deblend_nthresh: in
     ...     np.stack([cat["x"], cat["y"]], -1))  # doctest: +SKIP
     """
     _check_scene(scene)
-    t, _, _ = _detect_on(scene, scene.image, threshold, min_area, deblend_nthresh,
-                         deblend_cont, min_separation)
-    return t
+    t, _, segmap = _detect_on(scene, scene.image, threshold, min_area, deblend_nthresh,
+                              deblend_cont, min_separation)
+    return (t, segmap) if return_segmap else t
+
+
+def _relabel(segmap: np.ndarray, seg_id: np.ndarray) -> np.ndarray:
+    """Segmentation map relabelled to table row ``id + 1`` (sep labels are its object indices
+    + 1; pixels of merged objects already carry their survivor's label)."""
+    keep = np.asarray(seg_id, dtype=np.int64)
+    if len(keep) == 0:
+        return np.zeros_like(segmap, dtype=np.int32)
+    lut = np.zeros(int(max(segmap.max(), keep.max())) + 1, dtype=np.int32)
+    lut[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    return lut[segmap]
 
 
 def detect_residual(scene, model, known_positions, threshold: float = 5.0, min_area: int = 5,

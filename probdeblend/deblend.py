@@ -1,0 +1,643 @@
+"""``probdeblend.deblend``: a whole image in, a catalogue with posterior summaries out.
+
+Pipeline (see ``docs/survey_scale.md``):
+
+1. **Sources.** ``scene.positions`` if given, else :func:`probdeblend.detection.detect` on the
+   whole image's multi-band S/N map (sep, with its segmentation map).
+2. **Blend groups.** Sources that may interact are grouped so that each source is owned by
+   exactly one group and reported once:
+
+   * ``grouping="footprint"`` (default): connected components of the detection footprints
+     (sep's segmentation at ``threshold``) *dilated* by ``dilate`` pixels. Two sources share a
+     group when their isophotal footprints touch or come within ``2 * dilate`` pixels. This is
+     the choice of SExtractor / the LSST pipelines ("parent footprints"): it adapts to the
+     sizes of the galaxies (a big galaxy links its distant neighbours, two small ones far apart
+     stay separate) and costs one ``scipy.ndimage.label``. Input positions that fall outside
+     every footprint become groups of their own.
+   * ``grouping="linkage"``: friends-of-friends with linking length ``link_length`` pixels
+     (default 2.5 arcsec): cheap and size-blind; used when no footprints are wanted.
+
+3. **Sub-scenes.** Each group is cut from the image with a ``margin`` (default half the
+   amortized encoder's stamp plus 2 pixels) around its footprint: enough for every cutout the
+   encoder takes and for per-group refinement. For refinement (``method="fit"``) the pixels of
+   *other* groups' footprints inside the sub-scene are masked (variance ``inf``), so a
+   neighbour owned by another group neither biases the fit nor is reported twice.
+4. **Amortized inference batched across the image.** Groups are taken in order and packed
+   into chunks of about ``chunk_size`` sources; each chunk is encoded in one batched pass by
+   :func:`_amortized_catalog_draws` on the chunk's sub-image. Memory is bounded by the chunk
+   (a strip of the image), never by the image; a group is never split across chunks.
+5. **Refinement** (``method="fit"``): :func:`probdeblend.fit` on each group's sub-scene with
+   ``fit_method`` (the method ladder: ``"amortized"`` importance sampling with k-hat,
+   ``"svi"``, ``"nuts"``, ``"auto"``). A group whose fit fails keeps its amortized row with
+   ``flag_failed`` and the reason.
+6. **Catalogue.** :mod:`probdeblend.catalog` (schema, units, FITS / Parquet writers).
+
+Everything random is seeded from ``seed``: the same image and seed give the same catalogue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ArgumentError, ProbdeblendError, SceneError
+from .scene import Scene
+
+__all__ = ["deblend", "blend_groups", "BlendGroup", "METHODS", "GROUPINGS"]
+
+METHODS = ("amortized", "fit")
+GROUPINGS = ("footprint", "linkage")
+#: default linking length (arcsec) of ``grouping="linkage"``
+LINK_LENGTH_ARCSEC = 2.5
+
+
+# ----------------------------------------------------------------------------------------------
+# blend groups
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlendGroup:
+    """A set of sources deblended together.
+
+    Attributes
+    ----------
+    id : int
+        Group id (0-based, in order of the groups' first pixel row).
+    members : ndarray of int
+        Indices of the sources (into the positions array) owned by the group.
+    bbox : (y0, y1, x0, x1)
+        Pixel box of the group's sub-scene in the image (margin included, clipped).
+    """
+
+    id: int
+    members: np.ndarray
+    bbox: tuple[int, int, int, int]
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+def _box(y0, y1, x0, x1, margin, shape):
+    ny, nx = shape
+    return (max(int(y0) - margin, 0), min(int(y1) + margin, ny),
+            max(int(x0) - margin, 0), min(int(x1) + margin, nx))
+
+
+def blend_groups(positions: np.ndarray, shape: tuple[int, int], segmap: np.ndarray | None = None,
+                 grouping: str = "footprint", dilate: int = 2, link_length: float = 12.5,
+                 margin: int = 26) -> tuple[list[BlendGroup], np.ndarray]:
+    """Partition sources into blend groups (see the module notes).
+
+    Parameters
+    ----------
+    positions : array (n, 2)
+        ``(x, y)`` pixels.
+    shape : (ny, nx)
+        Image shape.
+    segmap : int array (ny, nx), optional
+        Detection footprints (non-zero = source pixels); required for ``"footprint"``.
+    grouping : {"footprint", "linkage"}
+    dilate : int
+        Footprint dilation (pixels) before connected components.
+    link_length : float
+        Friends-of-friends linking length (pixels) for ``"linkage"``.
+    margin : int
+        Pixels added around each group's footprint / positions for its sub-scene.
+
+    Returns
+    -------
+    groups : list of BlendGroup
+        Every source in exactly one group.
+    labels : int array (ny, nx)
+        Group id + 1 of each footprint pixel (0 elsewhere); zeros for ``"linkage"``.
+    """
+    from scipy import ndimage
+
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    n = len(pos)
+    ny, nx = shape
+    ix = np.clip(np.floor(pos[:, 0] + 0.5).astype(int), 0, nx - 1)
+    iy = np.clip(np.floor(pos[:, 1] + 0.5).astype(int), 0, ny - 1)
+    groups: list[BlendGroup] = []
+    if grouping == "footprint":
+        if segmap is None:
+            raise ArgumentError("segmap", None, "grouping='footprint' needs a segmentation map")
+        mask = np.asarray(segmap) > 0
+        if dilate > 0:
+            yy, xx = np.mgrid[-dilate:dilate + 1, -dilate:dilate + 1]
+            mask = ndimage.binary_dilation(mask, structure=(xx**2 + yy**2) <= dilate**2)
+        lab, n_lab = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        src_lab = lab[iy, ix]
+        boxes = ndimage.find_objects(lab)
+        # ids in order of first pixel row; sources outside every footprint are singletons
+        members: dict[int, list[int]] = {}
+        for s in np.argsort(src_lab, kind="stable"):
+            members.setdefault(int(src_lab[s]), []).append(int(s))
+        out_lab = np.zeros(n_lab + 1, dtype=np.int32)
+        items: list[tuple[tuple[int, int], np.ndarray, tuple]] = []
+        for lab_id, mem in members.items():
+            if lab_id == 0:
+                continue
+            sl = boxes[lab_id - 1]
+            p = pos[mem]
+            y0 = min(sl[0].start, int(np.floor(p[:, 1].min())))
+            y1 = max(sl[0].stop, int(np.ceil(p[:, 1].max())) + 1)
+            x0 = min(sl[1].start, int(np.floor(p[:, 0].min())))
+            x1 = max(sl[1].stop, int(np.ceil(p[:, 0].max())) + 1)
+            items.append(((y0, x0), np.asarray(mem), (y0, y1, x0, x1), lab_id))
+        for s in members.get(0, []):
+            y, x = iy[s], ix[s]
+            items.append(((y, x), np.asarray([s]), (y, y + 1, x, x + 1), 0))
+        items.sort(key=lambda it: it[0])
+        for gid, (_, mem, (y0, y1, x0, x1), lab_id) in enumerate(items):
+            groups.append(BlendGroup(gid, mem, _box(y0, y1, x0, x1, margin, shape)))
+            if lab_id:
+                out_lab[lab_id] = gid + 1
+        return groups, out_lab[lab]
+    if grouping == "linkage":
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        from scipy.spatial import cKDTree
+
+        if n == 0:
+            return [], np.zeros(shape, np.int32)
+        pairs = cKDTree(pos).query_pairs(float(link_length), output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, comp = connected_components(graph, directed=False)
+        items = []
+        for c in np.unique(comp):
+            mem = np.flatnonzero(comp == c)
+            p = pos[mem]
+            y0, y1 = int(np.floor(p[:, 1].min())), int(np.ceil(p[:, 1].max())) + 1
+            x0, x1 = int(np.floor(p[:, 0].min())), int(np.ceil(p[:, 0].max())) + 1
+            items.append(((y0, x0), mem, (y0, y1, x0, x1)))
+        items.sort(key=lambda it: it[0])
+        groups = [BlendGroup(g, mem, _box(*b, margin, shape))
+                  for g, (_, mem, b) in enumerate(items)]
+        return groups, np.zeros(shape, np.int32)
+    raise ArgumentError("grouping", grouping, f"must be one of {GROUPINGS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# sub-scenes
+# ----------------------------------------------------------------------------------------------
+def _sub_scene(scene: Scene, bbox, positions=None, mask_labels=None, own_label=None) -> Scene:
+    """The part ``bbox = (y0, y1, x0, x1)`` of ``scene``; positions shifted to its pixels.
+
+    With ``mask_labels`` (group label map of the whole image), pixels of other groups'
+    footprints are masked (variance inf)."""
+    y0, y1, x0, x1 = bbox
+    var = np.asarray(scene.variance[:, y0:y1, x0:x1])
+    if mask_labels is not None:
+        lab = mask_labels[y0:y1, x0:x1]
+        other = (lab > 0) & (lab != own_label)
+        if other.any():
+            var = np.where(other[None], np.float32(np.inf), var)
+    wcs = scene.wcs
+    if wcs is not None:
+        wcs = wcs[y0:y1, x0:x1]
+    pos = None
+    if positions is not None:
+        pos = np.asarray(positions, dtype=np.float64) - np.array([x0, y0], dtype=np.float64)
+    return Scene(scene.image[:, y0:y1, x0:x1], var, scene.psf, scene.bands, scene.pixel_scale,
+                 positions=pos, wcs=wcs, units=scene.units)
+
+
+# ----------------------------------------------------------------------------------------------
+# the amortized posterior of a batch of sources (ONE place: the fast-posterior work replaces it)
+# ----------------------------------------------------------------------------------------------
+_AMORTIZED: dict = {}
+
+
+def _encoder(prior):
+    from .amortized import AmortizedPosterior
+
+    key = prior.name
+    if key not in _AMORTIZED:
+        _AMORTIZED[key] = AmortizedPosterior.for_prior(prior)
+    return _AMORTIZED[key]
+
+
+def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_samples: int,
+                             seed: int) -> dict[str, Any]:
+    """Posterior draws of every source at ``positions`` of ``scene``, in one batched pass.
+
+    This is the single entry point of the catalogue to per-source inference; the rest of
+    :func:`deblend` only consumes its output.
+
+    Current implementation (placeholder until the fast-posterior encoder lands): the shipped
+    amortized encoder ``<prior>-amortized`` gives a diagonal Gaussian q per source; flux and
+    position draws are drawn from q directly (flux log-normal, position normal about the cutout
+    centre plus the predicted offset). Ellipticity: the q-mean latent of each source is decoded
+    once (``prior.decode``) and measured with vectorised adaptive moments minus the model PSF's
+    (Gaussian) covariance; every draw gets that value (``e_draws_from = "q_mean"``, zero width,
+    flagged in the catalogue as a placeholder).
+
+    Parameters
+    ----------
+    scene : Scene
+        Holds the prior's bands; any size (only cutouts around ``positions`` are read).
+    positions : array (n, 2)
+        ``(x, y)`` pixels in ``scene``.
+    prior : LearnedPrior
+    num_samples : int
+        Draws per source.
+    seed : int
+
+    Returns
+    -------
+    dict
+        ``flux`` ``(n, S, B)`` (scene units, bands in ``scene.bands`` order), ``e1``, ``e2``,
+        ``x``, ``y`` ``(n, S)`` (pixels of ``scene``), ``e_draws_from`` (str), ``method``
+        (str), ``pareto_k`` ``(n,)`` (NaN: not computed).
+    """
+    import torch
+
+    from .measure import moments, shear_from_moments
+
+    post = _encoder(prior)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    n, S = len(pos), int(num_samples)
+    B = scene.n_bands
+    if n == 0:
+        z = np.zeros((0, S))
+        return {"flux": np.zeros((0, S, B)), "e1": z, "e2": z, "x": z, "y": z,
+                "e_draws_from": "q_mean", "method": "amortized", "pareto_k": np.zeros(0)}
+    q = post.predict(scene, pos)
+    # flux: q's bands are the encoder's; put them in the scene's band order
+    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    rng = np.random.default_rng(seed)
+    lf_loc = np.asarray(q["log_flux_loc"], np.float64)[:, band_idx]
+    lf_sc = np.asarray(q["log_flux_scale"], np.float64)[:, band_idx]
+    flux = np.exp(lf_loc[:, None, :] + lf_sc[:, None, :] * rng.standard_normal((n, S, B)))
+    centres = np.asarray(q["cutout_centres"], np.float64)
+    off_loc = np.asarray(q["offset_loc"], np.float64)
+    off_sc = np.asarray(q["offset_scale"], np.float64)
+    xy = (centres + off_loc)[:, None, :] + off_sc[:, None, :] * rng.standard_normal((n, S, 2))
+    # ellipticity of the q-mean latent (placeholder: zero-width draws)
+    frame = prior.frame
+    psf_sigma = frame.psf_fwhm / frame.pixel_scale / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    e1 = np.empty(n)
+    e2 = np.empty(n)
+    with torch.inference_mode():
+        for i in range(0, n, 256):
+            z = torch.as_tensor(np.asarray(q["z_loc"][i:i + 256], np.float32))
+            stamps = prior.decode(z).numpy().mean(-3)  # mean of unit-sum bands
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m = moments(stamps, weight_sigma="adaptive")
+            q11 = np.asarray(m.Q11) - psf_sigma**2
+            q22 = np.asarray(m.Q22) - psf_sigma**2
+            bad = ~((q11 > 0) & (q22 > 0) & (q11 * q22 > np.asarray(m.Q12) ** 2))
+            g1, g2 = shear_from_moments(np.where(bad, 1.0, q11), np.where(bad, 1.0, q22),
+                                        np.where(bad, 0.0, np.asarray(m.Q12)))
+            e1[i:i + 256] = np.where(bad, np.nan, g1)
+            e2[i:i + 256] = np.where(bad, np.nan, g2)
+    return {
+        "flux": flux,
+        "e1": np.repeat(e1[:, None], S, 1),
+        "e2": np.repeat(e2[:, None], S, 1),
+        "x": xy[..., 0],
+        "y": xy[..., 1],
+        "e_draws_from": "q_mean",
+        "method": "amortized",
+        "pareto_k": np.full(n, np.nan),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# refinement per group
+# ----------------------------------------------------------------------------------------------
+def _fit_group(sub: Scene, prior, fit_method: str, num_samples: int, seed: int,
+               fit_kwargs: dict) -> tuple[dict, dict]:
+    """``probdeblend.fit`` on one group's sub-scene; draws (n, S, ...) and diagnostics."""
+    from .fit import fit
+
+    idata = fit(sub, prior=prior, method=fit_method, num_samples=num_samples, seed=seed,
+                **fit_kwargs)
+    p = idata.posterior
+
+    def per_source(name):  # (chain, draw, source, ...) -> (source, chain * draw, ...)
+        a = np.asarray(p[name].values, np.float64)
+        a = a.reshape((-1,) + a.shape[2:])
+        return np.moveaxis(a, 0, 1)
+
+    draws = {k: per_source(k) for k in ("flux", "e1", "e2", "x", "y")}
+    n = draws["x"].shape[0]
+    diag: dict[str, Any] = {"method": f"fit:{idata.attrs.get('method', fit_method)}"}
+    diag["pareto_k"] = np.asarray(idata.attrs.get("pareto_k", np.full(n, np.nan)), float)
+    if len(diag["pareto_k"]) != n:
+        diag["pareto_k"] = np.full(n, np.nan)
+    r_hat, ess = np.full(n, np.nan), np.full(n, np.nan)
+    if p.sizes.get("chain", 1) > 1:
+        import arviz as az
+
+        rh = az.rhat(p[["flux", "e1", "e2", "x", "y"]])
+        es = az.ess(p[["flux", "e1", "e2", "x", "y"]], method="bulk")
+        for k in range(n):
+            vals = [np.nanmax(np.asarray(rh[v].isel(source=k))) for v in rh.data_vars]
+            r_hat[k] = np.nanmax(vals)
+            vals = [np.nanmin(np.asarray(es[v].isel(source=k))) for v in es.data_vars]
+            ess[k] = np.nanmin(vals)
+    diag["r_hat"], diag["ess_bulk"] = r_hat, ess
+    n_div = -1
+    ss = getattr(idata, "sample_stats", None)
+    if ss is not None and "diverging" in ss:
+        n_div = int(np.asarray(ss["diverging"]).sum())
+    diag["n_divergent"] = np.full(n, n_div)
+    diag["idata"] = idata
+    return draws, diag
+
+
+# ----------------------------------------------------------------------------------------------
+# the public entry point
+# ----------------------------------------------------------------------------------------------
+def _check(scene, method, num_samples, seed, chunk_size, grouping):
+    if not isinstance(scene, Scene):
+        raise SceneError("scene", f"expected a probdeblend.Scene, got {type(scene).__name__}; "
+                                  "build one with probdeblend.Scene(...) or Scene.from_fits(path)")
+    if method not in METHODS:
+        raise ArgumentError("method", method, f"must be one of {METHODS}")
+    if grouping not in GROUPINGS:
+        raise ArgumentError("grouping", grouping, f"must be one of {GROUPINGS}")
+    for name, v in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ArgumentError(name, v, "must be a positive integer")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ArgumentError("seed", seed, "must be an int")
+
+
+def _chunks(groups: Sequence[BlendGroup], chunk_size: int) -> list[list[BlendGroup]]:
+    out, cur, n = [], [], 0
+    for g in groups:
+        if cur and n + g.size > chunk_size:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(g)
+        n += g.size
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _union_box(groups: Sequence[BlendGroup]):
+    b = np.array([g.bbox for g in groups])
+    return int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max())
+
+
+def _masked_fraction(mask_any: np.ndarray, pos: np.ndarray, radius: float) -> np.ndarray:
+    ny, nx = mask_any.shape
+    r = int(math.ceil(radius))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = (dx**2 + dy**2) <= radius**2
+    out = np.zeros(len(pos))
+    for k, (x, y) in enumerate(pos):
+        i, j = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        yy, xx = j + dy[disk], i + dx[disk]
+        inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        m = np.ones(len(yy), bool)  # outside the image counts as masked
+        m[inside] = mask_any[yy[inside], xx[inside]]
+        out[k] = m.mean()
+    return out
+
+
+def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_samples: int = 200,
+            seed: int = 0, detect_kwargs: dict | None = None, grouping: str = "footprint",
+            dilate: int = 2, link_length: float | None = None, margin: int | None = None,
+            chunk_size: int = 512, fit_method: str = "amortized",
+            fit_kwargs: dict | None = None, draws_dir: str | Path | None = None,
+            progress: bool = False, return_groups: bool = False):
+    """Deblend a whole image into a catalogue with posterior summaries (one row per source).
+
+    Parameters
+    ----------
+    scene : Scene
+        Any size. Its bands must include the prior's (extra bands are dropped).
+        ``scene.positions`` (0-based pixels) skips detection.
+    method : {"amortized", "fit"}
+        ``"amortized"``: amortized posterior draws, batched over the whole image.
+        ``"fit"``: :func:`probdeblend.fit` per blend group with ``fit_method`` (slower,
+        diagnostics per source); the amortized result is kept for a group whose fit fails.
+    prior : str or LearnedPrior
+    num_samples : int
+        Posterior draws per source (summaries: mean, std, 16/50/84% quantiles).
+    seed : int
+        Seeds every random step (chunk ``k`` uses ``SeedSequence([seed, k])``, group ``g``'s
+        fit ``SeedSequence([seed, g])``).
+    detect_kwargs : dict, optional
+        Passed to :func:`probdeblend.detection.detect` (e.g. ``threshold``).
+    grouping : {"footprint", "linkage"}
+        Blend-group definition, see the module notes.
+    dilate : int
+        Footprint dilation in pixels (``"footprint"``).
+    link_length : float, optional
+        Linking length in pixels (``"linkage"``; default 2.5 arcsec).
+    margin : int, optional
+        Pixels around each group for its sub-scene (default half the encoder stamp + 2).
+    chunk_size : int
+        Sources encoded per batch; bounds memory (a group is never split).
+    fit_method : str
+        ``method`` of :func:`probdeblend.fit` for ``method="fit"``.
+    fit_kwargs : dict, optional
+        Further arguments of :func:`probdeblend.fit` (``num_chains``, ``num_warmup``...).
+    draws_dir : path, optional
+        With ``method="fit"``, each group's InferenceData is written there as
+        ``group_<id>.nc`` (atomically).
+    progress : bool
+        tqdm progress bar over chunks / groups.
+    return_groups : bool
+        Also return the list of :class:`BlendGroup`.
+
+    Returns
+    -------
+    astropy.table.Table
+        The catalogue (:mod:`probdeblend.catalog` documents every column); ``meta`` holds
+        timings (``T_DETECT``, ``T_GROUP``, ``T_INFER``, ``T_TOTAL`` seconds) and settings.
+
+    Raises
+    ------
+    SceneError, ArgumentError
+        Bad scene or arguments (the message names the argument).
+    """
+    from .catalog import MASK_RADIUS, make_catalog, schema, summary_columns
+    from .fit import resolve_prior
+
+    _check(scene, method, num_samples, seed, chunk_size, grouping)
+    t_start = time.perf_counter()
+    prior = resolve_prior(prior)
+    missing = [b for b in prior.bands if b not in scene.bands]
+    if missing:
+        from .errors import BandMismatchError
+
+        raise BandMismatchError("bands", f"the prior {prior.name!r} needs bands "
+                                         f"{list(prior.bands)}; the scene lacks {missing}")
+    if tuple(scene.bands) != tuple(prior.bands):
+        scene = scene.select_bands(prior.bands)
+    stamp = _encoder(prior).stamp_size
+    margin = stamp // 2 + 2 if margin is None else int(margin)
+    ny, nx = scene.shape
+
+    # 1. sources
+    t0 = time.perf_counter()
+    from .detection import _extract, detect, snr_map
+
+    det_kw = dict(detect_kwargs or {})
+    snr_det = None
+    segmap = None
+    if scene.positions is not None and len(scene.positions):
+        positions = np.asarray(scene.positions, dtype=np.float64)
+        if grouping == "footprint":
+            snr, allmask = snr_map(scene)
+            _, segmap = _extract(snr, allmask, float(det_kw.get("threshold", 3.0)),
+                                 int(det_kw.get("min_area", 5)), 32, 1.0)
+    else:
+        table, segmap = detect(scene, return_segmap=True, **det_kw)
+        positions = np.stack([np.asarray(table["x"]), np.asarray(table["y"])], -1)
+        positions = positions.reshape(-1, 2).astype(np.float64)
+        snr_det = np.asarray(table["snr"], np.float64)
+    t_detect = time.perf_counter() - t0
+
+    # 2. groups
+    t0 = time.perf_counter()
+    if link_length is None:
+        link_length = LINK_LENGTH_ARCSEC / scene.pixel_scale
+    groups, labels = blend_groups(positions, (ny, nx), segmap, grouping, int(dilate),
+                                  float(link_length), margin)
+    t_group = time.perf_counter() - t0
+
+    n = len(positions)
+    S = int(num_samples)
+    order = np.concatenate([g.members for g in groups]) if groups else np.zeros(0, int)
+    group_of = np.empty(n, dtype=np.int64)
+    gsize = np.empty(n, dtype=np.int64)
+    for g in groups:
+        group_of[g.members] = g.id
+        gsize[g.members] = g.size
+    cols: dict[str, Any] = {
+        "id": np.arange(n, dtype=np.int64),
+        "group": group_of[order], "group_size": gsize[order],
+        "x_init": positions[order, 0], "y_init": positions[order, 1],
+        "snr_det": (np.full(n, np.nan) if snr_det is None else snr_det)[order],
+        "num_samples": np.full(n, S, dtype=np.int64),
+        "method": np.full(n, method, dtype="U24"),
+        "e_draws_from": np.full(n, "q_mean", dtype="U9"),
+        "pareto_k": np.full(n, np.nan), "r_hat": np.full(n, np.nan),
+        "ess_bulk": np.full(n, np.nan), "n_divergent": np.full(n, -1, dtype=np.int64),
+        "flag_failed": np.zeros(n, bool), "fail_reason": np.full(n, "", dtype="U80"),
+    }
+    row_of = np.empty(n, dtype=np.int64)
+    row_of[order] = np.arange(n)
+    half = (stamp - 1) / 2.0
+    cols["flag_edge"] = ((positions[order, 0] - half < -0.5) | (positions[order, 1] - half < -0.5)
+                         | (positions[order, 0] + half > nx - 0.5)
+                         | (positions[order, 1] + half > ny - 0.5))
+    mask_any = np.asarray(scene.mask).any(axis=0)
+    cols["masked_frac"] = _masked_fraction(mask_any, positions[order], MASK_RADIUS)
+    del mask_any
+
+    # posterior summaries, filled chunk by chunk / group by group (draws are not kept whole)
+    for name, dtype, _, _ in schema(scene.bands, scene.units, wcs=False):
+        if name not in cols and dtype == "f8" and name != "pos_err":
+            cols[name] = np.full(n, np.nan)
+
+    def put(rows, d, dx=0.0, dy=0.0):
+        summ = summary_columns({"flux": d["flux"], "e1": d["e1"], "e2": d["e2"],
+                                "x": d["x"] + dx, "y": d["y"] + dy}, scene.bands)
+        for key, val in summ.items():
+            cols[key][rows] = val
+
+    # 3-4. amortized draws, chunk by chunk (a chunk is a strip of whole groups)
+    t0 = time.perf_counter()
+    chunks = _chunks(groups, int(chunk_size))
+    it = enumerate(chunks)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=len(chunks), desc="deblend chunks", unit="chunk")
+    for k, chunk in it:
+        y0, y1, x0, x1 = _union_box(chunk)
+        members = np.concatenate([g.members for g in chunk])
+        sub = _sub_scene(scene, (y0, y1, x0, x1))
+        chunk_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
+        try:
+            d = _amortized_catalog_draws(sub, positions[members] - [x0, y0], prior, S,
+                                         chunk_seed)
+        except ProbdeblendError as err:
+            rows = row_of[members]
+            cols["flag_failed"][rows] = True
+            cols["fail_reason"][rows] = f"amortized: {err}"[:80]
+            continue
+        rows = row_of[members]
+        put(rows, d, x0, y0)
+        if d.get("e_draws_from") == "q_mean":  # identical draws: the width is exactly 0
+            cols["e1_err"][rows] = cols["e2_err"][rows] = 0.0
+        cols["e_draws_from"][rows] = d.get("e_draws_from", "posterior")
+        cols["method"][rows] = d.get("method", "amortized")
+        cols["pareto_k"][rows] = d.get("pareto_k", np.full(len(rows), np.nan))
+        bad = ~np.isfinite(d["e1"][:, 0])
+        if bad.any():
+            cols["flag_failed"][rows[bad]] = True
+            cols["fail_reason"][rows[bad]] = "shape: adaptive moments failed on q-mean image"
+        del d, sub
+
+    # 5. refinement per group
+    if method == "fit":
+        if draws_dir is not None:
+            Path(draws_dir).mkdir(parents=True, exist_ok=True)
+        git = groups
+        if progress:
+            from tqdm.auto import tqdm
+
+            git = tqdm(groups, desc="fit groups", unit="group")
+        for g in git:
+            rows = row_of[g.members]
+            sub = _sub_scene(scene, g.bbox, positions[g.members],
+                             labels if grouping == "footprint" else None, g.id + 1)
+            gseed = int(np.random.SeedSequence([int(seed), int(g.id)]).generate_state(1)[0])
+            gseed = gseed % (2**31 - 1)
+            try:
+                gd, diag = _fit_group(sub, prior, fit_method, S, gseed, dict(fit_kwargs or {}))
+            except (ProbdeblendError, ValueError, RuntimeError, FloatingPointError) as err:
+                cols["flag_failed"][rows] = True
+                cols["fail_reason"][rows] = f"fit: {type(err).__name__}: {err}"[:80]
+                continue
+            if gd["x"].shape[1] != S:  # several chains: keep S evenly spaced draws
+                idx = np.linspace(0, gd["x"].shape[1] - 1, S).astype(int)
+                gd = {k: v[:, idx] for k, v in gd.items()}
+            y0, _, x0, _ = g.bbox
+            put(rows, gd, x0, y0)
+            cols["flag_failed"][rows] = False
+            cols["fail_reason"][rows] = ""
+            cols["e_draws_from"][rows] = "posterior"
+            cols["method"][rows] = diag["method"][:24]
+            for key in ("pareto_k", "r_hat", "ess_bulk", "n_divergent"):
+                cols[key][rows] = diag[key]
+            if draws_dir is not None:
+                from .atomic import write_netcdf
+
+                write_netcdf(diag["idata"], Path(draws_dir) / f"group_{g.id:06d}.nc",
+                             overwrite=True)
+    t_infer = time.perf_counter() - t0
+
+    meta = {
+        "METHOD": method, "PRIOR": prior.name, "NSAMPLES": S, "SEED": int(seed),
+        "GROUPING": grouping, "DILATE": int(dilate), "LINKLEN": float(link_length),
+        "MARGIN": int(margin), "CHUNK": int(chunk_size), "NGROUPS": len(groups),
+        "MAXGROUP": int(max((g.size for g in groups), default=0)),
+        "NX": int(nx), "NY": int(ny), "T_DETECT": round(t_detect, 3),
+        "T_GROUP": round(t_group, 3), "T_INFER": round(t_infer, 3),
+    }
+    if method == "fit":
+        meta["FITMETH"] = fit_method
+    cat = make_catalog(scene.bands, scene.units, cols, wcs=scene.wcs, meta=meta)
+    cat.meta["T_TOTAL"] = round(time.perf_counter() - t_start, 3)
+    if n and np.all(cols["flag_failed"]):
+        warnings.warn(f"every source failed: {cols['fail_reason'][0]}", stacklevel=2)
+    return (cat, groups) if return_groups else cat
