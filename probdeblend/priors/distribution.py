@@ -20,9 +20,15 @@ sampling see an exact prior. ``decode(z)`` maps latents to galaxy images in the 
 The networks are frozen (``requires_grad=False``, eval mode, channels-last memory format) in
 place; gradients flow with respect to ``z`` (and anything ``z`` depends on).
 
-Note: building a prior and decoding call ``torch.set_flush_denormal(True)`` (a process-wide CPU
-setting): the faint outskirts of decoded galaxies underflow to denormal floats, whose arithmetic
-made decoder gradients ~20x slower on CPU.
+Caches: :meth:`LearnedPrior.to_numpyro` builds the JAX twin once per prior and keeps it in
+:attr:`LearnedPrior.cache` (shared by :meth:`~LearnedPrior.expand`-ed copies), together with
+whatever compiled functions an engine stores there under its own key;
+:meth:`LearnedPrior.clear_cache` empties it (e.g. to free the jitted functions' memory).
+
+Speed on CPU: the faint outskirts of decoded galaxies underflow to denormal floats, whose
+arithmetic made torch decoder gradients ~20x slower. Loading a prior does **not** change the
+process-wide flush-to-zero setting; wrap long torch inference or training loops in
+:func:`probdeblend.training.flush_denormals` (a context manager that restores the setting).
 """
 
 from __future__ import annotations
@@ -42,13 +48,6 @@ from .nets import Decoder, Encoder
 __all__ = ["LearnedPrior"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _flush_denormals() -> None:
-    # The faint outskirts of the per-band softmax reach denormal floats (< 1.2e-38); their
-    # arithmetic is ~100x slower on x86 CPUs and made decoder gradients ~20x slower. Flushing
-    # them to zero changes no result that matters.
-    torch.set_flush_denormal(True)
 
 
 def _freeze(module: torch.nn.Module | None) -> None:
@@ -87,6 +86,9 @@ class LearnedPrior(pdist.TorchDistribution):
         Frame of the decoded images (restricted to the selected bands).
     card : dict
         Model card.
+    cache : dict
+        Objects built for this prior and reused by later calls: its JAX twin
+        (:meth:`to_numpyro`) and engines' compiled functions. Cleared by :meth:`clear_cache`.
     bands : tuple of str
         Bands of decoded images (``frame.bands``).
     latent_dim : int
@@ -127,7 +129,7 @@ class LearnedPrior(pdist.TorchDistribution):
             _freeze(m)
         for m in (encoder, decoder):
             m.to(memory_format=torch.channels_last)  # ~4x faster convolutions on CPU
-        _flush_denormals()
+        self.cache: dict = {}
         self.card = dict(card or {})
         self.latent_dim = int(decoder.latent_dim)
         if flow is not None and flow.dim != self.latent_dim:
@@ -164,7 +166,8 @@ class LearnedPrior(pdist.TorchDistribution):
     # -- distribution API -------------------------------------------------------------------
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(LearnedPrior, _instance)
-        for key in ("full_frame", "frame", "encoder", "decoder", "flow", "card", "latent_dim"):
+        keys = ("full_frame", "frame", "encoder", "decoder", "flow", "card", "latent_dim", "cache")
+        for key in keys:
             setattr(new, key, getattr(self, key))
         super(LearnedPrior, new).__init__(
             torch.Size(batch_shape), self.event_shape, validate_args=False
@@ -242,7 +245,6 @@ class LearnedPrior(pdist.TorchDistribution):
                 f"Expected event shape {tuple(self.event_shape)}, but got {tuple(z.shape)}"
             )
         dtype = z.dtype
-        _flush_denormals()
         img = self.decoder(z.to(self._param_dtype())).to(dtype)
         if flux is not None:
             if flux.shape[-1] != self.frame.n_bands:
@@ -274,30 +276,44 @@ class LearnedPrior(pdist.TorchDistribution):
     def to_numpyro(self, fast_grad: bool = False):
         """The JAX/NumPyro twin (:class:`~probdeblend.priors.jax_twin.LearnedPriorNumPyro`).
 
-        Built from the same weights (:meth:`numpy_weights`), with the same batch shape.
-        ``fast_grad`` selects the custom input-gradient rule of the JAX decoder (see
-        :mod:`probdeblend.priors.jax_twin`).
+        Built from :meth:`export_weights` (identical output within float32 tolerance), with the
+        same batch shape. ``fast_grad`` selects the custom input-gradient rule of the JAX decoder
+        (see :mod:`probdeblend.priors.jax_twin`). The twin's weights and jitted functions are
+        built once per prior and ``fast_grad`` and kept in :attr:`cache` (key
+        ``("jax_prior", fast_grad)``), so later calls are free; :meth:`clear_cache` drops them.
         """
         from .jax_twin import JaxPrior, LearnedPriorNumPyro
 
-        s_max = self.flow.s_max if self.flow is not None else None
-        twin = JaxPrior(
-            self.numpy_weights(), frame=self.frame, card=self.card, s_max=s_max, fast_grad=fast_grad
-        )
+        key = ("jax_prior", bool(fast_grad))
+        twin = self.cache.get(key)
+        if twin is None:
+            s_max = self.flow.s_max if self.flow is not None else None
+            twin = JaxPrior(
+                self.export_weights(), frame=self.frame, card=self.card, s_max=s_max,
+                fast_grad=fast_grad,
+            )
+            self.cache[key] = twin
         return LearnedPriorNumPyro(twin, batch_shape=tuple(self.batch_shape))
 
-    def numpy_weights(self) -> dict[str, np.ndarray]:
-        """All weights as float32 numpy arrays keyed ``encoder.*``, ``decoder.*``, ``flow.*``."""
-        out = {}
-        for prefix, m in (
-            ("encoder", self.encoder),
-            ("decoder", self.decoder),
-            ("flow", self.flow),
-        ):
-            if m is None:
-                continue
-            for k, v in m.state_dict().items():
-                out[f"{prefix}.{k}"] = v.detach().contiguous().cpu().numpy()
+    def clear_cache(self) -> None:
+        """Forget the JAX twin and everything engines compiled for this prior (:attr:`cache`).
+
+        The next :meth:`to_numpyro` (or fit) rebuilds and recompiles them. Shared with the
+        prior's :meth:`expand`-ed copies.
+        """
+        self.cache.clear()
+        self.__dict__.pop("_probdeblend_numpyro", None)  # written by older fit.py versions
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """All weights as numpy arrays under stable semantic names (the JAX twin's input).
+
+        The union of :meth:`Encoder.export_weights`, :meth:`Decoder.export_weights` (of the
+        band-selected decoder) and, with a flow, :meth:`LatentFlow.export_weights`: keys
+        ``encoder.*``, ``decoder.*``, ``flow.*``, independent of the modules' layer layout.
+        """
+        out = {**self.encoder.export_weights("encoder"), **self.decoder.export_weights("decoder")}
+        if self.flow is not None:
+            out.update(self.flow.export_weights("flow"))
         return out
 
 

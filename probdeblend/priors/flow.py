@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -123,6 +124,30 @@ class LatentFlow(nn.Module):
             "hidden": self.hidden,
             "s_max": self.s_max,
         }
+
+    def export_weights(self, prefix: str = "flow") -> dict:
+        """Weights under stable semantic names (numpy arrays), for the JAX twin.
+
+        ``{prefix}.shift`` and ``{prefix}.log_scale`` (the final affine map), and for coupling
+        layer ``k = 0 .. n_layers - 1``: ``{prefix}.coupling{k}.perm`` (int64 permutation applied
+        first), ``{prefix}.coupling{k}.parity`` (0-d int: 0 transforms the second half
+        conditioned on the first, 1 the reverse) and ``{prefix}.coupling{k}.mlp{j}.{weight,bias}``
+        for the conditioner's three dense layers ``j = 0, 1, 2`` (SiLU between them; the output
+        holds ``s_raw`` then ``t``). ``s_max`` is :attr:`s_max`.
+        """
+        out = {
+            f"{prefix}.shift": self.shift.detach().cpu().numpy().copy(),
+            f"{prefix}.log_scale": self.log_scale.detach().cpu().numpy().copy(),
+        }
+        for k, layer in enumerate(self.layers):
+            p = f"{prefix}.coupling{k}"
+            out[f"{p}.perm"] = layer.perm.detach().cpu().numpy().copy()
+            out[f"{p}.parity"] = np.asarray(layer.parity, dtype=np.int64)
+            linears = [m for m in layer.net if isinstance(m, nn.Linear)]
+            for j, lin in enumerate(linears):
+                out[f"{p}.mlp{j}.weight"] = lin.weight.detach().cpu().numpy().copy()
+                out[f"{p}.mlp{j}.bias"] = lin.bias.detach().cpu().numpy().copy()
+        return out
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Base ``u`` -> latent ``z``; returns ``(z, log|det dz/du|)``."""

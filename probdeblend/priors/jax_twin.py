@@ -1,7 +1,10 @@
 """JAX / NumPyro twin of a learned prior, built from the same weights as the torch networks.
 
-:class:`JaxPrior` holds the weights (float32 arrays from the safetensors file, or from
-:meth:`LearnedPrior.numpy_weights`) and exposes pure, jit-able functions: :meth:`JaxPrior.decode`,
+:class:`JaxPrior` holds the weights, by the semantic names the torch modules export
+(:meth:`LearnedPrior.export_weights`: ``decoder.block{k}.conv1.weight``, ``flow.coupling{k}.perm``,
+... documented in :meth:`~.nets.Decoder.export_weights`, :meth:`~.nets.Encoder.export_weights`
+and :meth:`~.flow.LatentFlow.export_weights`), never by the modules' internal layer indices, and
+exposes pure, jit-able functions: :meth:`JaxPrior.decode`,
 :meth:`JaxPrior.encode`, :meth:`JaxPrior.flow_forward`, :meth:`JaxPrior.flow_inverse`,
 :meth:`JaxPrior.log_prob`. :class:`LearnedPriorNumPyro` wraps it as a
 :class:`numpyro.distributions.Distribution` with the same contract as the torch
@@ -36,7 +39,7 @@ from numpyro.distributions import constraints
 
 from .frame import ModelFrame
 
-__all__ = ["JaxPrior", "LearnedPriorNumPyro", "from_file"]
+__all__ = ["JaxPrior", "LearnedPriorNumPyro"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -92,15 +95,12 @@ def _make_conv(w_hwio: np.ndarray, b: np.ndarray, stride: int = 1):
     return lambda x: _conv(x, w, bias, stride)
 
 
-def _count(weights: Mapping, prefix: str) -> list[int]:
-    """Sorted integer indices ``i`` of keys ``prefix.i.*``."""
-    idx = set()
-    for k in weights:
-        if k.startswith(prefix + "."):
-            head = k[len(prefix) + 1 :].split(".", 1)[0]
-            if head.isdigit():
-                idx.add(int(head))
-    return sorted(idx)
+def _indices(weights: Mapping, pattern: str) -> list[int]:
+    """``[0, 1, ..., n-1]`` for the ``n`` consecutive keys ``pattern.format(k)`` in ``weights``."""
+    k = 0
+    while pattern.format(k) in weights:
+        k += 1
+    return list(range(k))
 
 
 class JaxPrior:
@@ -109,8 +109,8 @@ class JaxPrior:
     Parameters
     ----------
     weights : mapping of str to array
-        ``encoder.*``, ``decoder.*`` and optionally ``flow.*`` tensors, named as in the torch
-        modules' ``state_dict`` (the safetensors file of a prior).
+        ``encoder.*``, ``decoder.*`` and optionally ``flow.*`` arrays under the semantic names
+        of :meth:`LearnedPrior.export_weights` (see the module docstring).
     frame : ModelFrame
         Model frame of the decoder output (its bands must match the decoder's output channels).
     card : dict, optional
@@ -129,10 +129,10 @@ class JaxPrior:
         s_max: float | None = None,
         fast_grad: bool = False,
     ):
-        w = {
-            k: np.asarray(v, dtype=np.float32) if "perm" not in k else np.asarray(v)
-            for k, v in weights.items()
-        }
+        w = {}
+        for k, v in weights.items():
+            v = np.asarray(v)
+            w[k] = v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
         self.frame = frame
         self.card = dict(card or {})
         self.fast_grad = bool(fast_grad)
@@ -152,11 +152,11 @@ class JaxPrior:
     # -- construction -----------------------------------------------------------------------------
     def _build_decoder(self, w):
         fc_w, fc_b = w["decoder.fc.weight"], w["decoder.fc.bias"]
-        blocks = _count(w, "decoder.blocks")
+        blocks = _indices(w, "decoder.block{}.conv1.weight")
         out_w = w["decoder.out.weight"]
         self.n_bands = out_w.shape[0]
         self.latent_dim = fc_w.shape[1]
-        c0 = w[f"decoder.blocks.{blocks[0]}.1.weight"].shape[1] if blocks else out_w.shape[1]
+        c0 = w["decoder.block0.conv1.weight"].shape[1] if blocks else out_w.shape[1]
         s0 = int(round(math.sqrt(fc_w.shape[0] / c0)))
         self.s0, self.c0 = s0, c0
         # permute fc rows from (C, H, W) to (H, W, C) order
@@ -165,9 +165,10 @@ class JaxPrior:
         self._fc_b = jnp.asarray(fc_b[perm])
         make = _make_fast_conv if self.fast_grad else _make_conv
         self._dec_blocks = []
-        for i in blocks:
-            c1 = make(_hwio(w[f"decoder.blocks.{i}.1.weight"]), w[f"decoder.blocks.{i}.1.bias"])
-            c2 = make(_hwio(w[f"decoder.blocks.{i}.3.weight"]), w[f"decoder.blocks.{i}.3.bias"])
+        for k in blocks:
+            p = f"decoder.block{k}"
+            c1 = make(_hwio(w[f"{p}.conv1.weight"]), w[f"{p}.conv1.bias"])
+            c2 = make(_hwio(w[f"{p}.conv2.weight"]), w[f"{p}.conv2.bias"])
             self._dec_blocks.append((c1, c2))
         self._dec_out = make(_hwio(out_w), w["decoder.out.bias"])
         self.stamp_size = s0 * 2 ** len(blocks)
@@ -176,22 +177,20 @@ class JaxPrior:
         self.has_encoder = "encoder.head.weight" in w
         if not self.has_encoder:
             return
-        convs = _count(w, "encoder.convs")
+        names = ["encoder.stem"] + [
+            f"encoder.down{k}" for k in _indices(w, "encoder.down{}.weight")
+        ]
         self._enc_convs = [
-            _make_conv(
-                _hwio(w[f"encoder.convs.{i}.weight"]),
-                w[f"encoder.convs.{i}.bias"],
-                stride=1 if j == 0 else 2,
-            )
-            for j, i in enumerate(convs)
+            _make_conv(_hwio(w[f"{n}.weight"]), w[f"{n}.bias"], stride=1 if j == 0 else 2)
+            for j, n in enumerate(names)
         ]
         hw = w["encoder.head.weight"]
-        c = w[f"encoder.convs.{convs[-1]}.weight"].shape[0]
+        c = w[f"{names[-1]}.weight"].shape[0]
         s = int(round(math.sqrt(hw.shape[1] / c)))
         perm = np.arange(c * s * s).reshape(c, s, s).transpose(1, 2, 0).ravel()
         self._head_w = jnp.asarray(np.ascontiguousarray(hw[:, perm].T))
         self._head_b = jnp.asarray(w["encoder.head.bias"])
-        self.encoder_bands = w[f"encoder.convs.{convs[0]}.weight"].shape[1]
+        self.encoder_bands = w["encoder.stem.weight"].shape[1]
 
     def _build_flow(self, w, s_max):
         self.has_flow = "flow.shift" in w
@@ -203,14 +202,15 @@ class JaxPrior:
         self._shift = jnp.asarray(w["flow.shift"])
         self._log_scale = jnp.asarray(w["flow.log_scale"])
         self._couplings = []
-        for k in _count(w, "flow.layers"):
-            p = f"flow.layers.{k}"
+        for k in _indices(w, "flow.coupling{}.perm"):
+            p = f"flow.coupling{k}"
             mlp = [
-                (jnp.asarray(w[f"{p}.net.{j}.weight"].T), jnp.asarray(w[f"{p}.net.{j}.bias"]))
-                for j in (0, 2, 4)
+                (jnp.asarray(w[f"{p}.mlp{j}.weight"].T), jnp.asarray(w[f"{p}.mlp{j}.bias"]))
+                for j in range(3)
             ]
             perm = np.asarray(w[f"{p}.perm"]).astype(np.int32)
-            self._couplings.append((k % 2, jnp.asarray(perm), jnp.asarray(np.argsort(perm)), mlp))
+            parity = int(w[f"{p}.parity"])
+            self._couplings.append((parity, jnp.asarray(perm), jnp.asarray(np.argsort(perm)), mlp))
 
     # -- decoder ----------------------------------------------------------------------------------
     def decode_logits_nhwc(self, z):
@@ -408,10 +408,3 @@ class LearnedPriorNumPyro(ndist.Distribution):
     def encode(self, images):
         """See :meth:`JaxPrior.encode`."""
         return self.twin.encode(images)
-
-
-def from_file(name_or_path, bands=None, fast_grad: bool = False) -> LearnedPriorNumPyro:
-    """Load a prior straight into its NumPyro twin (same name / path rules as ``load_prior``)."""
-    from .io import load_prior
-
-    return load_prior(name_or_path, bands=bands).to_numpyro(fast_grad=fast_grad)

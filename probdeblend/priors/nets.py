@@ -80,6 +80,19 @@ def encoder_input(images: torch.Tensor) -> torch.Tensor:
     return asinh(normalize_bands(images) * n_pix)
 
 
+def _numpy(t: torch.Tensor):
+    return t.detach().cpu().contiguous().numpy().copy()
+
+
+def _export_layer(out: dict, name: str, layer: nn.Module) -> None:
+    out[f"{name}.weight"] = _numpy(layer.weight)
+    out[f"{name}.bias"] = _numpy(layer.bias)
+
+
+def _convs(seq: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in seq.modules() if isinstance(m, nn.Conv2d)]
+
+
 def _out_size(size: int, n_stride2: int) -> int:
     for _ in range(n_stride2):
         size = (size - 1) // 2 + 1  # kernel 3, stride 2, padding 1
@@ -129,6 +142,22 @@ class Encoder(nn.Module):
             "latent_dim": self.latent_dim,
             "channels": list(self.channels),
         }
+
+    def export_weights(self, prefix: str = "encoder") -> dict:
+        """Weights under stable semantic names (numpy arrays, torch layout), for the JAX twin.
+
+        ``{prefix}.stem.{weight,bias}`` (the stride-1 convolution), ``{prefix}.down{k}.{weight,
+        bias}`` for ``k = 0 .. len(channels) - 1`` (the stride-2 convolutions, in order) and
+        ``{prefix}.head.{weight,bias}`` (the dense layer on the ``(C, H, W)``-flattened
+        features). Independent of how the layers are held in this module.
+        """
+        convs = _convs(self.convs)
+        out: dict = {}
+        _export_layer(out, f"{prefix}.stem", convs[0])
+        for k, conv in enumerate(convs[1:]):
+            _export_layer(out, f"{prefix}.down{k}", conv)
+        _export_layer(out, f"{prefix}.head", self.head)
+        return out
 
     def forward_transformed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`forward` on ``x = encoder_input(images)`` of shape ``(N, band, y, x)``."""
@@ -203,6 +232,25 @@ class Decoder(nn.Module):
             "latent_dim": self.latent_dim,
             "channels": list(self.channels),
         }
+
+    def export_weights(self, prefix: str = "decoder") -> dict:
+        """Weights under stable semantic names (numpy arrays, torch layout), for the JAX twin.
+
+        ``{prefix}.fc.{weight,bias}`` (the dense layer whose output is reshaped to
+        ``(C[0], s0, s0)``), ``{prefix}.block{k}.conv1.{weight,bias}`` and
+        ``{prefix}.block{k}.conv2.{weight,bias}`` for upsampling block ``k = 0 .. n_up - 1``
+        (each: nearest x2 upsampling, conv1, SiLU, conv2, SiLU) and ``{prefix}.out.{weight,bias}``
+        (the output convolution to one logit map per band). Independent of how the layers are
+        held in this module.
+        """
+        out: dict = {}
+        _export_layer(out, f"{prefix}.fc", self.fc)
+        for k, block in enumerate(self.blocks):
+            conv1, conv2 = _convs(block)
+            _export_layer(out, f"{prefix}.block{k}.conv1", conv1)
+            _export_layer(out, f"{prefix}.block{k}.conv2", conv2)
+        _export_layer(out, f"{prefix}.out", self.out)
+        return out
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """``z (N, latent_dim)`` -> unnormalised per-pixel logits ``(N, band, y, x)``."""

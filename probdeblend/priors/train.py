@@ -50,6 +50,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..training import (
+    LoopConfig,
+    fit_loop,
+    flush_denormals,
+    make_scheduler,
+    optimizer_step,
+    progress_enabled,
+    seeded_split,
+)
 from .flow import LatentFlow
 from .frame import ModelFrame
 from .nets import DEFAULT_CHANNELS, Decoder, Discriminator, Encoder, asinh, encoder_input
@@ -199,11 +208,7 @@ def split_indices(n_or_images, config: TrainConfig) -> tuple[np.ndarray, np.ndar
         idx = np.arange(int(n_or_images))
     else:
         idx = np.flatnonzero(usable_mask(n_or_images))
-    perm = np.random.default_rng([int(config.seed), 7]).permutation(idx)
-    n_val = int(round(config.val_fraction * len(idx)))
-    if config.val_fraction > 0 and len(idx) >= 2:
-        n_val = max(n_val, 1)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return seeded_split(idx, config.val_fraction, config.seed)
 
 
 def _batch(images: np.ndarray, idx: np.ndarray, channels_last: bool) -> torch.Tensor:
@@ -228,21 +233,6 @@ def _vae_terms(encoder, decoder, x_in, config, gen=None, sample=True):
     return recon, kl, x_hat
 
 
-def _lr_lambda(config: TrainConfig, steps_per_epoch: int):
-    total = max(1, config.epochs * steps_per_epoch)
-
-    def f(step: int) -> float:
-        if config.lr_schedule == "constant":
-            return 1.0
-        if config.lr_schedule == "step":
-            return config.lr_gamma ** (step // max(1, config.lr_step_epochs * steps_per_epoch))
-        frac = min(step, total) / total
-        m = config.lr_min_factor
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return f
-
-
 def _evaluate(encoder, decoder, images, idx, config) -> dict:
     if len(idx) == 0:
         return {"loss": float("nan"), "recon": float("nan"), "kl": float("nan")}
@@ -258,12 +248,6 @@ def _evaluate(encoder, decoder, images, idx, config) -> dict:
     decoder.train()
     tot /= len(idx)
     return {"loss": tot[0], "recon": tot[1], "kl": tot[2]}
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = Path(str(path) + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 _RESUME_FREE = ("epochs", "num_threads", "flow_epochs", "flow_batch_size", "flow_lr", "extra")
@@ -290,7 +274,7 @@ def train_prior(
         Where ``checkpoint.pt`` is written after every epoch (state dicts, optimisers, RNG
         state, history). ``None`` writes no checkpoint.
     progress : bool
-        Show a tqdm progress bar with the running loss.
+        Show a tqdm progress bar (only when stderr is a terminal) and one line per epoch.
     resume : bool
         Continue from ``out_dir/checkpoint.pt`` if it exists (the configuration must match
         except for ``epochs`` and ``num_threads``).
@@ -312,7 +296,6 @@ def train_prior(
     n_bands, stamp = images.shape[1], images.shape[-1]
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
-    torch.set_flush_denormal(True)
 
     usable = usable_mask(images)
     n_skipped = int((~usable).sum())
@@ -327,114 +310,65 @@ def train_prior(
     encoder = Encoder(n_bands, stamp, config.latent_dim, config.channels)
     decoder = Decoder(n_bands, stamp, config.latent_dim, config.channels)
     disc = Discriminator(n_bands, stamp, config.disc_channels) if config.kind == "vaegan" else None
-    modules = [m for m in (encoder, decoder, disc) if m is not None]
     if config.channels_last:
-        for m in modules:
-            m.to(memory_format=torch.channels_last)
+        for m in (encoder, decoder, disc):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
     gen_params = list(encoder.parameters()) + list(decoder.parameters())
     opt = torch.optim.Adam(gen_params, lr=config.lr)
-    opt_d = (
-        torch.optim.Adam(disc.parameters(), lr=config.disc_lr, betas=(0.5, 0.999)) if disc else None
-    )
     bs = int(config.batch_size)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / bs))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps_per_epoch))
+    sched = make_scheduler(
+        opt,
+        config.epochs * steps_per_epoch,
+        schedule=config.lr_schedule,
+        min_factor=config.lr_min_factor,
+        step_every=config.lr_step_epochs * steps_per_epoch,
+        gamma=config.lr_gamma,
+    )
     noise = torch.Generator().manual_seed(int(config.seed) + 1)
-
-    history: dict = {
-        k: []
-        for k in (
-            "epoch",
-            "train_loss",
-            "train_recon",
-            "train_kl",
-            "val_loss",
-            "val_recon",
-            "val_kl",
-            "lr",
-            "images_per_s",
-            "epoch_wall_s",
-        )
-    }
+    state = {"encoder": encoder, "decoder": decoder, "opt": opt, "sched": sched, "noise": noise}
     if disc is not None:
-        history.update(disc_loss=[], gan_loss=[])
-    history.update(n_train=int(len(train_idx)), n_val=int(len(val_idx)), n_skipped=n_skipped)
-    start_epoch = 0
-    ckpt_path = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
-    if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        old = ck["config"]
-        new = config.to_dict()
-        diff = [k for k in new if k not in _RESUME_FREE and _norm(old.get(k)) != _norm(new[k])]
-        if diff or ck.get("n_images") != images.shape[0]:
-            raise ValueError(
-                f"cannot resume from {ckpt_path}: the configuration differs in {diff} or the data "
-                f"has {images.shape[0]} galaxies instead of {ck.get('n_images')}; use the original "
-                f"settings or start afresh with resume=False"
-            )
-        encoder.load_state_dict(ck["encoder"])
-        decoder.load_state_dict(ck["decoder"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        if disc is not None:
-            disc.load_state_dict(ck["disc"])
-            opt_d.load_state_dict(ck["opt_d"])
-        noise.set_state(ck["noise_rng"])
-        history = ck["history"]
-        start_epoch = int(ck["epoch"])
-    else:
-        v = _evaluate(encoder, decoder, images, val_idx, config)
-        history["val_loss_init"] = v["loss"]
+        opt_d = torch.optim.Adam(disc.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
+        state.update(disc=disc, opt_d=opt_d)
+    hint = f"lower lr ({config.lr}) or gan_weight ({config.gan_weight}), or set grad_clip"
 
-    for epoch in range(start_epoch, config.epochs):
-        order = np.random.default_rng([int(config.seed), epoch]).permutation(train_idx)
+    def step(idx, ctx) -> dict:
+        epoch = ctx.epoch
         kl_w = config.beta
         if config.kl_warmup_epochs > 0:
             kl_w = config.beta * min(1.0, (epoch + 1) / config.kl_warmup_epochs)
         use_gan = disc is not None and epoch >= config.gan_start_epoch
-        sums = np.zeros(5)
-        t0 = time.perf_counter()
-        bar = tqdm(
-            range(0, len(order), bs),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
-            leave=False,
-            unit="batch",
+        x = _batch(images, idx, config.channels_last)
+        recon, kl, x_hat = _vae_terms(encoder, decoder, x, config, gen=noise)
+        loss = (recon + kl_w * kl).mean()
+        g_adv = torch.zeros(())
+        if use_gan:
+            disc.requires_grad_(False)
+            n_p = max(1, int(round(config.gan_prior_fraction * x.shape[0])))
+            z_p = torch.randn((n_p, config.latent_dim), generator=noise)
+            n_pix = x.shape[-1] * x.shape[-2]
+            x_p = asinh(decoder(z_p) * n_pix)
+            d_hat, f_hat = disc(x_hat)
+            d_p, _ = disc(x_p)
+            g_adv = F.softplus(-d_hat).mean() + F.softplus(-d_p).mean()
+            loss = loss + config.gan_weight * g_adv
+            if config.feature_matching_weight > 0:
+                with torch.no_grad():
+                    _, f_real = disc(x)
+                fm = ((f_hat - f_real) ** 2).sum(dim=(1, 2, 3)).mean()
+                loss = loss + config.feature_matching_weight * fm
+            disc.requires_grad_(True)
+        optimizer_step(
+            loss, opt, params=gen_params, grad_clip=config.grad_clip, scheduler=sched,
+            epoch=epoch, hint=hint,
         )
-        for i in bar:
-            x = _batch(images, order[i : i + bs], config.channels_last)
-            recon, kl, x_hat = _vae_terms(encoder, decoder, x, config, gen=noise)
-            loss = (recon + kl_w * kl).mean()
-            g_adv = torch.zeros(())
-            if use_gan:
-                disc.requires_grad_(False)
-                n_p = max(1, int(round(config.gan_prior_fraction * x.shape[0])))
-                z_p = torch.randn((n_p, config.latent_dim), generator=noise)
-                n_pix = x.shape[-1] * x.shape[-2]
-                x_p = asinh(decoder(z_p) * n_pix)
-                d_hat, f_hat = disc(x_hat)
-                d_p, _ = disc(x_p)
-                g_adv = F.softplus(-d_hat).mean() + F.softplus(-d_p).mean()
-                loss = loss + config.gan_weight * g_adv
-                if config.feature_matching_weight > 0:
-                    with torch.no_grad():
-                        _, f_real = disc(x)
-                    fm = ((f_hat - f_real) ** 2).sum(dim=(1, 2, 3)).mean()
-                    loss = loss + config.feature_matching_weight * fm
-                disc.requires_grad_(True)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {float(loss)} at epoch {epoch + 1}; lower lr "
-                    f"({config.lr}) or gan_weight ({config.gan_weight}), or set grad_clip"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(gen_params, config.grad_clip)
-            opt.step()
-            sched.step()
+        out = {
+            "train_loss": float(loss.detach()),
+            "train_recon": float(recon.detach().mean()),
+            "train_kl": float(kl.detach().mean()),
+        }
+        if disc is not None:
             d_loss = torch.zeros(())
             if use_gan:
                 d_real, _ = disc(x)
@@ -443,71 +377,40 @@ def train_prior(
                 d_loss = F.softplus(-d_real).mean() + 0.5 * (
                     F.softplus(d_fake).mean() + F.softplus(d_fp).mean()
                 )
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-            n = x.shape[0]
-            sums += n * np.array(
-                [
-                    float(loss.detach()),
-                    float(recon.detach().mean()),
-                    float(kl.detach().mean()),
-                    float(d_loss.detach()),
-                    float(g_adv.detach()),
-                ]
-            )
-            bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-        bar.close()
-        wall = time.perf_counter() - t0
-        sums /= len(order)
-        v = _evaluate(encoder, decoder, images, val_idx, config)
-        history["epoch"].append(epoch + 1)
-        history["train_loss"].append(sums[0])
-        history["train_recon"].append(sums[1])
-        history["train_kl"].append(sums[2])
-        history["val_loss"].append(v["loss"])
-        history["val_recon"].append(v["recon"])
-        history["val_kl"].append(v["kl"])
-        history["lr"].append(opt.param_groups[0]["lr"])
-        history["images_per_s"].append(len(order) / wall)
-        history["epoch_wall_s"].append(wall)
-        if disc is not None:
-            history["disc_loss"].append(sums[3])
-            history["gan_loss"].append(sums[4])
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{config.epochs}: train {sums[0]:.5g}  val {v['loss']:.5g}  "
-                f"({len(order) / wall:.0f} img/s)"
-            )
-        if ckpt_path is not None:
-            ck = {
-                "epoch": epoch + 1,
-                "config": config.to_dict(),
-                "n_images": images.shape[0],
-                "encoder": encoder.state_dict(),
-                "decoder": decoder.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "noise_rng": noise.get_state(),
-                "history": history,
-            }
-            if disc is not None:
-                ck["disc"] = disc.state_dict()
-                ck["opt_d"] = opt_d.state_dict()
-            _atomic_torch_save(ck, ckpt_path)
-        if callback is not None and callback(epoch + 1, history):
-            break
+                optimizer_step(d_loss, opt_d, epoch=epoch, hint=hint)
+            out.update(disc_loss=float(d_loss.detach()), gan_loss=float(g_adv.detach()))
+        return out
 
+    def evaluate() -> dict:
+        v = _evaluate(encoder, decoder, images, val_idx, config)
+        return {"val_loss": v["loss"], "val_recon": v["recon"], "val_kl": v["kl"]}
+
+    identity = {
+        "config": {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE},
+        "n_images": int(images.shape[0]),
+    }
+    with flush_denormals():
+        history = fit_loop(
+            state,
+            step,
+            evaluate,
+            LoopConfig(config.epochs, bs, config.seed, rate_name="images_per_s"),
+            Path(out_dir) / "checkpoint.pt" if out_dir is not None else None,
+            train_idx=train_idx,
+            resume=resume,
+            identity=identity,
+            history={
+                "n_train": int(len(train_idx)),
+                "n_val": int(len(val_idx)),
+                "n_skipped": n_skipped,
+            },
+            progress=progress,
+            callback=callback,
+        )
     for m in (encoder, decoder):
         m.to(memory_format=torch.contiguous_format)
         m.eval()
     return encoder, decoder, history
-
-
-def _norm(v):
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    return v
 
 
 def _posterior_params(encoder, images, idx, chunk: int = 512):
@@ -538,10 +441,14 @@ def fit_flow(encoder: Encoder, images, config: TrainConfig | None = None, progre
     images = _check_images(images)
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
-    torch.set_flush_denormal(True)
     train_idx, val_idx = split_indices(images, config)
     if len(train_idx) == 0:
         raise ValueError("no usable training galaxies to fit the flow on")
+    with flush_denormals():
+        return _fit_flow(encoder, images, config, train_idx, val_idx, progress)
+
+
+def _fit_flow(encoder, images, config, train_idx, val_idx, progress) -> LatentFlow:
     loc, scale = _posterior_params(encoder, images, train_idx)
     vloc, vscale = _posterior_params(encoder, images, val_idx)
     torch.manual_seed(config.seed + 2)
@@ -564,7 +471,12 @@ def fit_flow(encoder: Encoder, images, config: TrainConfig | None = None, progre
     steps = max(1, config.flow_epochs * math.ceil(len(loc) / bs))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=config.flow_lr * 0.01)
     hist = {"train_nll": [], "val_nll": []}
-    bar = tqdm(range(config.flow_epochs), desc="latent flow", disable=not progress, unit="epoch")
+    bar = tqdm(
+        range(config.flow_epochs),
+        desc="latent flow",
+        disable=not progress_enabled(progress),
+        unit="epoch",
+    )
     for epoch in bar:
         flow.train()
         order = torch.from_numpy(
