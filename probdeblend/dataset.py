@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,8 +29,10 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table, vstack
 
-from .errors import DatasetError
+from .atomic import save_npz, write_json, write_table
+from .errors import ArgumentError, ArgumentTypeError, DatasetError, OutputExistsError
 from .simulate import BlendConfig, Frame, GalaxyPopulation, blend_scene, isolated_stamps
+from .validate import check_int, check_seed
 
 __all__ = ["write_dataset", "load_dataset", "StampDataset"]
 
@@ -71,12 +72,9 @@ def _make_shard(task) -> tuple[int, int, float]:
     truth.meta.clear()
     out = Path(out_dir)
     stem = f"shard-{index:05d}"
-    tmp = out / f".{stem}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out / f"{stem}.npz")
-    tmp_t = out / f".{stem}-truth.tmp.fits"
-    truth.write(tmp_t, format="fits", overwrite=True)
-    os.replace(tmp_t, out / f"{stem}-truth.fits")
+    # temp file + fsync + rename: a killed run never leaves a half-written shard
+    save_npz(out / f"{stem}.npz", overwrite=True, **arrays)
+    write_table(truth, out / f"{stem}-truth.fits", overwrite=True, format="fits")
     return index, n, time.perf_counter() - t0
 
 
@@ -111,16 +109,24 @@ def write_dataset(out_dir, n: int, kind: str = "isolated", shard_size: int = 100
     Path of the dataset directory. ``meta.json`` records the recipe, timing and throughput.
     """
     if kind not in ("isolated", "blend"):
-        raise DatasetError(f"kind must be 'isolated' or 'blend', got {kind!r}")
-    if int(n) < 1 or int(shard_size) < 1 or int(processes) < 1:
-        raise DatasetError(f"n, shard_size and processes must be >= 1, got {n}, {shard_size}, "
-                           f"{processes}")
+        raise DatasetError(f"kind must be 'isolated' or 'blend', got {kind!r}",
+                           argument="kind", value=kind)
+    try:
+        n = check_int("n", n, minimum=1)
+        shard_size = check_int("shard_size", shard_size, minimum=1)
+        processes = check_int("processes", processes, minimum=1)
+        seed = check_seed("seed", seed)
+    except ArgumentTypeError:
+        raise
+    except ArgumentError as e:  # out-of-range values keep their historical class
+        raise DatasetError(str(e), argument=e.argument, value=e.value) from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / META).exists():
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True "
-                                  f"(--overwrite) or choose another directory")
+            raise OutputExistsError(out, f"{out} already holds a dataset; pass overwrite=True "
+                                         f"(--overwrite) or choose another directory",
+                                    argument="out_dir")
         (out / META).unlink()
     for old in out.glob("shard-*"):
         old.unlink()
@@ -154,9 +160,7 @@ def write_dataset(out_dir, n: int, kind: str = "isolated", shard_size: int = 100
         "wall_time_s": round(elapsed, 2), "items_per_s": round(n / elapsed, 2),
         "bands": list(frame.band_names),
     }
-    tmp = out / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META)
+    write_json(meta, out / META, overwrite=True)
     return out
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from probdeblend.cli import build_parser, main
 from probdeblend.dataset import load_dataset
+from probdeblend.errors import OutputExistsError
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -51,9 +52,14 @@ def test_simulate_writes_a_dataset(tmp_path, capsys):
     assert arrays["image"].shape == (4, 6, 24, 24)
     assert len(truth) == 4
     assert "wrote 4 isolated items" in capsys.readouterr().out
-    # a second run into the same directory needs --overwrite
-    with pytest.raises(FileExistsError):
-        main(["simulate", str(out), "-n", "2", "--size", "24", "--psf-fwhm", "0.4"])
+    # a second run into the same directory needs --overwrite: one line on stderr, status 2
+    capsys.readouterr()
+    assert main(["simulate", str(out), "-n", "2", "--size", "24", "--psf-fwhm", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("probdeblend: error:") and "--overwrite" in err
+    assert "Traceback" not in err
+    with pytest.raises(OutputExistsError):  # --debug: the exception itself, with traceback
+        main(["simulate", str(out), "-n", "2", "--size", "24", "--psf-fwhm", "0.4", "--debug"])
     assert main(["simulate", str(out), "-n", "2", "--size", "24", "--psf-fwhm", "0.4",
                  "--bands", "r", "--overwrite", "--noiseless-only"]) == 0
     arrays, _, meta = load_dataset(out)
