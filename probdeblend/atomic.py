@@ -31,6 +31,7 @@ from .errors import ArgumentError, OutputExistsError
 __all__ = [
     "atomic_path",
     "check_writable",
+    "fsync_file",
     "write_netcdf",
     "write_fits",
     "write_table",
@@ -59,6 +60,11 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's content to disk (call before renaming it into place)."""
+    _fsync_file(Path(path))
 
 
 def _fsync_dir(path: Path) -> None:

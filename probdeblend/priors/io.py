@@ -48,7 +48,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PriorLoadError, UnknownBandError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    NotAPriorError,
+    PriorLoadError,
+    UnknownBandError,
+)
 from . import store
 from .distribution import LearnedPrior
 from .flow import LatentFlow
@@ -223,8 +229,22 @@ def load_prior(
         The weights' sha256 differs from the card's.
     UnknownBandError
         A requested band is not one of the prior's bands.
+    NotAPriorError
+        The name or path is another kind of model, e.g. an amortized encoder
+        (``"lsst-vae-amortized"``).
+    ArgumentTypeError, ArgumentError
+        ``name_or_path``, ``bands`` or ``validate_args`` has the wrong type or is empty.
     """
+    _check_load_args(name_or_path, bands, validate_args)
     card_path, weights_path = store.resolve_files(name_or_path, available=list_priors)
+    kind = store.read_json_card(card_path).get("kind")
+    if kind in _OTHER_KINDS:
+        raise NotAPriorError(
+            f"name_or_path: {os.fspath(name_or_path)!r} is an {kind} encoder (card "
+            f"{card_path}), not a prior; load_prior needs a prior such as "
+            f"{list_priors()}. fit(prior=...) finds the matching amortized encoder itself",
+            argument="name_or_path", value=os.fspath(name_or_path),
+        )
     card = store.read_prior_card(card_path)
     store.verify_checksum(card, card_path, weights_path, writer="save_prior")
     try:
@@ -274,9 +294,48 @@ def load_prior(
         raise PriorLoadError(
             f"model card {card_path}: frame has {frame.n_bands} bands, decoder {decoder.n_bands}"
         )
+    declared = arch.get("latent_dim")
+    actual = {"encoder": encoder.latent_dim, "decoder": decoder.latent_dim}
+    if flow is not None:
+        actual["flow"] = flow.dim
+    if declared is not None and any(v != declared for v in actual.values()):
+        raise PriorLoadError(
+            f"model card {card_path}: architecture.latent_dim is {declared!r} but the weights "
+            f"have latent dimensions {actual}; the card was edited or belongs to other "
+            f"weights: restore the card written by save_prior",
+            argument="name_or_path", value=os.fspath(name_or_path),
+        )
     return LearnedPrior(
         encoder, decoder, flow, frame, card=card, bands=bands, validate_args=validate_args
     )
+
+
+def _check_load_args(name_or_path, bands, validate_args) -> None:
+    """Type checks of :func:`load_prior`'s arguments, before any file is read."""
+    if isinstance(name_or_path, bytes) or not isinstance(name_or_path, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            "name_or_path", name_or_path,
+            f"must be a prior name or path, got {name_or_path!r} "
+            f"({type(name_or_path).__name__}); pass a shipped prior name such as 'lsst-vae' "
+            f"(see list_priors()) or the path of a prior's .json card",
+        )
+    if not os.fspath(name_or_path).strip():
+        raise ArgumentError("name_or_path", name_or_path,
+                            "is empty; pass a shipped prior name such as 'lsst-vae'")
+    if bands is not None and not isinstance(bands, str):
+        try:
+            items = list(bands)
+        except TypeError:
+            items = None
+        if items is None or not items or not all(isinstance(b, str) for b in items):
+            raise ArgumentTypeError(
+                "bands", bands,
+                f"must be None, a band name or a non-empty sequence of band names such as "
+                f"('g', 'r', 'i'), got {bands!r}",
+            )
+    if validate_args is not None and not isinstance(validate_args, bool):
+        raise ArgumentTypeError("validate_args", validate_args,
+                                f"must be None, True or False, got {validate_args!r}")
 
 
 def _ctor(cfg: Mapping, keys) -> dict:

@@ -35,7 +35,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from ..errors import ChecksumMismatchError, PriorLoadError
+from ..atomic import fsync_file
+from ..errors import ArgumentTypeError, ChecksumMismatchError, PriorLoadError
 
 __all__ = [
     "REQUIRED_CARD_KEYS",
@@ -198,7 +199,9 @@ def to_jsonable(obj):
         return str(obj)
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
-    raise TypeError(f"cannot store {type(obj).__name__} {obj!r} in a JSON model card")
+    raise ArgumentTypeError(
+        "card", obj, f"cannot store {type(obj).__name__} {obj!r} in a JSON model card"
+    )
 
 
 def read_json_card(
@@ -277,6 +280,8 @@ def write_pair(stem: Path, tensors: Mapping, card: dict, metadata: dict) -> Path
         card["sha256"] = file_sha256(tmp_w)
         card["file_size_bytes"] = tmp_w.stat().st_size
         tmp_c.write_text(json.dumps(card, indent=2) + "\n")
+        fsync_file(tmp_w)  # on disk before the renames: a crash never leaves a fragment
+        fsync_file(tmp_c)
         os.replace(tmp_w, weights)
         os.replace(tmp_c, card_path)
     finally:
