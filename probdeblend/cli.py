@@ -1,4 +1,4 @@
-"""Command line: ``probdeblend demo | simulate | train-prior | fit``.
+"""Command line: ``probdeblend demo | simulate | train-prior | fit | deblend``.
 
 Run ``probdeblend <command> --help`` for the options of each command.
 """
@@ -253,6 +253,28 @@ def _cmd_train_prior(args) -> int:
     return 0
 
 
+def _cmd_deblend(args) -> int:
+    """Deblend survey tiles into one catalogue per tile (Dask; see docs/survey_scale.md)."""
+    from .tiles import deblend_tiles
+    from .validate import check_input_path
+
+    for tile in args.tiles:
+        check_input_path("tiles", tile)
+    client = "serial" if args.serial else None
+    summary = deblend_tiles(
+        args.tiles, args.out, client=client, scheduler=args.scheduler, n_workers=args.workers,
+        threads_per_worker=args.threads, seed=args.seed, format=args.format,
+        retries=args.retries, overwrite=args.overwrite, progress=True, method=args.method,
+        prior=args.prior, num_samples=args.num_samples,
+    )  # fmt: skip
+    summary["tile", "status", "attempts", "n_sources", "seconds", "error"].pprint(
+        max_width=200, max_lines=-1)
+    failed = int((summary["status"] == "failed").sum()) if len(summary) else 0
+    print(f"{len(summary)} tiles in {summary.meta['WALL']:.1f} s: catalogues and run.json in "
+          f"{args.out}" + (f"; {failed} failed (see the error column)" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``probdeblend`` argument parser (every subcommand's ``--help`` shows defaults)."""
     from . import __version__
@@ -360,6 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="resume from the checkpoint in --workdir")
     t.set_defaults(func=_cmd_train_prior)
+
+    db = sub.add_parser("deblend", help="deblend survey tiles (Scene FITS files) into "
+                                         "catalogues, in parallel with Dask")
+    db.add_argument("tiles", nargs="+", help="tile FITS files (probdeblend.Scene.to_fits layout)")
+    db.add_argument("--out", required=True,
+                    help="output folder: <tile>.cat.fits / .cat.parquet and run.json")
+    db.add_argument("--scheduler", default=None,
+                    help="address of a running Dask scheduler (tcp://host:8786); None: a "
+                         "LocalCluster on this machine")
+    db.add_argument("--workers", type=_POSITIVE, default=2, help="LocalCluster worker processes")
+    db.add_argument("--threads", type=_POSITIVE, default=1, help="threads per worker / task")
+    db.add_argument("--serial", action="store_true", help="run in this process, without Dask")
+    db.add_argument("--method", default="amortized", choices=["amortized", "fit"],
+                    help="amortized posteriors, or probdeblend.fit per blend group")
+    db.add_argument("--prior", default="lsst-vae", help="shipped prior name or prior card path")
+    db.add_argument("--num-samples", type=_POSITIVE, default=200, help="draws per source")
+    db.add_argument("--format", default="fits", choices=["fits", "parquet"],
+                    help="catalogue file format")
+    db.add_argument("--retries", type=_int_arg(0), default=1,
+                    help="resubmissions of a failed tile")
+    db.add_argument("--seed", type=_SEED, default=0, help="run seed (>= 0); tiles get "
+                                                          "seeds derived from it and their name")
+    db.add_argument("--overwrite", action="store_true",
+                    help="recompute tiles whose catalogue exists (default: skip them)")
+    db.set_defaults(func=_cmd_deblend)
     return p
 
 
