@@ -84,6 +84,10 @@ __all__ = [
     "TorchMoments",
     "gaussian_psf_moments",
     "model_psf_sigma_pix",
+    "ShearResponse",
+    "shear_response",
+    "shear_response_stamps",
+    "shear_psf_free",
     "shear_from_moments",
     "distortion_to_shear",
     "shear_to_distortion",
@@ -1012,6 +1016,178 @@ def psf_corrected_shape_fast(image, psf_sigma_pix: float, **kwargs):
     g1, g2, _ = shape_torch(torch.from_numpy(np.ascontiguousarray(img)), psf_sigma_pix,
                             **kwargs)
     return g1.numpy(), g2.numpy()
+
+
+@dataclass(frozen=True)
+class ShearResponse:
+    """Shear response of :func:`shape_torch` on a set of galaxies (:func:`shear_response`).
+
+    ``R[i, j] = d<g_i> / d g_j`` for a shear ``g`` applied to the PSF-free galaxies, estimated
+    by central finite differences of ``+-delta``; dividing measured mean shapes by ``R`` (the
+    mean of the diagonal, or the matrix) removes the estimator's multiplicative bias on that
+    population, ``m = R - 1``.
+
+    Attributes
+    ----------
+    R : float
+        ``(R11 + R22) / 2``; ``float(response)`` gives it.
+    R11, R22, R12, R21 : float
+        Matrix elements (``R12 = d<g1>/dg2``).
+    R_err : float
+        Standard error of ``R`` (spread of the per-galaxy responses / sqrt(n_ok)).
+    n, n_ok : int
+        Galaxies drawn, and used (measured at all four sheared versions).
+    delta : float
+        The finite-difference shear.
+    """
+
+    R: float
+    R11: float
+    R22: float
+    R12: float
+    R21: float
+    R_err: float
+    n: int
+    n_ok: int
+    delta: float
+
+    def __float__(self) -> float:
+        return self.R
+
+    @property
+    def m(self) -> float:
+        """Multiplicative bias ``R - 1`` of the raw estimator."""
+        return self.R - 1.0
+
+
+def shear_psf_free(stamps, shear, psf_sigma_pix: float):
+    """Shear the PSF-free galaxy of model-frame stamps by ``shear``, keeping the Gaussian PSF.
+
+    :func:`probdeblend.render.shear_stamps` (band-limited resampling about the stamp centre)
+    shears the whole image, PSF included; multiplying its Fourier transform by
+    :func:`probdeblend.render.model_psf_shear_correction` restores the round, pixel-integrated
+    Gaussian PSF of sigma ``psf_sigma_pix`` pixels (as the renderer does), so the result is the
+    sheared galaxy convolved with the unchanged PSF: metacalibration's sheared image, noise-free.
+
+    Parameters
+    ----------
+    stamps : torch.Tensor, shape (..., n, n)
+        Even-sized, contained model-frame stamps.
+    shear : sequence of two floats or torch.Tensor (2,)
+        Reduced shear ``(g1, g2)`` (GalSim convention).
+    psf_sigma_pix : float
+        sigma of the Gaussian model PSF in pixels (before the pixel response).
+
+    Returns
+    -------
+    torch.Tensor, same shape, dtype and device as ``stamps``.
+    """
+    import torch
+
+    from .render import model_psf_shear_correction, shear_stamps
+
+    g = torch.as_tensor(shear, dtype=stamps.dtype, device=stamps.device)
+    n = stamps.shape[-1]
+    sheared = shear_stamps(stamps, g, torch)
+    freqs = (torch.fft.fftfreq(n, dtype=stamps.dtype, device=stamps.device)[:, None],
+             torch.fft.rfftfreq(n, dtype=stamps.dtype, device=stamps.device)[None, :])
+    corr = model_psf_shear_correction(g, freqs, float(psf_sigma_pix), torch)
+    return torch.fft.irfft2(torch.fft.rfft2(sheared) * corr, s=(n, n))
+
+
+def shear_response_stamps(stamps, psf_sigma_pix: float, delta: float = 0.01,
+                          **shape_kwargs) -> ShearResponse:
+    """Shear response of :func:`shape_torch` on given noiseless model-frame stamps.
+
+    Each stamp's PSF-free galaxy is sheared by ``+-delta`` along ``g1`` and ``g2``
+    (:func:`shear_psf_free`) and measured; ``R_ij`` is the mean over galaxies of
+    ``(g_i(+delta e_j) - g_i(-delta e_j)) / (2 delta)``, over galaxies measured in all four.
+
+    Parameters
+    ----------
+    stamps : torch.Tensor, shape (N, n, n)
+        Noiseless single-band (or band-averaged) stamps with the Gaussian PSF.
+    psf_sigma_pix : float
+        sigma of the Gaussian model PSF in pixels.
+    delta : float
+        Finite-difference shear (0.01: the response is linear to ~1e-4 there).
+    **shape_kwargs
+        Passed to :func:`shape_torch` (e.g. ``correction``).
+    """
+    import torch
+
+    if not 0 < delta < 0.2:
+        raise ValueError(f"delta must be in (0, 0.2), got {delta}")
+    x = _as_image_tensor(stamps)
+    x = x.reshape((-1,) + tuple(x.shape[-2:]))
+    res = {}
+    with torch.no_grad():
+        for j in range(2):
+            for sgn in (1.0, -1.0):
+                shear = [0.0, 0.0]
+                shear[j] = sgn * delta
+                g1, g2, ok = shape_torch(shear_psf_free(x, shear, psf_sigma_pix),
+                                         psf_sigma_pix, **shape_kwargs)
+                res[j, sgn] = (g1, g2, ok)
+    ok = res[0, 1.0][2] & res[0, -1.0][2] & res[1, 1.0][2] & res[1, -1.0][2]
+    n_ok = int(ok.sum())
+    if n_ok == 0:
+        raise RuntimeError("no galaxy could be measured at all four sheared versions")
+    r = torch.empty((2, 2, n_ok), dtype=torch.float64)
+    for j in range(2):
+        for i in range(2):
+            d = (res[j, 1.0][i] - res[j, -1.0][i])[ok].double().cpu() / (2.0 * delta)
+            r[i, j] = d
+    diag = 0.5 * (r[0, 0] + r[1, 1])
+    err = float(diag.std() / math.sqrt(n_ok)) if n_ok > 1 else float("nan")
+    mean = r.mean(-1)
+    return ShearResponse(R=float(diag.mean()), R11=float(mean[0, 0]), R22=float(mean[1, 1]),
+                         R12=float(mean[0, 1]), R21=float(mean[1, 0]), R_err=err,
+                         n=int(x.shape[0]), n_ok=n_ok, delta=float(delta))
+
+
+def shear_response(prior, n: int = 2000, seed: int = 0, delta: float = 0.01,
+                   batch: int = 1000, **shape_kwargs) -> ShearResponse:
+    """Multiplicative shear response of :func:`shape_torch` on a prior's own galaxies.
+
+    ``n`` latents are drawn from the learned prior (``prior.sample``, seeded with ``seed``
+    without touching torch's global RNG state), decoded, averaged over bands (as ``fit``
+    measures them) and passed to :func:`shear_response_stamps`: a noise-free
+    metacalibration-style finite difference, with the model PSF kept round. ``g / R`` is then
+    unbiased, on average over the prior's population, for a shear applied to its galaxies.
+
+    Parameters
+    ----------
+    prior : LearnedPrior
+        E.g. ``probdeblend.load_prior("lsst-vae")``; its ``frame`` gives the Gaussian model PSF.
+    n : int
+        Galaxies drawn (the statistical error on ``R`` is ``R_err``, ~1e-3 for n = 2000).
+    seed : int
+        Seed of the latent draws.
+    delta : float
+        Finite-difference shear.
+    batch : int
+        Latents decoded at once.
+    **shape_kwargs
+        Passed to :func:`shape_torch`.
+
+    Returns
+    -------
+    ShearResponse
+        ``float(result)`` is ``R``; ``result.m`` is ``R - 1``.
+    """
+    import torch
+
+    if int(n) < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    sigma = model_psf_sigma_pix(prior.frame)
+    parts = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(int(seed))
+        for i in range(0, int(n), int(batch)):
+            z = prior.sample((min(int(batch), int(n) - i),))
+            parts.append(prior.decode(z).mean(-3).to(torch.float64))
+    return shear_response_stamps(torch.cat(parts), sigma, delta=delta, **shape_kwargs)
 
 
 def half_light_radius(image, center=None, n_bisect: int = 40) -> np.ndarray:
