@@ -302,12 +302,40 @@ def write_catalog(table: Table, path: str | os.PathLike, overwrite: bool = False
         if fmt == "fits":
             from astropy.io import fits
 
-            hdu = fits.table_to_hdu(table)
-            hdu.name = "CATALOG"
+            hdu = _fits_hdu(table)
             fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp, checksum=True)
         else:
             table.write(tmp, format="parquet")
     return path
+
+
+def _fits_hdu(table: Table):
+    """Binary-table HDU; units that FITS does not define (e.g. ``electron``) are written as
+    their generic astropy string in ``TUNITn`` (read back by :func:`read_catalog`)."""
+    import warnings
+
+    from astropy import units as u
+    from astropy.io import fits
+
+    units = {}
+    plain = table.copy(copy_data=False)
+    for name in plain.colnames:
+        unit = plain[name].unit
+        if unit is None:
+            continue
+        try:
+            unit.to_string("fits")
+        except (ValueError, u.UnitsError):
+            units[name] = unit.to_string("generic")
+            plain[name].unit = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        hdu = fits.table_to_hdu(plain)
+    for i, name in enumerate(plain.colnames, start=1):
+        if name in units:
+            hdu.header[f"TUNIT{i}"] = units[name]
+    hdu.name = "CATALOG"
+    return hdu
 
 
 def read_catalog(path: str | os.PathLike) -> Table:
@@ -315,9 +343,17 @@ def read_catalog(path: str | os.PathLike) -> Table:
     path = Path(path)
     fmt = _format(path, None)
     if fmt == "fits":
-        t = Table.read(path, hdu="CATALOG")
-        for name in t.colnames:  # FITS stores strings as bytes columns
-            if t[name].dtype.kind == "S":
-                t[name] = t[name].astype(str)
+        from astropy import units as u
+
+        t = Table.read(path, hdu="CATALOG", unit_parse_strict="silent")
+        for name in t.colnames:
+            if t[name].dtype.kind in "SU":  # bytes in FITS; empty strings read as masked
+                col = t[name]
+                col = col.filled(b"" if col.dtype.kind == "S" else "") if hasattr(
+                    col, "filled") else col
+                t[name] = np.asarray(col).astype(str)
+            if isinstance(t[name].unit, u.UnrecognizedUnit):
+                t[name].unit = u.Unit(str(t[name].unit), format="generic",
+                                      parse_strict="silent")
         return t
     return Table.read(path, format="parquet")
