@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ArgumentError, OutputExistsError
+from .errors import ArgumentError, InputNotFoundError, OutputExistsError
 
 __all__ = [
     "atomic_path",
@@ -166,7 +166,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, *,
     try:
         yield tmp
         if not tmp.exists():
-            raise FileNotFoundError(f"the writer did not create the temporary file {tmp}")
+            raise InputNotFoundError(tmp, f"the writer did not create the temporary file {tmp}")
         _fsync_file(tmp)
         if overwrite:
             os.replace(tmp, target)

@@ -59,6 +59,8 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
+from .errors import NO_VALUE, ArgumentError, ArgumentTypeError
+
 __all__ = ["detect", "detect_residual", "sep_baseline", "match_positions", "snr_map"]
 
 #: SExtractor ``PHOT_AUTOPARAMS`` defaults: Kron factor and minimum radius (in units of a, b).
@@ -75,7 +77,7 @@ def _check_scene(scene: Any) -> None:
     from .scene import Scene
 
     if not isinstance(scene, Scene):
-        raise TypeError(
+        raise ArgumentTypeError("scene", type(scene).__name__,
             f"scene: expected a probdeblend.Scene, got {type(scene).__name__}; build one with "
             "probdeblend.Scene(image, variance, psf, bands, pixel_scale)"
         )
@@ -90,13 +92,13 @@ def _positive(value: Any, name: str, allow_zero: bool = False) -> float:
         v == 0 and not allow_zero
     ):
         need = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{name}: must be {need} finite number, got {value!r}")
+        raise ArgumentError(name, value, f"{name}: must be {need} finite number, got {value!r}")
     return v
 
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        raise ArgumentError(name, value, f"{name}: must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -104,7 +106,7 @@ def _check_deblend(deblend_nthresh: Any, deblend_cont: Any) -> tuple[int, float]
     nthresh = _positive_int(deblend_nthresh, "deblend_nthresh")
     cont = _positive(deblend_cont, "deblend_cont")
     if cont > 1:
-        raise ValueError(
+        raise ArgumentError("deblend_cont", deblend_cont,
             f"deblend_cont: must be in (0, 1] (1 disables deblending), got {deblend_cont!r}"
         )
     return nthresh, cont
@@ -367,12 +369,14 @@ def detect_residual(scene, model, known_positions, threshold: float = 5.0, min_a
     _check_scene(scene)
     model = np.asarray(model, dtype=np.float64)
     if model.shape != scene.image.shape:
-        raise ValueError(
+        raise ArgumentError("model", model.shape,
             f"model: expected shape {scene.image.shape} (band, ny, nx) like scene.image, got "
             f"{model.shape}"
         )
     if not np.isfinite(model).all():
-        raise ValueError("model: contains NaN or inf; pass a finite model image")
+        raise ArgumentError(
+            "model", NO_VALUE, "model: contains NaN or inf; pass a finite model image"
+        )
     if known_positions is None:
         known = np.zeros((0, 2))
     else:
@@ -380,7 +384,7 @@ def detect_residual(scene, model, known_positions, threshold: float = 5.0, min_a
         if known.size == 0:
             known = np.zeros((0, 2))
         if known.ndim != 2 or known.shape[1] != 2 or not np.isfinite(known).all():
-            raise ValueError(
+            raise ArgumentError("known_positions", known.shape,
                 f"known_positions: expected a finite (n, 2) array of (x, y), got shape "
                 f"{known.shape}"
             )

@@ -167,11 +167,15 @@ class ArgumentError(ProbdeblendError, ValueError):
     value : object
         The offending value.
     message : str
-        What is wrong and how to fix it; the string form is ``f"{argument}: {message}"``.
+        What is wrong and how to fix it. The string form is ``f"{argument}: {message}"``, or
+        ``message`` alone when it already starts with the argument name
+        (``"fwhm must be positive"``).
     """
 
     def __init__(self, argument: str, value: Any, message: str) -> None:
-        self._set(f"{argument}: {message}", argument, value)
+        message = str(message)
+        named = message.startswith((f"{argument} ", f"{argument}:", f"{argument}="))
+        self._set(message if named else f"{argument}: {message}", argument, value)
         Exception.__init__(self, self.message)
 
 

@@ -73,6 +73,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .errors import NO_VALUE, ArgumentError, ArgumentTypeError, InferenceError
+
 __all__ = [
     "Moments",
     "moments",
@@ -111,22 +113,22 @@ def _as_images(image, name: str = "image", min_size: int = 1) -> np.ndarray:
     """``image`` as a float64 array of shape ``(..., ny, nx)``, validated."""
     arr = np.asarray(image)
     if arr.dtype.kind not in "biuf":
-        raise TypeError(
+        raise ArgumentTypeError(name, arr.dtype,
             f"{name} must be a real-valued numeric array, got dtype {arr.dtype}; "
             "pass the pixel values as floats"
         )
     if arr.ndim < 2:
-        raise ValueError(
+        raise ArgumentError(name, arr.shape,
             f"{name} must have shape (..., ny, nx) (at least 2 dimensions), got shape {arr.shape}"
         )
     if arr.shape[-1] < min_size or arr.shape[-2] < min_size:
-        raise ValueError(
+        raise ArgumentError(name, arr.shape,
             f"{name} images must be at least {min_size}x{min_size} pixels, got "
             f"{arr.shape[-2]}x{arr.shape[-1]}"
         )
     arr = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(arr)):
-        raise ValueError(
+        raise ArgumentError(name, NO_VALUE,
             f"{name} holds {int(np.size(arr) - np.isfinite(arr).sum())} NaN/inf pixel(s); "
             "replace or mask them before measuring"
         )
@@ -137,18 +139,18 @@ def _as_center(center, batch_shape: tuple[int, ...]) -> tuple[np.ndarray, np.nda
     """``center`` (``(..., 2)`` as ``(x, y)`` pixels) broadcast to ``batch_shape`` -> (x, y)."""
     c = np.asarray(center, dtype=np.float64)
     if c.ndim == 0 or c.shape[-1] != 2:
-        raise ValueError(
+        raise ArgumentError("center", c.shape,
             f"center must have shape (..., 2) holding (x, y) in pixels, got shape {c.shape}"
         )
     try:
         c = np.broadcast_to(c, batch_shape + (2,))
     except ValueError:
-        raise ValueError(
+        raise ArgumentError("center", c.shape,
             f"center of shape {c.shape} does not broadcast to the image batch shape "
             f"{batch_shape} + (2,)"
         ) from None
     if not np.all(np.isfinite(c)):
-        raise ValueError("center holds NaN/inf values")
+        raise ArgumentError("center", NO_VALUE, "center holds NaN/inf values")
     return c[..., 0].copy(), c[..., 1].copy()
 
 
@@ -320,18 +322,21 @@ def moments(
     X, Y = _grids(ny, nx)
     total = flat.sum(axis=(1, 2))
     if isinstance(weight_sigma, str) and weight_sigma != "adaptive":
-        raise ValueError(
+        raise ArgumentError("weight_sigma", weight_sigma,
             f"weight_sigma must be None, 'adaptive' or a positive float (pixels), "
             f"got {weight_sigma!r}"
         )
     if weight_sigma is not None and not isinstance(weight_sigma, str):
         weight_sigma = float(weight_sigma)
         if not weight_sigma > 0:
-            raise ValueError(f"weight_sigma must be positive (pixels), got {weight_sigma}")
+            raise ArgumentError(
+                "weight_sigma", weight_sigma,
+                f"weight_sigma must be positive (pixels), got {weight_sigma}"
+            )
     if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        raise ArgumentError("max_iter", max_iter, f"max_iter must be >= 1, got {max_iter}")
     if not 0 < tol < 1:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+        raise ArgumentError("tol", tol, f"tol must be in (0, 1), got {tol}")
 
     if weight_sigma is None:
         # sums through the row / column marginals: no full-size temporaries
@@ -535,7 +540,9 @@ def ellipticity(image, method: str = "adaptive", **kwargs) -> tuple[np.ndarray, 
     elif method == "unweighted":
         m = moments(image, weight_sigma=None, **kwargs)
     else:
-        raise ValueError(f"method must be 'adaptive' or 'unweighted', got {method!r}")
+        raise ArgumentError(
+            "method", method, f"method must be 'adaptive' or 'unweighted', got {method!r}"
+        )
     return m.g
 
 
@@ -786,12 +793,12 @@ def _as_image_tensor(stamps, name: str = "stamps"):
     import torch
 
     if not isinstance(stamps, torch.Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(name, type(stamps).__name__,
             f"{name} must be a torch.Tensor of shape (..., ny, nx), got {type(stamps).__name__}; "
             "use psf_corrected_shape_fast for numpy arrays"
         )
     if stamps.ndim < 2 or stamps.shape[-1] < 3 or stamps.shape[-2] < 3:
-        raise ValueError(
+        raise ArgumentError(name, tuple(stamps.shape),
             f"{name} must have shape (..., ny, nx) with ny, nx >= 3, got {tuple(stamps.shape)}"
         )
     if not stamps.is_floating_point():
@@ -830,10 +837,10 @@ def adaptive_moments_torch(stamps, *, max_iter: int = 200, tol: float | None = N
 
     img = _as_image_tensor(stamps)
     if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        raise ArgumentError("max_iter", max_iter, f"max_iter must be >= 1, got {max_iter}")
     tol = _torch_default_tol(img.dtype) if tol is None else float(tol)
     if not 0 < tol < 1:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+        raise ArgumentError("tol", tol, f"tol must be in (0, 1), got {tol}")
     batch = img.shape[:-2]
     ny, nx = img.shape[-2:]
     flat = img.reshape((-1, ny, nx))
@@ -890,12 +897,15 @@ def gaussian_psf_moments(psf_sigma_pix: float, pixelized: bool = True) -> tuple[
     if key not in _PSF_CACHE:
         sigma = float(psf_sigma_pix)
         if not (sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"psf_sigma_pix must be a positive number of pixels, got {sigma}")
+            raise ArgumentError(
+                "psf_sigma_pix", sigma,
+                f"psf_sigma_pix must be a positive number of pixels, got {sigma}"
+            )
         size = 2 * int(math.ceil(8 * sigma + 4)) + 1
         img = _pixelized_gaussian(sigma, size, bool(pixelized), torch.float64, "cpu")
         m = adaptive_moments_torch(img, max_iter=400, tol=1e-10)
         if not bool(m.ok):
-            raise RuntimeError(f"adaptive moments of the Gaussian PSF (sigma={sigma}) failed")
+            raise InferenceError(f"adaptive moments of the Gaussian PSF (sigma={sigma}) failed")
         _PSF_CACHE[key] = (float(m.Mxx + m.Myy), float(m.rho4) / 2.0 - 1.0)
     return _PSF_CACHE[key]
 
@@ -971,7 +981,7 @@ def shape_torch(stamps, psf_sigma_pix: float, *, max_iter: int = 200, tol: float
     import torch
 
     if correction not in ("bj-gaussian-psf", "bj", "gaussian"):
-        raise ValueError(
+        raise ArgumentError("correction", correction,
             f"correction must be 'bj-gaussian-psf', 'bj' or 'gaussian', got {correction!r}")
     t_psf, a4_psf = gaussian_psf_moments(psf_sigma_pix, pixelized)
     m = adaptive_moments_torch(stamps, max_iter=max_iter, tol=tol, batch_size=batch_size)
@@ -1117,7 +1127,7 @@ def shear_response_stamps(stamps, psf_sigma_pix: float, delta: float = 0.01,
     import torch
 
     if not 0 < delta < 0.2:
-        raise ValueError(f"delta must be in (0, 0.2), got {delta}")
+        raise ArgumentError("delta", delta, f"delta must be in (0, 0.2), got {delta}")
     x = _as_image_tensor(stamps)
     x = x.reshape((-1,) + tuple(x.shape[-2:]))
     res = {}
@@ -1132,7 +1142,7 @@ def shear_response_stamps(stamps, psf_sigma_pix: float, delta: float = 0.01,
     ok = res[0, 1.0][2] & res[0, -1.0][2] & res[1, 1.0][2] & res[1, -1.0][2]
     n_ok = int(ok.sum())
     if n_ok == 0:
-        raise RuntimeError("no galaxy could be measured at all four sheared versions")
+        raise InferenceError("no galaxy could be measured at all four sheared versions")
     r = torch.empty((2, 2, n_ok), dtype=torch.float64)
     for j in range(2):
         for i in range(2):
@@ -1179,7 +1189,7 @@ def shear_response(prior, n: int = 2000, seed: int = 0, delta: float = 0.01,
     import torch
 
     if int(n) < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ArgumentError("n", n, f"n must be >= 1, got {n}")
     sigma = model_psf_sigma_pix(prior.frame)
     parts = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -1313,19 +1323,19 @@ def blendedness(target, neighbours) -> tuple[np.ndarray, np.ndarray]:
     t = _as_images(target, "target")
     nb = _as_images(neighbours, "neighbours")
     if nb.ndim < 3:
-        raise ValueError(
+        raise ArgumentError("neighbours", nb.shape,
             f"neighbours must have shape (..., n_neigh, ny, nx), got shape {nb.shape}; "
             "add an axis of length 1 for a single neighbour"
         )
     if nb.shape[-2:] != t.shape[-2:]:
-        raise ValueError(
+        raise ArgumentError("neighbours", nb.shape,
             f"neighbours images are {nb.shape[-2]}x{nb.shape[-1]} but target images are "
             f"{t.shape[-2]}x{t.shape[-1]}; draw them on the same pixel grid"
         )
     try:
         batch = np.broadcast_shapes(t.shape[:-2], nb.shape[:-3])
     except ValueError:
-        raise ValueError(
+        raise ArgumentError("neighbours", nb.shape,
             f"batch shapes of target {t.shape[:-2]} and neighbours {nb.shape[:-3]} "
             "do not broadcast"
         ) from None
@@ -1372,7 +1382,10 @@ def snr(image, sky_level) -> np.ndarray:
     s = _as_images(image)
     sky = np.asarray(sky_level, dtype=np.float64)
     if not np.all(np.isfinite(sky)) or np.any(sky < 0):
-        raise ValueError(f"sky_level must be finite and >= 0 (electrons/pixel), got {sky_level}")
+        raise ArgumentError(
+            "sky_level", sky_level,
+            f"sky_level must be finite and >= 0 (electrons/pixel), got {sky_level}"
+        )
     var = s + sky[..., None, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         terms = np.where(var > 0, s * s / np.where(var > 0, var, 1.0), 0.0)
@@ -1386,13 +1399,13 @@ def _pair(a, b, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
     a = _as_images(a, "a", min_size)
     b = _as_images(b, "b", min_size)
     if a.shape[-2:] != b.shape[-2:]:
-        raise ValueError(
+        raise ArgumentError("b", b.shape,
             f"a and b must have the same image size, got {a.shape[-2:]} and {b.shape[-2:]}"
         )
     try:
         shape = np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
-        raise ValueError(
+        raise ArgumentError("b", b.shape,
             f"batch shapes of a {a.shape[:-2]} and b {b.shape[:-2]} do not broadcast"
         ) from None
     return np.broadcast_to(a, shape), np.broadcast_to(b, shape)
@@ -1402,14 +1415,16 @@ def _data_range(b: np.ndarray, data_range) -> np.ndarray:
     if data_range is None:
         rng = b.max(axis=(-2, -1)) - b.min(axis=(-2, -1))
         if np.any(rng <= 0):
-            raise ValueError(
+            raise ArgumentError("data_range", data_range,
                 "reference image b is constant, so its range (max - min) is 0; pass data_range "
                 "explicitly"
             )
         return rng
     rng = np.broadcast_to(np.asarray(data_range, dtype=np.float64), b.shape[:-2])
     if not np.all(np.isfinite(rng)) or np.any(rng <= 0):
-        raise ValueError(f"data_range must be positive and finite, got {data_range}")
+        raise ArgumentError(
+            "data_range", data_range, f"data_range must be positive and finite, got {data_range}"
+        )
     return rng
 
 

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .errors import InvalidPSFError
+from .errors import ArgumentError, InvalidPSFError
 
 __all__ = ["SceneRenderer", "render", "shear_stamps", "difference_kernel_ft", "fft_size"]
 
@@ -281,7 +281,8 @@ class SceneRenderer:
         The scene's pixel scale must equal the frame's (no resampling is done).
         """
         if not math.isclose(scene.pixel_scale, frame.pixel_scale, rel_tol=1e-6):
-            raise ValueError(
+            raise ArgumentError(
+                "scene", scene.pixel_scale,
                 f"scene.pixel_scale={scene.pixel_scale} differs from the prior's model frame "
                 f"pixel scale {frame.pixel_scale}; resample the scene or use a prior trained at "
                 f"this pixel scale"

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ArgumentError
+
 __all__ = ["infer", "infer_forward", "log_likelihood", "interim_sigma", "multiplicative_bias"]
 
 
@@ -131,7 +133,10 @@ def infer(e_draws, sigma_e: float, grid_half_width: float = 0.1, n_grid: int = 8
 def _as_draws(e_draws):
     if isinstance(e_draws, np.ndarray):
         if e_draws.ndim != 3 or e_draws.shape[-1] != 2:
-            raise ValueError(f"e_draws must have shape (galaxy, draw, 2), got {e_draws.shape}")
+            raise ArgumentError(
+                "e_draws", e_draws.shape,
+                f"e_draws must have shape (galaxy, draw, 2), got {e_draws.shape}"
+            )
         return e_draws
     out = []
     for idata in e_draws:
@@ -213,7 +218,7 @@ class _ShearEnsemble:
 
     def fn(self, name):
         if name != "logp":
-            raise KeyError(name)
+            raise KeyError(name)  # protocol: not a user error
         return self._logp
 
     def logp_and_grad(self, theta):
@@ -310,11 +315,13 @@ def infer_forward(scenes, prior="lsst-vae", method: str = "nuts", num_warmup: in
     from .inference import find_map, floored_inverse, run_nuts
 
     if method not in ("nuts", "laplace"):
-        raise ValueError(f"method must be 'nuts' or 'laplace', got {method!r}")
+        raise ArgumentError("method", method, f"method must be 'nuts' or 'laplace', got {method!r}")
     if len(scenes) == 0:
-        raise ValueError("scenes is empty; pass a list of probdeblend.Scene")
+        raise ArgumentError("scenes", scenes, "scenes is empty; pass a list of probdeblend.Scene")
     if not shear_scale > 0:
-        raise ValueError(f"shear_scale must be > 0, got {shear_scale}")
+        raise ArgumentError(
+            "shear_scale", shear_scale, f"shear_scale must be > 0, got {shear_scale}"
+        )
     t0 = time.perf_counter()
     prior = resolve_prior(prior)
     amortized = _load_amortized(prior)

@@ -33,6 +33,7 @@ from astropy.table import Table
 from scipy.special import gammainc
 
 from . import measure
+from .errors import ArgumentError, OutputExistsError
 from .survey import Band, Survey, get_survey
 
 __all__ = [
@@ -100,9 +101,12 @@ class GalaxyPopulation:
     def __post_init__(self):
         lo, hi = self.mag_range
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-            raise ValueError(f"mag_range must be (faint > bright) finite, got {self.mag_range}")
+            raise ArgumentError(
+                "mag_range", self.mag_range,
+                f"mag_range must be (faint > bright) finite, got {self.mag_range}"
+            )
         if not 0 < self.g_max < 1:
-            raise ValueError(f"g_max must be in (0, 1), got {self.g_max}")
+            raise ArgumentError("g_max", self.g_max, f"g_max must be in (0, 1), got {self.g_max}")
 
     def sample(self, n: int, survey: Survey, rng: np.random.Generator) -> Table:
         """Draw ``n`` galaxies. Returns a Table with one row per galaxy.
@@ -439,12 +443,16 @@ class BlendConfig:
     def __post_init__(self):
         lo, hi = self.n_galaxies
         if not 1 <= lo <= hi:
-            raise ValueError(f"n_galaxies must satisfy 1 <= min <= max, got {self.n_galaxies}")
+            raise ArgumentError(
+                "n_galaxies", self.n_galaxies,
+                f"n_galaxies must satisfy 1 <= min <= max, got {self.n_galaxies}"
+            )
         if not 0 <= self.annulus[0] < self.annulus[1]:
-            raise ValueError(f"annulus must be (inner, outer) with 0 <= inner < outer, "
-                             f"got {self.annulus}")
+            raise ArgumentError("annulus", self.annulus,
+                                f"annulus must be (inner, outer) with 0 <= inner < outer, "
+                                f"got {self.annulus}")
         if math.hypot(*self.shear) >= 1:
-            raise ValueError(f"|shear| must be < 1, got {self.shear}")
+            raise ArgumentError("shear", self.shear, f"|shear| must be < 1, got {self.shear}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -624,7 +632,9 @@ class SimulatedField:
 
         path = Path(path)
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+            raise OutputExistsError(
+                path, f"{str(path)!r} exists; pass overwrite=True to replace it"
+            )
         hdul = self.to_scene()._to_hdulist()
         truth = Table(self.truth, copy=False)
         hdu = fits.table_to_hdu(truth)
@@ -729,9 +739,9 @@ def simulate_field(size: int | tuple[int, int] = 2048, survey: str = "lsst",
     """
     ny, nx = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
     if ny < 8 or nx < 8:
-        raise ValueError(f"size must be at least 8 pixels per side, got {size!r}")
+        raise ArgumentError("size", size, f"size must be at least 8 pixels per side, got {size!r}")
     if math.hypot(*shear) >= 1:
-        raise ValueError(f"|shear| must be < 1, got {shear}")
+        raise ArgumentError("shear", shear, f"|shear| must be < 1, got {shear}")
     population = population or GalaxyPopulation()
     frame = Frame(survey=survey, bands=bands, psf_size=psf_size)
     surv = frame.survey_obj
@@ -740,7 +750,10 @@ def simulate_field(size: int | tuple[int, int] = 2048, survey: str = "lsst",
     if density is None:
         density = lsst_number_density(*population.mag_range)
     if not (np.isfinite(density) and density >= 0):
-        raise ValueError(f"density must be a non-negative number per arcmin^2, got {density!r}")
+        raise ArgumentError(
+            "density", density,
+            f"density must be a non-negative number per arcmin^2, got {density!r}"
+        )
     rng = np.random.default_rng(seed)
     n_gal = int(rng.poisson(density * area))
     cat = population.sample(n_gal, surv, rng)

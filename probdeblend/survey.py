@@ -36,7 +36,7 @@ import numpy as np
 import surveycodex
 from scipy.optimize import brentq
 
-from .errors import UnknownBandError, UnknownSurveyError
+from .errors import ArgumentError, UnknownBandError, UnknownSurveyError
 
 __all__ = ["Band", "Survey", "get_survey", "available_surveys"]
 
@@ -136,7 +136,7 @@ class Band:
         """GalSim PSF of this band (flux 1). ``fwhm`` (arcsec) overrides the median seeing."""
         fwhm = self.psf_fwhm if fwhm is None else float(fwhm)
         if fwhm <= 0:
-            raise ValueError(f"fwhm must be positive (arcsec), got {fwhm}")
+            raise ArgumentError("fwhm", fwhm, f"fwhm must be positive (arcsec), got {fwhm}")
         if not self.space_based:
             return galsim.Kolmogorov(fwhm=fwhm)
         lam_over_diam = self.effective_wavelength * 1e-9 / self.mirror_diameter * 206264.806
@@ -149,7 +149,7 @@ class Band:
     def psf_image(self, size: int = 25, fwhm: float | None = None) -> np.ndarray:
         """PSF drawn on this band's pixel grid, odd ``size``, centred, normalised to unit sum."""
         if size % 2 == 0 or size < 3:
-            raise ValueError(f"size must be an odd integer >= 3, got {size}")
+            raise ArgumentError("size", size, f"size must be an odd integer >= 3, got {size}")
         img = self.psf(fwhm).drawImage(nx=size, ny=size, scale=self.pixel_scale).array
         return (img / img.sum()).astype(np.float32)
 

@@ -41,6 +41,7 @@ import pyro.distributions as pdist
 import torch
 from torch.distributions import constraints
 
+from ..errors import NO_VALUE, ArgumentError, ArgumentTypeError, PriorLoadError
 from .flow import LatentFlow
 from .frame import ModelFrame
 from .nets import Decoder, Encoder
@@ -113,7 +114,7 @@ class LearnedPrior(pdist.TorchDistribution):
         validate_args=None,
     ):
         if decoder.n_bands != frame.n_bands:
-            raise ValueError(
+            raise PriorLoadError(
                 f"decoder has {decoder.n_bands} bands but the frame has {frame.n_bands} "
                 f"({list(frame.bands)})"
             )
@@ -133,7 +134,9 @@ class LearnedPrior(pdist.TorchDistribution):
         self.card = dict(card or {})
         self.latent_dim = int(decoder.latent_dim)
         if flow is not None and flow.dim != self.latent_dim:
-            raise ValueError(f"flow dimension {flow.dim} != decoder latent_dim {self.latent_dim}")
+            raise PriorLoadError(
+                f"flow dimension {flow.dim} != decoder latent_dim {self.latent_dim}"
+            )
         super().__init__(
             torch.Size(batch_shape), torch.Size((self.latent_dim,)), validate_args=validate_args
         )
@@ -188,19 +191,26 @@ class LearnedPrior(pdist.TorchDistribution):
 
     def _check_value(self, value: torch.Tensor) -> None:
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"value must be a torch.Tensor, got {type(value).__name__}")
+            raise ArgumentTypeError(
+                "value", type(value).__name__,
+                f"value must be a torch.Tensor, got {type(value).__name__}"
+            )
         shape = tuple(value.shape)
         if shape[-1:] != tuple(self.event_shape):
-            raise ValueError(f"Expected event shape {tuple(self.event_shape)}, but got {shape}")
+            raise ArgumentError(
+                "value", shape, f"Expected event shape {tuple(self.event_shape)}, but got {shape}"
+            )
         try:
             torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         except RuntimeError:
-            raise ValueError(
+            raise ArgumentError("value", shape,
                 f"Value batch shape {shape[:-1]} is not broadcastable with batch shape "
                 f"{tuple(self.batch_shape)}"
             ) from None
         if self._validate_args and not bool(torch.isfinite(value).all()):
-            raise ValueError("The value argument to log_prob must be finite (got NaN or inf)")
+            raise ArgumentError(
+                "value", NO_VALUE, "The value argument to log_prob must be finite (got NaN or inf)"
+            )
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Exact log-density of ``value`` (``(..., D)`` -> ``(...)`` broadcast with batch_shape)."""
@@ -241,14 +251,14 @@ class LearnedPrior(pdist.TorchDistribution):
         centred on the stamp centre (see :class:`ModelFrame`).
         """
         if z.shape[-1:] != self.event_shape:
-            raise ValueError(
+            raise ArgumentError("z", tuple(z.shape),
                 f"Expected event shape {tuple(self.event_shape)}, but got {tuple(z.shape)}"
             )
         dtype = z.dtype
         img = self.decoder(z.to(self._param_dtype())).to(dtype)
         if flux is not None:
             if flux.shape[-1] != self.frame.n_bands:
-                raise ValueError(
+                raise ArgumentError("flux", tuple(flux.shape),
                     f"flux must have one entry per band {list(self.bands)} in its last axis, "
                     f"got shape {tuple(flux.shape)}"
                 )
@@ -266,7 +276,7 @@ class LearnedPrior(pdist.TorchDistribution):
         )
         expected = self.full_frame.shape
         if tuple(images.shape[-3:]) != expected:
-            raise ValueError(
+            raise ArgumentError("images", tuple(images.shape),
                 f"images must have shape (..., {expected[0]}, {expected[1]}, {expected[2]}) for "
                 f"bands {list(self.full_frame.bands)}, got {tuple(images.shape)}"
             )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import galsim
 import numpy as np
 
-from ..errors import UnknownBandError
+from ..errors import ArgumentError, ArgumentTypeError, PriorLoadError, UnknownBandError
 
 __all__ = ["ModelFrame", "LSST_FRAME"]
 
@@ -52,25 +52,31 @@ class ModelFrame:
 
     def __post_init__(self):
         if isinstance(self.bands, str):
-            raise TypeError(
+            raise ArgumentTypeError("bands", self.bands,
                 f"bands must be a sequence of band names such as ('g', 'r'), got the string "
                 f"{self.bands!r}; wrap it in a tuple"
             )
         bands = tuple(str(b) for b in self.bands)
         if not bands:
-            raise ValueError("bands must name at least one band")
+            raise ArgumentError("bands", bands, "bands must name at least one band")
         if len(set(bands)) != len(bands):
-            raise ValueError(f"bands must be unique, got {bands}")
+            raise ArgumentError("bands", bands, f"bands must be unique, got {bands}")
         object.__setattr__(self, "bands", bands)
         if not (self.pixel_scale > 0 and math.isfinite(self.pixel_scale)):
-            raise ValueError(
+            raise ArgumentError("pixel_scale", self.pixel_scale,
                 f"pixel_scale must be a positive number of arcsec, got {self.pixel_scale}"
             )
         if int(self.stamp_size) != self.stamp_size or self.stamp_size < 4:
-            raise ValueError(f"stamp_size must be an integer >= 4, got {self.stamp_size}")
+            raise ArgumentError(
+                "stamp_size", self.stamp_size,
+                f"stamp_size must be an integer >= 4, got {self.stamp_size}"
+            )
         object.__setattr__(self, "stamp_size", int(self.stamp_size))
         if not (self.psf_fwhm > 0 and math.isfinite(self.psf_fwhm)):
-            raise ValueError(f"psf_fwhm must be a positive number of arcsec, got {self.psf_fwhm}")
+            raise ArgumentError(
+                "psf_fwhm", self.psf_fwhm,
+                f"psf_fwhm must be a positive number of arcsec, got {self.psf_fwhm}"
+            )
         object.__setattr__(self, "pixel_scale", float(self.pixel_scale))
         object.__setattr__(self, "psf_fwhm", float(self.psf_fwhm))
 
@@ -98,7 +104,7 @@ class ModelFrame:
     def psf_image(self, size: int = 25) -> np.ndarray:
         """Model PSF drawn on the model grid: odd ``size``, centred, unit sum, float32."""
         if int(size) != size or size % 2 == 0 or size < 3:
-            raise ValueError(f"size must be an odd integer >= 3, got {size}")
+            raise ArgumentError("size", size, f"size must be an odd integer >= 3, got {size}")
         img = self.psf().drawImage(nx=int(size), ny=int(size), scale=self.pixel_scale).array
         return (img / img.sum()).astype(np.float32)
 
@@ -140,10 +146,10 @@ class ModelFrame:
     def from_dict(cls, d: dict) -> ModelFrame:
         """Build a frame from :meth:`to_dict` output (unknown keys are ignored)."""
         if "bands" not in d:
-            raise KeyError("model frame dictionary has no 'bands' entry")
+            raise PriorLoadError("model frame dictionary has no 'bands' entry")
         psf_model = d.get("psf_model", "gaussian")
         if psf_model != "gaussian":
-            raise ValueError(f"unsupported model PSF {psf_model!r}; only 'gaussian' is known")
+            raise PriorLoadError(f"unsupported model PSF {psf_model!r}; only 'gaussian' is known")
         kw = {k: d[k] for k in ("pixel_scale", "stamp_size", "psf_fwhm", "survey") if k in d}
         return cls(bands=tuple(d["bands"]), **kw)
 

@@ -172,7 +172,7 @@ def save_prior(
         )
     kind = card.get("kind", "vae")
     if kind not in _KINDS:
-        raise ValueError(f"card['kind'] must be one of {_KINDS}, got {kind!r}")
+        raise ArgumentError("card", kind, f"card['kind'] must be one of {_KINDS}, got {kind!r}")
     arch = _architecture(encoder, decoder, flow)
     arch.update(card.get("architecture", {}))
     out = {
@@ -343,7 +343,7 @@ def _ctor(cfg: Mapping, keys) -> dict:
         k for k in keys if k not in cfg and k not in ("s_max", "n_layers", "hidden", "channels")
     ]
     if missing:
-        raise KeyError(f"architecture entry lacks {missing}")
+        raise KeyError(f"architecture entry lacks {missing}")  # protocol: caught by load_prior
     out = {k: cfg[k] for k in keys if k in cfg}
     if "channels" in out:
         out["channels"] = tuple(out["channels"])

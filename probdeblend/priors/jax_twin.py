@@ -37,6 +37,7 @@ import numpyro.distributions as ndist
 from jax import lax
 from numpyro.distributions import constraints
 
+from ..errors import ArgumentError, PriorLoadError
 from .frame import ModelFrame
 
 __all__ = ["JaxPrior", "LearnedPriorNumPyro"]
@@ -145,7 +146,7 @@ class JaxPrior:
         self._forward_jit = jax.jit(self._forward_flat) if self.has_flow else None
         self._inverse_jit = jax.jit(self._inverse_flat) if self.has_flow else None
         if self.n_bands != frame.n_bands:
-            raise ValueError(
+            raise PriorLoadError(
                 f"decoder weights produce {self.n_bands} bands but frame has {list(frame.bands)}"
             )
 
@@ -231,7 +232,9 @@ class JaxPrior:
         """``z (..., D)`` -> flux-normalised images ``(..., band, y, x)``, scaled by ``flux``."""
         z = jnp.asarray(z)
         if z.shape[-1:] != (self.latent_dim,):
-            raise ValueError(f"Expected event shape ({self.latent_dim},), but got {z.shape}")
+            raise ArgumentError(
+                "z", z.shape, f"Expected event shape ({self.latent_dim},), but got {z.shape}"
+            )
         batch, dtype = z.shape[:-1], z.dtype
         img = self._decode_jit(z.reshape(-1, self.latent_dim).astype(jnp.float32))
         img = img.reshape(batch + img.shape[1:]).astype(dtype)
@@ -253,10 +256,10 @@ class JaxPrior:
     def encode(self, images):
         """Images ``(..., band, y, x)`` (any flux unit) -> ``(loc, scale)`` of ``q(z | x)``."""
         if not self.has_encoder:
-            raise ValueError("these weights hold no encoder")
+            raise PriorLoadError("these weights hold no encoder")
         x = jnp.asarray(images, dtype=jnp.float32)
         if x.ndim < 3 or x.shape[-3] != self.encoder_bands:
-            raise ValueError(
+            raise ArgumentError("images", x.shape,
                 f"images must have shape (..., {self.encoder_bands}, y, x), got {x.shape}"
             )
         batch = x.shape[:-3]
@@ -307,7 +310,9 @@ class JaxPrior:
     def _apply_flat(self, fn, v):
         v = jnp.asarray(v)
         if v.shape[-1:] != (self.latent_dim,):
-            raise ValueError(f"Expected event shape ({self.latent_dim},), but got {v.shape}")
+            raise ArgumentError(
+                "v", v.shape, f"Expected event shape ({self.latent_dim},), but got {v.shape}"
+            )
         if not self.has_flow:
             return v, jnp.zeros(v.shape[:-1], v.dtype)
         batch, dtype = v.shape[:-1], v.dtype
@@ -397,7 +402,10 @@ class LearnedPriorNumPyro(ndist.Distribution):
     def log_prob(self, value):
         shape = jnp.shape(value)
         if tuple(shape[-1:]) != self.event_shape:
-            raise ValueError(f"Expected event shape {self.event_shape}, but got {tuple(shape)}")
+            raise ArgumentError(
+                "value", tuple(shape),
+                f"Expected event shape {self.event_shape}, but got {tuple(shape)}"
+            )
         lp = self.twin.log_prob(value)
         return jnp.broadcast_to(lp, jnp.broadcast_shapes(lp.shape, self.batch_shape))
 

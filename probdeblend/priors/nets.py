@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ArgumentError
+
 __all__ = [
     "DEFAULT_CHANNELS",
     "encoder_input",
@@ -119,7 +121,7 @@ class Encoder(nn.Module):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if not channels:
-            raise ValueError("channels must hold at least one width")
+            raise ArgumentError("channels", channels, "channels must hold at least one width")
         self.n_bands, self.stamp_size, self.latent_dim = (
             int(n_bands),
             int(stamp_size),
@@ -195,10 +197,10 @@ class Decoder(nn.Module):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) < 1:
-            raise ValueError("channels must hold at least one width")
+            raise ArgumentError("channels", channels, "channels must hold at least one width")
         n_up = len(channels) - 1
         if stamp_size % (2**n_up):
-            raise ValueError(
+            raise ArgumentError("stamp_size", stamp_size,
                 f"stamp_size={stamp_size} must be divisible by 2**(len(channels) - 1) = {2**n_up} "
                 f"for channels={channels}; change the stamp size or the number of channel widths"
             )

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import NO_VALUE, ArgumentError, ArgumentTypeError
 from ..training import (
     LoopConfig,
     fit_loop,
@@ -156,18 +157,29 @@ class TrainConfig:
         self.channels = tuple(int(c) for c in self.channels)
         self.disc_channels = tuple(int(c) for c in self.disc_channels)
         if self.kind not in ("vae", "vaegan"):
-            raise ValueError(f"kind must be 'vae' or 'vaegan', got {self.kind!r}")
+            raise ArgumentError(
+                "kind", self.kind, f"kind must be 'vae' or 'vaegan', got {self.kind!r}"
+            )
         if self.lr_schedule not in ("cosine", "step", "constant"):
-            raise ValueError(
+            raise ArgumentError("lr_schedule", self.lr_schedule,
                 f"lr_schedule must be 'cosine', 'step' or 'constant', got {self.lr_schedule!r}"
             )
         for name in ("latent_dim", "epochs", "batch_size", "flow_batch_size", "flow_layers"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ArgumentError(
+                    name, getattr(self, name),
+                    f"{name} must be a positive integer, got {getattr(self, name)}"
+                )
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ArgumentError(
+                "val_fraction", self.val_fraction,
+                f"val_fraction must be in [0, 1), got {self.val_fraction}"
+            )
         if self.recon_sigma <= 0:
-            raise ValueError(f"recon_sigma must be positive, got {self.recon_sigma}")
+            raise ArgumentError(
+                "recon_sigma", self.recon_sigma,
+                f"recon_sigma must be positive, got {self.recon_sigma}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,11 +192,19 @@ def _check_images(images) -> np.ndarray:
     if not isinstance(images, np.ndarray):
         images = np.asarray(images)
     if images.ndim != 4:
-        raise ValueError(f"images must be an array (N, band, y, x), got shape {images.shape}")
+        raise ArgumentError(
+            "images", images.shape,
+            f"images must be an array (N, band, y, x), got shape {images.shape}"
+        )
     if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"images must be square stamps, got {images.shape[-2]}x{images.shape[-1]}")
+        raise ArgumentError(
+            "images", images.shape,
+            f"images must be square stamps, got {images.shape[-2]}x{images.shape[-1]}"
+        )
     if not np.issubdtype(images.dtype, np.floating):
-        raise TypeError(f"images must hold floats, got dtype {images.dtype}")
+        raise ArgumentTypeError(
+            "images", images.dtype, f"images must hold floats, got dtype {images.dtype}"
+        )
     return images
 
 
@@ -301,7 +321,7 @@ def train_prior(
     n_skipped = int((~usable).sum())
     train_idx, val_idx = split_indices(images, config)
     if len(train_idx) == 0:
-        raise ValueError(
+        raise ArgumentError("images", NO_VALUE,
             f"no usable training galaxies: {n_skipped} of {images.shape[0]} have a non-positive "
             f"or non-finite band sum"
         )
@@ -443,7 +463,7 @@ def fit_flow(encoder: Encoder, images, config: TrainConfig | None = None, progre
         torch.set_num_threads(int(config.num_threads))
     train_idx, val_idx = split_indices(images, config)
     if len(train_idx) == 0:
-        raise ValueError("no usable training galaxies to fit the flow on")
+        raise ArgumentError("images", NO_VALUE, "no usable training galaxies to fit the flow on")
     with flush_denormals():
         return _fit_flow(encoder, images, config, train_idx, val_idx, progress)
 
@@ -527,7 +547,7 @@ def build_prior(
     config = config or TrainConfig()
     images = _check_images(images)
     if tuple(images.shape[1:]) != frame.shape:
-        raise ValueError(
+        raise ArgumentError("images", images.shape,
             f"images have shape (N, {images.shape[1:]}) but the frame {frame.bands} "
             f"needs (N, {frame.shape})"
         )
