@@ -826,7 +826,10 @@ def adaptive_moments_torch(stamps, *, max_iter: int = 200, tol: float | None = N
         (float32 and narrower).
     batch_size : int, optional
         Stamps processed at once (bounds memory: ~10 temporaries of ``batch_size * ny * nx``
-        elements). Default: ``2**22 / (ny nx)`` on CPU, ``2**25 / (ny nx)`` on GPU.
+        elements at most, ~35 kB per 48x48 float32 stamp). Default: ``2**22 / (ny nx)`` on CPU
+        (1820 stamps of 48x48), ``2**28 / (ny nx)`` on GPU (116508 stamps, ~4 GB). The GPU
+        is launch-bound for small batches: on an H200, float32, 48x48 decoded stamps,
+        16k / 65k / 262k stamps per batch ran at 87k / 330k / 870k stamps/s.
 
     Returns
     -------
@@ -845,7 +848,7 @@ def adaptive_moments_torch(stamps, *, max_iter: int = 200, tol: float | None = N
     ny, nx = img.shape[-2:]
     flat = img.reshape((-1, ny, nx))
     if batch_size is None:
-        batch_size = max(1, (2**25 if img.is_cuda else 2**22) // (ny * nx))
+        batch_size = max(1, (2**28 if img.is_cuda else 2**22) // (ny * nx))
     parts = []
     with torch.no_grad():
         for s in range(0, flat.shape[0], int(batch_size)):
@@ -1098,7 +1101,8 @@ def shear_psf_free(stamps, shear, psf_sigma_pix: float):
 
     g = torch.as_tensor(shear, dtype=stamps.dtype, device=stamps.device)
     n = stamps.shape[-1]
-    sheared = shear_stamps(stamps, g, torch)
+    with torch.device(stamps.device):  # shear_stamps makes its coordinate grids by default
+        sheared = shear_stamps(stamps, g, torch)
     freqs = (torch.fft.fftfreq(n, dtype=stamps.dtype, device=stamps.device)[:, None],
              torch.fft.rfftfreq(n, dtype=stamps.dtype, device=stamps.device)[None, :])
     corr = model_psf_shear_correction(g, freqs, float(psf_sigma_pix), torch)
