@@ -1,22 +1,11 @@
-"""Posterior results as ArviZ InferenceData: conversion, summaries, convergence checks, plots.
+"""Reading posterior results: summaries, convergence checks, plots.
 
-:func:`to_inference_data` turns posterior draws of a scene into an :class:`arviz.InferenceData`
-with named dimensions ``source`` (coordinates: source ids), ``band`` (band names) and
-``latent_dim`` (latent-space index) so that every ArviZ function works on it (``az.summary``,
-``az.plot_trace``, ``az.rhat``, ...).
-:func:`summary_table` condenses it into one catalogue row per source, :func:`check_convergence`
-checks R-hat, ESS and divergences and warns loudly, and :func:`plot_scene`,
-:func:`plot_corner` and :func:`plot_trace` draw the usual figures. See :doc:`/diagnostics`.
-
-Conventions (stored in the ``conventions`` attribute of the result)
-------------------------------------------------------------------
-``e1, e2``
-    GalSim reduced shear ``g`` of the PSF-free galaxy (:mod:`probdeblend.measure`).
-``x, y``
-    0-based pixel centres of the scene (the centre of ``image[b, j, i]`` is ``(x=i, y=j)``).
-``flux``
-    Total flux of the PSF-convolved galaxy in each band, in the scene's image units
-    (``scene.units``; PSF convolution conserves flux, so it is also the PSF-free galaxy's).
+The results themselves are :class:`arviz.InferenceData` built by
+:func:`probdeblend.results.build_inference_data` (schema, dims and conventions there;
+:func:`to_inference_data` is kept here as a thin alias). :func:`summary_table` condenses a
+result into one catalogue row per source, :func:`check_convergence` checks R-hat, ESS and
+divergences and warns loudly, and :func:`plot_scene`, :func:`plot_corner` and
+:func:`plot_trace` draw the usual figures. See :doc:`/diagnostics`.
 """
 
 from __future__ import annotations
@@ -30,6 +19,9 @@ import numpy as np
 from astropy import units as u
 from astropy.table import Table
 
+from .results import CONVENTIONS, LATENT_DIM, build_inference_data
+from .results import arviz as _arviz
+
 __all__ = [
     "ConvergenceWarning",
     "to_inference_data",
@@ -42,57 +34,9 @@ __all__ = [
     "LATENT_DIM",
 ]
 
-#: One-line statement of the units and conventions stored with every result.
-CONVENTIONS = (
-    "e1, e2: GalSim reduced shear of the PSF-free galaxy; x, y: 0-based pixel centres; "
-    "flux: total flux of the PSF-convolved galaxy in image units"
-)
-#: Name of the latent-space dimension. Not ``"latent"``: xarray turns a variable named like a
-#: dimension into a coordinate, and the variable ``latent`` must stay a data variable.
-LATENT_DIM = "latent_dim"
-_REQUIRED = ("flux", "e1", "e2", "x", "y")
-_PER_SOURCE_XY = ("position", "offset")  # (..., source, 2) extras with an (x, y) axis
-
 
 class ConvergenceWarning(UserWarning):
     """MCMC diagnostics (R-hat, ESS, divergences) show the posterior draws are not reliable."""
-
-
-def _arviz():
-    """Import ArviZ without its import-time migration FutureWarning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
-    return az
-
-
-def _version() -> str:
-    try:
-        from . import __version__
-
-        return str(__version__)
-    except ImportError:  # pragma: no cover
-        return "unknown"
-
-
-# --------------------------------------------------------------------------------------------
-# conversion
-# --------------------------------------------------------------------------------------------
-def _as_draws(value: Any, name: str, lead: tuple[int, ...] | None, min_ndim: int) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
-    if arr.ndim < min_ndim:
-        raise ValueError(
-            f"{name}: expected at least {min_ndim} dimensions with leading (chain, draw), got "
-            f"shape {arr.shape}; add a chain axis with x[None] for a single chain"
-        )
-    if lead is not None and arr.shape[:2] != lead:
-        raise ValueError(
-            f"{name}: leading (chain, draw) shape {arr.shape[:2]} differs from draws['flux']'s "
-            f"{lead}"
-        )
-    return arr
 
 
 def to_inference_data(
@@ -106,213 +50,30 @@ def to_inference_data(
     dims: Mapping[str, Sequence[str]] | None = None,
     predictive_draw_index: Sequence[int] | None = None,
 ):
-    """Posterior draws of a scene as :class:`arviz.InferenceData`.
+    """Compatibility alias of :func:`probdeblend.results.build_inference_data`.
 
-    Parameters
-    ----------
-    draws : dict of str -> array
-        Posterior draws, every array with leading dimensions ``(chain, draw)``. Required:
-        ``flux`` (chain, draw, source, band) in scene units, ``e1``, ``e2``, ``x``, ``y``
-        (chain, draw, source). Usual: ``latent`` (chain, draw, source, D), stored with dims
-        ``(source, latent_dim)``. Any extra variable is stored too; its dims are inferred from
-        its shape: ``(source,)``, ``(source, band)``, ``(source, latent_dim)``, ``(source, xy)``
-        for ``position``/``offset`` (coordinates ``"x", "y"``), otherwise ArviZ's default names
-        (override with ``dims``).
-    sample_stats : dict of str -> array (chain, draw), or None
-        Engine statistics passed through unchanged (ArviZ names: ``lp``, ``diverging``,
-        ``acceptance_rate``, ``tree_depth``, ``n_steps``, ...).
-    scene : probdeblend.Scene
-        The fitted observation: gives the band names, the ``observed_data`` group and units.
-    source_ids : sequence, optional
-        Coordinates of the ``source`` dimension (default ``0 .. S-1``); must be unique.
-    posterior_predictive : array (chain, draw', band, y, x) or dict, optional
-        Replicated images (noisy draws from the likelihood given posterior draws), stored as
-        variable ``image``; a dict may hold more variables. It is usually computed for a thinned
-        subset of draws, so ``draw'`` may be shorter than the posterior's ``draw``: its ``draw``
-        coordinate is ``0 .. draw'-1`` unless ``predictive_draw_index`` gives the posterior draw
-        index of each.
-    log_likelihood : array (chain, draw, band) or dict, optional
-        Stored as variable ``obs`` with dims ``(chain, draw, band)``: the log-likelihood of each
-        draw **summed over the pixels of each band** (pixel-wise values would be
-        ``n_band * ny * nx`` numbers per draw). ``az.loo`` / ``az.waic`` on it therefore treat
-        bands as the observations, which is a coarse leave-one-band-out check, not pixel LOO.
-    attrs : dict, optional
-        Extra attributes (e.g. ``method="nuts"``, ``prior="vae-lsst"``) stored on the result
-        (``idata.attrs``) and on the posterior group; values should be str or numbers.
-    dims : dict of str -> list of str, optional
-        Dimension names (after chain, draw) for extra variables whose dims cannot be inferred.
-    predictive_draw_index : sequence of int, optional
-        For a thinned ``posterior_predictive``: the posterior ``draw`` index of each of its draws.
+    ``attrs["method"]`` and ``attrs["inference_library"]`` (if given) become its ``method`` and
+    ``library``; ``predictive_draw_index`` is its ``predictive_draws``.
 
-    Returns
-    -------
-    arviz.InferenceData
-        Groups ``posterior``, ``sample_stats`` (if given), ``observed_data`` (``image`` and
-        ``variance``, dims ``(band, y, x)``, ``inf`` variance = masked), and, if given,
-        ``posterior_predictive`` and ``log_likelihood``. Attributes: ``method``, ``prior``,
-        ``probdeblend_version``, ``units``, ``pixel_scale``, ``bands``, ``conventions``.
-
-    Raises
-    ------
-    ValueError
-        A required variable is missing or shapes disagree (the message names the variable).
+    Legacy contract, kept until its callers (``fit``, ``deblend``) move to the builder: the
+    positions keep the caller's names (``x`` / ``y`` when given so), a per-band log-likelihood
+    is the variable ``obs``, and there is **no** ``constant_data`` group (those callers add their
+    own; ``add_groups`` fails on an existing group). New code calls
+    :func:`~probdeblend.results.build_inference_data` for the full schema.
     """
-    az = _arviz()
-    if not isinstance(draws, Mapping):
-        raise TypeError(f"draws: expected a dict of arrays, got {type(draws).__name__}")
-    missing = [k for k in _REQUIRED if k not in draws]
-    if missing:
-        raise ValueError(
-            f"draws: missing required variable(s) {missing}; expected {list(_REQUIRED)} with "
-            "shapes flux (chain, draw, source, band) and e1, e2, x, y (chain, draw, source)"
-        )
-    bands = list(scene.bands)
-    flux = _as_draws(draws["flux"], "draws['flux']", None, 4)
-    lead = flux.shape[:2]
-    n_source = flux.shape[2]
-    if flux.ndim != 4 or flux.shape[3] != len(bands):
-        raise ValueError(
-            f"draws['flux']: expected shape (chain, draw, source, band={len(bands)}) for bands "
-            f"{bands}, got {flux.shape}"
-        )
-    ny, nx = scene.shape
-    n_latent = None
-    if "latent" in draws:
-        lat = _as_draws(draws["latent"], "draws['latent']", lead, 4)
-        n_latent = lat.shape[3]
-
-    posterior: dict[str, np.ndarray] = {}
-    var_dims: dict[str, list[str]] = {}
-    user_dims = {k: list(v) for k, v in (dims or {}).items()}
-    for name, value in draws.items():
-        arr = _as_draws(value, f"draws[{name!r}]", lead, 2)
-        rest = arr.shape[2:]
-        if name in _REQUIRED[1:] and rest != (n_source,):
-            raise ValueError(
-                f"draws[{name!r}]: expected shape (chain, draw, source={n_source}), got "
-                f"{arr.shape}"
-            )
-        posterior[name] = arr
-        if name in user_dims:
-            var_dims[name] = user_dims[name]
-        elif name == "flux":
-            var_dims[name] = ["source", "band"]
-        elif name == "latent":
-            var_dims[name] = ["source", LATENT_DIM]
-        elif rest == ():
-            var_dims[name] = []
-        elif rest == (n_source,):
-            var_dims[name] = ["source"]
-        elif len(rest) == 2 and rest[0] == n_source:
-            if name in _PER_SOURCE_XY and rest[1] == 2:
-                var_dims[name] = ["source", "xy"]
-            elif "latent" in name and rest[1] == n_latent:
-                var_dims[name] = ["source", LATENT_DIM]
-            elif rest[1] == len(bands):
-                var_dims[name] = ["source", "band"]
-            elif rest[1] == n_latent:
-                var_dims[name] = ["source", LATENT_DIM]
-
-    if source_ids is None:
-        ids = list(range(n_source))
-    else:
-        ids = list(np.asarray(source_ids).tolist())
-        if len(ids) != n_source:
-            raise ValueError(
-                f"source_ids: {len(ids)} ids given for {n_source} sources in draws['flux']"
-            )
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"source_ids: ids must be unique, got {ids}")
-
-    coords: dict[str, Any] = {
-        "source": ids,
-        "band": bands,
-        "y": np.arange(ny),
-        "x": np.arange(nx),
-        "xy": ["x", "y"],
-    }
-    if n_latent is not None:
-        coords[LATENT_DIM] = np.arange(n_latent)
-
-    stats = None
-    if sample_stats:
-        stats = {}
-        for name, value in sample_stats.items():
-            stats[name] = _as_draws(value, f"sample_stats[{name!r}]", lead, 2)
-
-    observed = {
-        "image": np.asarray(scene.image),
-        "variance": np.asarray(scene.variance),
-    }
-    var_dims["image"] = ["band", "y", "x"]
-    var_dims["variance"] = ["band", "y", "x"]
-
-    predictive = None
-    if posterior_predictive is not None:
-        if not isinstance(posterior_predictive, Mapping):
-            posterior_predictive = {"image": posterior_predictive}
-        predictive = {}
-        for name, value in posterior_predictive.items():
-            arr = _as_draws(value, f"posterior_predictive[{name!r}]", None, 2)
-            if name == "image" and arr.shape[2:] != (len(bands), ny, nx):
-                raise ValueError(
-                    f"posterior_predictive['image']: expected shape (chain, draw, "
-                    f"{len(bands)}, {ny}, {nx}), got {arr.shape}"
-                )
-            if arr.shape[0] != lead[0]:
-                raise ValueError(
-                    f"posterior_predictive[{name!r}]: {arr.shape[0]} chains, the posterior has "
-                    f"{lead[0]}"
-                )
-            predictive[name] = arr
-
-    loglik = None
-    if log_likelihood is not None:
-        if not isinstance(log_likelihood, Mapping):
-            log_likelihood = {"obs": log_likelihood}
-        loglik = {}
-        for name, value in log_likelihood.items():
-            arr = _as_draws(value, f"log_likelihood[{name!r}]", lead, 2)
-            if name == "obs" and arr.shape[2:] != (len(bands),):
-                raise ValueError(
-                    f"log_likelihood['obs']: expected shape (chain, draw, band={len(bands)}) "
-                    f"(per-band summed log-likelihood), got {arr.shape}"
-                )
-            loglik[name] = arr
-            if name == "obs":
-                var_dims["obs"] = ["band"]
-
-    meta: dict[str, Any] = {
-        "method": "unspecified",
-        "prior": "unspecified",
-        "probdeblend_version": _version(),
-        "units": scene.units,
-        "pixel_scale": float(scene.pixel_scale),
-        "bands": ",".join(bands),
-        "conventions": CONVENTIONS,
-    }
-    meta.update(dict(attrs or {}))
-
-    idata = az.from_dict(
-        posterior=posterior,
-        sample_stats=stats,
-        observed_data=observed,
-        posterior_predictive=predictive,
-        log_likelihood=loglik,
-        coords=coords,
-        dims=var_dims,
-        attrs=dict(meta),
-        posterior_attrs=dict(meta),
-    )
-    if predictive is not None and predictive_draw_index is not None:
-        index = np.asarray(predictive_draw_index, dtype=int)
-        n_pp = idata.posterior_predictive.sizes["draw"]
-        if index.shape != (n_pp,):
-            raise ValueError(
-                f"predictive_draw_index: expected {n_pp} indices (one per predictive draw), got "
-                f"shape {index.shape}"
-            )
-        idata.posterior_predictive = idata.posterior_predictive.assign_coords(draw=index)
+    attrs = dict(attrs or {})
+    idata = build_inference_data(
+        draws, scene, method=attrs.get("method", "unspecified"),
+        library=attrs.get("inference_library", "probdeblend"), source_ids=source_ids,
+        sample_stats=sample_stats, log_likelihood=log_likelihood,
+        posterior_predictive=posterior_predictive, predictive_draws=predictive_draw_index,
+        attrs=attrs, dims=dims)
+    del idata.constant_data
+    legacy = {k + "_pix": k for k in ("x", "y") if k in draws}
+    if legacy:
+        idata.posterior = idata.posterior.rename(legacy)
+    if "log_likelihood" in idata.groups() and idata.attrs.get("log_likelihood_level") == "band":
+        idata.log_likelihood = idata.log_likelihood.rename({"image": "obs"})
     return idata
 
 
@@ -345,25 +106,52 @@ def _per_source_reduce(ds, names, reducer, default=np.nan):
     return out
 
 
+class _SigFigs(str):
+    """Column format: ``digits`` significant figures written positionally (``12350``,
+    ``0.001235``). A ``str`` (``"{:.4g}"``) so that FITS writers turn it into a TDISP keyword."""
+
+    def __new__(cls, digits: int):
+        out = super().__new__(cls, f"{{:.{int(digits)}g}}")
+        out.digits = int(digits)
+        return out
+
+    def format(self, value, *args, **kwargs) -> str:  # what astropy calls to print a value
+        if np.ma.is_masked(value):
+            return "--"
+        v = float(value)
+        if not np.isfinite(v):
+            return str(v)
+        return np.format_float_positional(v, precision=self.digits, unique=False,
+                                          fractional=False, trim="-")
+
+
+#: Display formats of :func:`summary_table` columns (values keep full precision).
+_FORMATS = {"x": "{:.2f}", "y": "{:.2f}", "e1": "{:.3f}", "e1_err": "{:.3f}", "e2": "{:.3f}",
+            "e2_err": "{:.3f}", "r_hat": "{:.3f}", "ess_bulk": "{:.0f}", "pareto_k": "{:.2f}"}
+
+
 def summary_table(idata, pareto_k: Any = None) -> Table:
     """One catalogue row per source: posterior means, standard deviations and diagnostics.
 
     Parameters
     ----------
     idata : arviz.InferenceData
-        From :func:`to_inference_data`.
+        From :func:`probdeblend.results.build_inference_data` (or :func:`probdeblend.fit`).
     pareto_k : float or array (source,), optional
         Pareto k-hat of importance reweighting, per source or one for the scene (broadcast).
+        Default: ``idata.attrs["pareto_k"]`` when the result has it.
 
     Returns
     -------
     astropy.table.Table
-        Columns ``id``; ``x``, ``y`` (posterior means, pix); per band ``flux_<band>`` (mean),
-        ``flux_<band>_err`` (standard deviation, ddof=1), ``flux_<band>_lo`` / ``_hi`` (16th /
-        84th percentiles), in the scene's units; ``e1``, ``e1_err``, ``e2``, ``e2_err``;
-        ``r_hat`` (the largest rank-normalised split R-hat over the source's flux, e1 and e2;
-        NaN for a single chain), ``ess_bulk`` (the smallest bulk ESS over the same) and
-        ``pareto_k`` if given. Statistics pool all chains and draws.
+        Columns ``id``; ``x``, ``y`` (posterior means of ``x_pix`` / ``y_pix``, pix); per band
+        ``flux_<band>`` (mean), ``flux_<band>_err`` (standard deviation, ddof=1),
+        ``flux_<band>_lo`` / ``_hi`` (16th / 84th percentiles), in the scene's units; ``e1``,
+        ``e1_err``, ``e2``, ``e2_err``; ``r_hat`` (the largest rank-normalised split R-hat over
+        the source's flux, e1 and e2; NaN for a single chain), ``ess_bulk`` (the smallest bulk
+        ESS over the same) and ``pareto_k`` if known. Statistics pool all chains and draws.
+        Values keep full precision; printing rounds them (flux to 4 significant figures, its
+        error to 3, e1 / e2 to 3 decimals, positions to 2).
     """
     az = _arviz()
     post = idata.posterior
@@ -371,6 +159,8 @@ def summary_table(idata, pareto_k: Any = None) -> Table:
     n_source = len(ids)
     n_chain = post.sizes["chain"]
     unit = _unit(idata)
+    if pareto_k is None:
+        pareto_k = idata.attrs.get("pareto_k", post.attrs.get("pareto_k"))
 
     def pooled(name):
         da = post[name]
@@ -380,10 +170,11 @@ def summary_table(idata, pareto_k: Any = None) -> Table:
 
     t = Table()
     t["id"] = ids
-    for name in ("x", "y"):
+    for col, name in (("x", "x_pix"), ("y", "y_pix")):
+        name = name if name in post else col  # results of the legacy to_inference_data
         if name in post:
-            t[name] = pooled(name).mean(0)
-            t[name].unit = u.pix
+            t[col] = pooled(name).mean(0)
+            t[col].unit = u.pix
     flux = pooled("flux")
     for k, band in enumerate(post.coords["band"].values):
         f = flux[:, :, k]
@@ -391,9 +182,11 @@ def summary_table(idata, pareto_k: Any = None) -> Table:
         t[f"flux_{band}_err"] = f.std(0, ddof=1) if len(f) > 1 else np.full(n_source, np.nan)
         t[f"flux_{band}_lo"] = np.percentile(f, 16, axis=0)
         t[f"flux_{band}_hi"] = np.percentile(f, 84, axis=0)
-        if unit is not None:
-            for suffix in ("", "_err", "_lo", "_hi"):
-                t[f"flux_{band}{suffix}"].unit = unit
+        for suffix in ("", "_err", "_lo", "_hi"):
+            col = t[f"flux_{band}{suffix}"]
+            col.info.format = _SigFigs(3 if suffix == "_err" else 4)
+            if unit is not None:
+                col.unit = unit
     for name in ("e1", "e2"):
         v = pooled(name)
         t[name] = v.mean(0)
@@ -412,13 +205,17 @@ def summary_table(idata, pareto_k: Any = None) -> Table:
     if pareto_k is not None:
         k = np.broadcast_to(np.asarray(pareto_k, dtype=float), (n_source,)).copy()
         t["pareto_k"] = k
+    for col, fmt in _FORMATS.items():
+        if col in t.colnames:
+            t[col].info.format = fmt
     t.meta["units"] = idata.posterior.attrs.get("units", "")
     t.meta["conventions"] = idata.posterior.attrs.get("conventions", CONVENTIONS)
     return t
 
 
 def check_convergence(idata, r_hat_max: float = 1.01, ess_min: float = 400, warn: bool = True,
-                      var_names: Sequence[str] = ("flux", "e1", "e2", "x", "y")) -> dict:
+                      var_names: Sequence[str] = ("flux", "e1", "e2", "x_pix", "y_pix", "x",
+                                                  "y")) -> dict:
     """Check R-hat, bulk ESS and divergences; warn once, loudly, listing every failure.
 
     Parameters
@@ -609,7 +406,8 @@ def plot_scene(scene, model, path=None, positions=None, bands=("i", "r", "g")):
 def _truth_value(truth, key):
     if truth is None:
         return None
-    aliases = {"e1": ("e1", "g1"), "e2": ("e2", "g2")}
+    aliases = {"e1": ("e1", "g1"), "e2": ("e2", "g2"), "x_pix": ("x_pix", "x"),
+               "y_pix": ("y_pix", "y")}
     for k in aliases.get(key, (key,)):
         if k in truth:
             return float(truth[k])
