@@ -2,13 +2,15 @@
 
 Pipeline (see ``docs/survey_scale.md``):
 
-1. **Sources.** ``scene.positions`` if given, else :func:`probdeblend.detection.detect` on the
-   whole image's multi-band S/N map (sep, with its segmentation map).
+1. **Sources.** ``scene.positions`` if given, else
+   :func:`probdeblend.detection.detect_sources` on the whole image: PSF-matched-filtered
+   multi-band S/N map, sep footprints, merged peaks split with a lowered-Gaussian test.
 2. **Blend groups.** Sources that may interact are grouped so that each source is owned by
    exactly one group and reported once:
 
    * ``grouping="footprint"`` (default): connected components of the detection footprints
-     (sep's segmentation at ``threshold``) *dilated* by ``dilate`` pixels. Two sources share a
+     (sep's segmentation of the matched-filtered S/N map at ``threshold``) *dilated* by
+     ``dilate`` pixels. Two sources share a
      group when their isophotal footprints touch or come within ``2 * dilate`` pixels. This is
      the choice of SExtractor / the LSST pipelines ("parent footprints"): it adapts to the
      sizes of the galaxies (a big galaxy links its distant neighbours, two small ones far apart
@@ -432,7 +434,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         Seeds every random step (chunk ``k`` uses ``SeedSequence([seed, k])``, group ``g``'s
         fit ``SeedSequence([seed, g])``).
     detect_kwargs : dict, optional
-        Passed to :func:`probdeblend.detection.detect` (e.g. ``threshold``).
+        Passed to :func:`probdeblend.detection.detect_sources` (e.g. ``threshold``).
     grouping : {"footprint", "linkage"}
         Blend-group definition, see the module notes.
     dilate : int
@@ -486,19 +488,17 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
 
     # 1. sources
     t0 = time.perf_counter()
-    from .detection import _extract, detect, snr_map
+    from .detection import detect_sources
 
     det_kw = dict(detect_kwargs or {})
     snr_det = None
     segmap = None
     if scene.positions is not None and len(scene.positions):
         positions = np.asarray(scene.positions, dtype=np.float64)
-        if grouping == "footprint":
-            snr, allmask = snr_map(scene)
-            _, segmap = _extract(snr, allmask, float(det_kw.get("threshold", 3.0)),
-                                 int(det_kw.get("min_area", 5)), 32, 1.0)
+        if grouping == "footprint":  # footprints only (no splitting needed)
+            _, segmap = detect_sources(scene, return_segmap=True, **{**det_kw, "split": False})
     else:
-        table, segmap = detect(scene, return_segmap=True, **det_kw)
+        table, segmap = detect_sources(scene, return_segmap=True, **det_kw)
         positions = np.stack([np.asarray(table["x"]), np.asarray(table["y"])], -1)
         positions = positions.reshape(-1, 2).astype(np.float64)
         snr_det = np.asarray(table["snr"], np.float64)

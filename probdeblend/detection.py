@@ -61,7 +61,8 @@ from astropy.table import Table
 
 from .errors import NO_VALUE, ArgumentError, ArgumentTypeError
 
-__all__ = ["detect", "detect_residual", "sep_baseline", "match_positions", "snr_map"]
+__all__ = ["detect", "detect_sources", "detect_residual", "sep_baseline", "match_positions",
+           "snr_map", "matched_filter", "lowered_gaussian_filter"]
 
 #: SExtractor ``PHOT_AUTOPARAMS`` defaults: Kron factor and minimum radius (in units of a, b).
 KRON_FACTOR = 2.5
@@ -479,3 +480,250 @@ def match_positions(table: Table, positions, max_distance: float = 1.5) -> np.nd
         if out[i] < 0 and not used[j]:
             out[i], used[j] = j, True
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# matched-filter detection with peak splitting (survey images, blends)
+# --------------------------------------------------------------------------------------------
+def matched_filter(scene, snr: np.ndarray | None = None, kernel_size: int = 15) -> np.ndarray:
+    r"""The S/N map filtered with the scene's PSF and renormalised to unit noise.
+
+    .. math:: F = \frac{\nu \ast k}{\sqrt{\sum k^2}}
+
+    with :math:`\nu` the unit-variance S/N map (:func:`snr_map`) and :math:`k` the
+    inverse-variance-weighted mean of the band PSFs (central ``kernel_size`` pixels). For a
+    point source in white noise, ``F`` at its position is the optimal (matched-filter) detection
+    S/N; the noise of ``F`` has unit variance in every pixel (it is correlated over a PSF), so a
+    threshold on ``F`` is a threshold in sigma of the detection statistic.
+    """
+    from scipy.signal import fftconvolve
+
+    if snr is None:
+        snr, _ = snr_map(scene)
+    w = np.array([np.median(wb[wb > 0]) if np.any(wb > 0) else 0.0
+                  for wb in np.asarray(scene.weight)])
+    psf = np.asarray(scene.psf, dtype=np.float64)
+    k = np.tensordot(w / max(w.sum(), 1e-300), psf, axes=1)
+    n = psf.shape[-1]
+    h = min(int(kernel_size) // 2, n // 2)
+    c = n // 2
+    k = k[c - h:c + h + 1, c - h:c + h + 1]
+    k = k / np.sqrt((k**2).sum())
+    return _c64(fftconvolve(snr, k, mode="same"))
+
+
+def _psf_sigma_pixels(scene) -> float:
+    """Gaussian-equivalent sigma (pixels) of the inverse-variance-weighted mean PSF."""
+    w = np.array([np.median(wb[wb > 0]) if np.any(wb > 0) else 0.0
+                  for wb in np.asarray(scene.weight)])
+    psf = np.tensordot(w / max(w.sum(), 1e-300), np.asarray(scene.psf, np.float64), axes=1)
+    p = np.clip(psf, 0, None)
+    # the half-maximum area of the PSF, A = pi * FWHM^2 / 4 (robust for any profile)
+    area = float((p >= 0.5 * p.max()).sum())
+    fwhm = 2.0 * math.sqrt(area / math.pi)
+    return max(fwhm / 2.3548, 0.5)
+
+
+def lowered_gaussian_filter(scene, snr: np.ndarray | None = None,
+                            sigma: float | None = None) -> np.ndarray:
+    """DAOFIND-style "lowered Gaussian" filter of the S/N map, renormalised to unit noise.
+
+    The kernel is a circular Gaussian of the PSF's width (``sigma`` pixels) truncated at
+    ``2 sigma`` with its mean subtracted inside the truncation disk (zero sum). A symmetric
+    zero-sum kernel cancels constants *and linear gradients*, so a faint galaxy sitting on the
+    wing of a bright neighbour still makes a local maximum, where the plain matched filter only
+    shows a shoulder (Stetson 1987, PASP 99, 191).
+    """
+    from scipy.signal import fftconvolve
+
+    if snr is None:
+        snr, _ = snr_map(scene)
+    sigma = _psf_sigma_pixels(scene) if sigma is None else float(sigma)
+    r = max(int(math.ceil(2.0 * sigma)), 2)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = xx**2 + yy**2 <= (2.0 * sigma) ** 2 + 1e-9
+    g = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+    k = np.where(disk, g - g[disk].mean(), 0.0)
+    k /= np.sqrt((k**2).sum())
+    return _c64(fftconvolve(snr, k, mode="same"))
+
+
+def _subpixel_peak(f: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Parabolic sub-pixel refinement of integer peaks ``(i=x, j=y)`` of ``f``."""
+    ny, nx = f.shape
+    i = np.clip(i, 1, nx - 2)
+    j = np.clip(j, 1, ny - 2)
+    c = f[j, i]
+    dx_den = f[j, i - 1] - 2 * c + f[j, i + 1]
+    dy_den = f[j - 1, i] - 2 * c + f[j + 1, i]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dx = np.where(dx_den < 0, 0.5 * (f[j, i - 1] - f[j, i + 1]) / dx_den, 0.0)
+        dy = np.where(dy_den < 0, 0.5 * (f[j - 1, i] - f[j + 1, i]) / dy_den, 0.0)
+    return i + np.clip(dx, -0.5, 0.5), j + np.clip(dy, -0.5, 0.5)
+
+
+def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nthresh: int = 32,
+                   deblend_cont: float = 0.001, split: bool = True, split_snr: float = 5.0,
+                   peak_threshold: float | None = None, min_separation: float = 2.5,
+                   split_sigma: float = 1.0, refine: float = 1.5,
+                   kernel_size: int = 15, return_segmap: bool = False):
+    """Detect sources on the PSF-matched-filtered S/N map, splitting merged peaks.
+
+    The detection statistic is :func:`matched_filter`: the multi-band S/N map convolved with
+    the PSF, renormalised to unit noise, so ``threshold`` is in sigma of the matched-filter S/N
+    (5 = the usual 5-sigma point-source detection). (:func:`detect` thresholds sep's
+    3x3-smoothed S/N map, a filter much narrower than the PSF: on the 512x512 LSST benchmark
+    field of ``benchmarks/field_benchmark.py`` it finds 69% of the galaxies, this function
+    96%, at purity 97-99% for both.)
+
+    1. ``sep.extract`` on ``F`` (no further filtering) with multi-threshold deblending gives
+       the footprints and one peak per object;
+    2. **peak splitting** (``split=True``): the S/N map is also filtered with a DAOFIND-style
+       lowered Gaussian (:func:`lowered_gaussian_filter`, zero-sum, unit noise), which cancels
+       the linear gradient of a bright neighbour's wing; each of its local maxima (3x3) inside a
+       footprint that is significant in this statistic (``>= split_snr`` sigma) and in the
+       matched filter (``F >= peak_threshold``), and farther than ``min_separation`` pixels from
+       every accepted peak, is a separate source (a test of "one source + gradient" against
+       "two sources"). It finds faint galaxies on the wings of bright ones, where ``F`` has a
+       shoulder but no peak and sep's isophotal deblender sees one object;
+    3. positions are the peaks of ``F`` refined to sub-pixel precision by a parabola and then
+       moved to the lowered-Gaussian peak within ``refine`` pixels (less pulled by neighbours).
+
+    Parameters
+    ----------
+    scene : probdeblend.Scene
+    threshold : float, default 5.0
+        Detection threshold in sigma of ``F``.
+    min_area : int, default 3
+        Minimum connected pixels above the threshold.
+    deblend_nthresh, deblend_cont
+        sep's deblending (see :func:`detect`).
+    split : bool, default True
+        Run the peak-splitting pass.
+    split_snr : float, default 5.0
+        Minimum lowered-Gaussian S/N of a split peak.
+    peak_threshold : float, optional
+        Minimum ``F`` of a split candidate (default ``threshold``).
+    min_separation : float, default 2.5
+        Pixels; closer peaks are one source.
+    split_sigma : float, default 1.0
+        Width of the lowered Gaussian in units of the PSF's Gaussian-equivalent sigma.
+    refine : float, default 1.5
+        Pixels; 0 keeps the peaks of ``F``.
+    kernel_size : int, default 15
+        Size of the PSF kernel used for the matched filter.
+    return_segmap : bool, default False
+        Also return the segmentation map (``id + 1`` per pixel; a split peak takes the pixels
+        of its parent footprint that are closer to it than to the parent's other peaks).
+
+    Returns
+    -------
+    astropy.table.Table
+        ``id``, ``x``, ``y`` [pix], ``snr`` (``F`` at the peak), ``npix`` (footprint pixels),
+        ``split`` (found by peak splitting), ``flag`` (sep flags), sorted by decreasing ``snr``.
+    segmap : int32 array, only with ``return_segmap``.
+    """
+    _check_scene(scene)
+    threshold = _positive(threshold, "threshold")
+    min_area = _positive_int(min_area, "min_area")
+    nthresh, cont = _check_deblend(deblend_nthresh, deblend_cont)
+    split_snr = _positive(split_snr, "split_snr", allow_zero=True)
+    peak_threshold = threshold if peak_threshold is None else _positive(
+        peak_threshold, "peak_threshold")
+    min_separation = _positive(min_separation, "min_separation", allow_zero=True)
+    kernel_size = _positive_int(kernel_size, "kernel_size")
+    import sep
+    from scipy.ndimage import maximum_filter
+
+    snr, mask = snr_map(scene)
+    f = matched_filter(scene, snr, kernel_size)
+    f[mask] = 0.0
+    ny, nx = f.shape
+    if sep.get_extract_pixstack() < ny * nx:
+        sep.set_extract_pixstack(ny * nx)
+    if sep.get_sub_object_limit() < 4096:
+        sep.set_sub_object_limit(4096)
+    objects, segmap = sep.extract(f, threshold, err=1.0, mask=mask, minarea=min_area,
+                                  filter_kernel=None, deblend_nthresh=nthresh,
+                                  deblend_cont=cont, segmentation_map=True)
+    segmap = np.asarray(segmap, dtype=np.int32)
+    px = np.asarray(objects["xpeak"], dtype=int) if len(objects) else np.zeros(0, int)
+    py = np.asarray(objects["ypeak"], dtype=int) if len(objects) else np.zeros(0, int)
+    xs, ys = _subpixel_peak(f, px, py)
+    peak = f[py, px] if len(px) else np.zeros(0)
+    npix = np.asarray(objects["npix"], dtype=np.int64) if len(objects) else np.zeros(0, int)
+    flag = np.asarray(objects["flag"], dtype=np.int64) if len(objects) else np.zeros(0, int)
+    label = np.arange(1, len(objects) + 1, dtype=np.int32)
+    # merge duplicates (sep children whose peaks coincide within min_separation)
+    order = np.argsort(-peak, kind="stable")
+    kept: list[int] = []
+    for k in order:
+        if all(math.hypot(xs[k] - xs[m], ys[k] - ys[m]) >= min_separation for m in kept):
+            kept.append(int(k))
+        else:
+            near = min(kept, key=lambda m: math.hypot(xs[k] - xs[m], ys[k] - ys[m]))
+            segmap[segmap == label[k]] = label[near]
+    X, Y, P = list(xs[kept]), list(ys[kept]), list(peak[kept])
+    NP, FL, LB = list(npix[kept]), list(flag[kept]), list(label[kept])
+    is_split = [False] * len(kept)
+    if split and len(kept):
+        lg = lowered_gaussian_filter(scene, snr, _psf_sigma_pixels(scene) * split_sigma)
+        local = (lg == maximum_filter(lg, size=3, mode="nearest")) & (lg >= split_snr)
+        local &= (segmap > 0) & (f >= peak_threshold)
+        cj, ci = np.nonzero(local)
+        vals = lg[cj, ci]
+        if refine and len(ci):
+            # move each peak of F to the nearest lowered-Gaussian peak within refine px:
+            # the zero-sum filter removes the neighbours' gradients that pull F's peaks
+            lx, ly = _subpixel_peak(lg, ci, cj)
+            for k in range(len(X)):
+                dd = np.hypot(lx - X[k], ly - Y[k])
+                j = int(np.argmin(dd))
+                if dd[j] <= refine:
+                    X[k], Y[k] = float(lx[j]), float(ly[j])
+        next_label = int(segmap.max()) + 1
+        for c in np.argsort(-vals, kind="stable"):
+            x, y = float(ci[c]), float(cj[c])
+            v = float(f[cj[c], ci[c]])
+            xa, ya = np.asarray(X), np.asarray(Y)
+            d = np.hypot(xa - x, ya - y)
+            if d.min() < min_separation:
+                continue
+            sx, sy = _subpixel_peak(lg, np.array([int(x)]), np.array([int(y)]))
+            X.append(float(sx[0]))
+            Y.append(float(sy[0]))
+            P.append(v)
+            parent = int(segmap[int(y), int(x)])
+            NP.append(0)
+            FL.append(0)
+            LB.append(next_label)
+            is_split.append(True)
+            # split the parent footprint between its peaks (nearest peak wins)
+            if parent > 0:
+                sel = segmap == parent
+                jj, ii = np.nonzero(sel)
+                owners = [k for k, lb in enumerate(LB) if lb == parent] + [len(LB) - 1]
+                dd = np.stack([np.hypot(ii - X[k], jj - Y[k]) for k in owners])
+                win = np.asarray(owners)[np.argmin(dd, axis=0)]
+                segmap[jj[win == len(LB) - 1], ii[win == len(LB) - 1]] = next_label
+            next_label += 1
+    order = np.argsort(-np.asarray(P, dtype=float), kind="stable")
+    t = Table()
+    t["id"] = np.arange(len(order), dtype=np.int64)
+    t["x"] = np.asarray(X, dtype=np.float64)[order] if len(order) else np.zeros(0)
+    t["y"] = np.asarray(Y, dtype=np.float64)[order] if len(order) else np.zeros(0)
+    t["snr"] = np.asarray(P, dtype=np.float64)[order] if len(order) else np.zeros(0)
+    lbs = np.asarray(LB, dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
+    counts = np.bincount(segmap.ravel(), minlength=int(max(segmap.max(), lbs.max(initial=0))) + 1)
+    t["npix"] = counts[lbs] if len(lbs) else np.zeros(0, np.int64)
+    t["split"] = np.asarray(is_split, dtype=bool)[order] if len(order) else np.zeros(0, bool)
+    t["flag"] = np.asarray(FL, dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
+    t["x"].unit = t["y"].unit = "pix"
+    t.meta.update({"threshold": threshold, "min_area": min_area, "deblend_nthresh": nthresh,
+                   "deblend_cont": cont, "split_snr": split_snr,
+                   "pixel_origin": 0, "detection_image": "PSF-matched-filtered S/N map"})
+    if not return_segmap:
+        return t
+    lut = np.zeros(int(max(segmap.max(), lbs.max(initial=0))) + 1, dtype=np.int32)
+    lut[lbs] = np.arange(1, len(lbs) + 1, dtype=np.int32)
+    return t, lut[segmap]

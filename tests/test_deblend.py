@@ -1,0 +1,183 @@
+"""probdeblend.deblend: whole image -> catalogue; blend groups; simulate_field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probdeblend.deblend import BlendGroup, _amortized_catalog_draws, blend_groups, deblend
+from probdeblend.detection import match_positions
+from probdeblend.errors import ArgumentError, SceneError
+from probdeblend.simulate import SimulatedField, lsst_number_density, simulate_field
+
+
+@pytest.fixture(scope="module")
+def field():
+    return simulate_field(128, seed=4)
+
+
+@pytest.fixture(scope="module")
+def cat(field):
+    return deblend(field.to_scene(), num_samples=64, seed=1)
+
+
+# ---------------------------------------------------------------------------------- simulate
+def test_field_density_truth_and_fits(field, tmp_path):
+    t = field.truth
+    area = 128 * 128 * (0.2 / 60) ** 2
+    expected = lsst_number_density(20.0, 25.3) * area
+    assert 54 < lsst_number_density(20.0, 25.3) < 58  # LSST Science Book eq. 3.7
+    assert abs(len(t) - expected) < 4 * np.sqrt(expected)
+    assert field.image.shape == (6, 128, 128) and field.wcs is not None
+    assert np.all((t["x"] >= -0.5) & (t["x"] < 127.5))
+    assert np.all(t["snr"] > 0) and np.all((t["blendedness"] >= 0) | np.isnan(t["blendedness"]))
+    ra, dec = field.wcs.pixel_to_world_values(np.asarray(t["x"]), np.asarray(t["y"]))
+    np.testing.assert_allclose(t["ra"], ra)
+    field.to_fits(tmp_path / "f.fits")
+    back = SimulatedField.from_fits(tmp_path / "f.fits")
+    np.testing.assert_array_equal(back.image, field.image)
+    assert len(back.truth) == len(t) and back.wcs is not None
+
+
+def test_field_is_seeded():
+    a, b = simulate_field(48, seed=2), simulate_field(48, seed=2)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, simulate_field(48, seed=3).image)
+
+
+# ---------------------------------------------------------------------------------- groups
+def test_footprint_groups_partition_sources():
+    seg = np.zeros((40, 60), np.int32)
+    seg[5:10, 5:10] = 1
+    seg[5:10, 12:16] = 2   # 2 px gap from 1: linked after a 2-px dilation
+    seg[30:35, 40:45] = 3  # far away
+    pos = np.array([[7.0, 7.0], [14.0, 7.0], [42.0, 32.0], [55.0, 20.0]])  # last: no footprint
+    groups, labels = blend_groups(pos, seg.shape, seg, "footprint", dilate=2, margin=3)
+    members = sorted(sorted(g.members.tolist()) for g in groups)
+    assert members == [[0, 1], [2], [3]]
+    assert sorted(np.concatenate([g.members for g in groups]).tolist()) == [0, 1, 2, 3]
+    g01 = next(g for g in groups if g.size == 2)
+    assert g01.bbox == (0, 15, 0, 21)  # dilated footprint (3:12, 3:18) + margin 3, clipped
+    assert labels[7, 7] == labels[7, 14] == g01.id + 1 and labels[20, 55] == 0
+    alone, _ = blend_groups(pos, seg.shape, seg, "footprint", dilate=0, margin=3)
+    assert len(alone) == 4
+
+
+def test_linkage_groups():
+    pos = np.array([[0.0, 0.0], [5.0, 0.0], [9.0, 0.0], [30.0, 30.0]])
+    groups, _ = blend_groups(pos, (50, 50), None, "linkage", link_length=5.0, margin=0)
+    assert sorted(g.members.tolist() for g in groups) == [[0, 1, 2], [3]]
+    with pytest.raises(ArgumentError, match="grouping"):
+        blend_groups(pos, (50, 50), None, "bogus")
+    assert isinstance(groups[0], BlendGroup)
+
+
+# ---------------------------------------------------------------------------------- deblend
+def test_catalog_one_row_per_source_matched_to_truth(field, cat):
+    assert len(cat) > 0 and len(np.unique(cat["id"])) == len(cat)
+    assert cat.meta["NGROUPS"] == len(np.unique(cat["group"]))
+    for g in np.unique(cat["group"]):
+        assert np.all(cat["group_size"][cat["group"] == g] == np.sum(cat["group"] == g))
+    for col in ("ra", "dec", "flux_r", "flux_r_err", "flux_r_q16", "e1", "e2_q84", "pos_err"):
+        assert col in cat.colnames
+    assert cat["flux_r"].unit == "electron" and cat["ra"].unit == "deg"
+    ok = ~cat["flag_failed"]
+    assert np.all(np.isfinite(cat["flux_r"][ok])) and np.all(cat["flux_r_err"][ok] > 0)
+    assert np.all(cat["flux_r_q16"][ok] <= cat["flux_r_q50"][ok])
+    assert np.all(cat["flux_r_q50"][ok] <= cat["flux_r_q84"][ok])
+    assert np.all(cat["e_draws_from"] == "q_mean") and np.all(cat["e1_err"][ok] == 0)
+    truth = field.truth
+    bright = truth["snr"] > 20
+    m = match_positions(cat, np.stack([truth["x"], truth["y"]], -1)[bright], 2.0)
+    assert np.mean(m >= 0) >= 0.8
+    got = np.asarray(cat["flux_r"])[m[m >= 0]]
+    true = np.asarray(truth["flux_r"])[bright][m >= 0]
+    assert np.median(np.abs(got / true - 1)) < 0.3
+
+
+def test_same_seed_same_catalog(field, cat):
+    again = deblend(field.to_scene(), num_samples=64, seed=1)
+    for c in cat.colnames:
+        np.testing.assert_array_equal(np.asarray(again[c]), np.asarray(cat[c]))
+
+
+def test_small_chunks_same_sources_and_groups(field, cat):
+    small = deblend(field.to_scene(), num_samples=64, seed=1, chunk_size=2)
+    for c in ("id", "group", "x_init", "y_init"):
+        np.testing.assert_array_equal(np.asarray(small[c]), np.asarray(cat[c]))
+    # e (q-mean) does not depend on the chunk; flux summaries only through the seeds
+    np.testing.assert_allclose(small["e1"], cat["e1"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(small["flux_r"], cat["flux_r"], rtol=0.1)
+
+
+def test_input_positions_skip_detection_and_flag_edges(field):
+    pos = np.array([[64.0, 64.0], [2.0, 60.0]])
+    c = deblend(field.to_scene().with_positions(pos), num_samples=16)
+    assert len(c) == 2 and np.all(np.isnan(c["snr_det"]))
+    np.testing.assert_array_equal(np.sort(c["x_init"]), [2.0, 64.0])
+    edge = dict(zip(np.asarray(c["x_init"]), np.asarray(c["flag_edge"]), strict=True))
+    assert edge[2.0] and not edge[64.0]
+    c2 = deblend(field.to_scene().with_positions(pos), num_samples=16, grouping="linkage")
+    assert len(c2) == 2 and c2.meta["GROUPING"] == "linkage"
+
+
+def test_masked_fraction(field):
+    from probdeblend import Scene
+
+    s = field.to_scene()
+    var = np.array(s.variance)
+    var[:, 60:70, 60:70] = np.inf
+    masked = Scene(s.image, var, s.psf, s.bands, s.pixel_scale, wcs=s.wcs,
+                   positions=[[65.0, 65.0], [20.0, 20.0]])
+    c = deblend(masked, num_samples=8)
+    frac = dict(zip(np.asarray(c["x_init"]), np.asarray(c["masked_frac"]), strict=True))
+    assert frac[65.0] > 0.9 and frac[20.0] == 0.0
+
+
+def test_draws_function_contract(field):
+    from probdeblend.fit import resolve_prior
+
+    s = field.to_scene()
+    pos = np.array([[30.0, 40.0], [90.0, 100.0], [64.0, 64.0]])
+    d = _amortized_catalog_draws(s, pos, resolve_prior("lsst-vae"), 10, seed=0)
+    assert d["flux"].shape == (3, 10, 6)
+    assert all(d[k].shape == (3, 10) for k in ("e1", "e2", "x", "y"))
+    assert np.all(np.abs(d["x"].mean(1) - pos[:, 0]) < 3)
+    assert d["e_draws_from"] == "q_mean"
+
+
+def test_empty_image_gives_empty_catalog():
+    from probdeblend import Scene
+
+    rng = np.random.default_rng(0)
+    f = simulate_field(48, seed=0, density=0.0)
+    s = Scene(rng.normal(0, 1, f.image.shape).astype(np.float32), np.ones_like(f.variance),
+              f.psf, f.bands, f.pixel_scale)
+    c = deblend(s, detect_kwargs={"threshold": 50.0}, num_samples=4)
+    assert len(c) == 0 and "flux_r" in c.colnames
+
+
+def test_bad_arguments():
+    with pytest.raises(SceneError):
+        deblend(np.zeros((6, 10, 10)))
+    f = simulate_field(32, seed=0, density=0.0)
+    with pytest.raises(ArgumentError, match="method"):
+        deblend(f.to_scene(), method="magic")
+    with pytest.raises(ArgumentError, match="num_samples"):
+        deblend(f.to_scene(), num_samples=0)
+
+
+@pytest.mark.slow
+def test_fit_refinement_per_group(tmp_path):
+    f = simulate_field(64, seed=5, density=0.0)
+    from probdeblend.simulate import GalaxyPopulation
+
+    pop = GalaxyPopulation(mag_range=(21.0, 21.5))
+    one = simulate_field(64, seed=5, population=pop, density=1.0 / (64 * 64 * (0.2 / 60) ** 2))
+    assert len(f.truth) == 0 and len(one.truth) >= 1
+    c = deblend(one.to_scene(), method="fit", num_samples=8, fit_method="amortized",
+                fit_kwargs={"n_proposals": 16}, draws_dir=tmp_path)
+    assert len(c) >= 1
+    assert np.all(np.char.startswith(np.asarray(c["method"]).astype(str), "fit:"))
+    assert np.all(c["e_draws_from"] == "posterior") and np.all(np.isfinite(c["pareto_k"]))
+    assert len(list(tmp_path.glob("group_*.nc"))) == c.meta["NGROUPS"]
