@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from probdeblend.deblend import BlendGroup, _amortized_catalog_draws, blend_groups, deblend
-from probdeblend.detection import match_positions
+from probdeblend.detection import detect_sources, match_positions, matched_filter
 from probdeblend.errors import ArgumentError, SceneError
 from probdeblend.simulate import SimulatedField, lsst_number_density, simulate_field
 
@@ -43,6 +43,46 @@ def test_field_is_seeded():
     a, b = simulate_field(48, seed=2), simulate_field(48, seed=2)
     np.testing.assert_array_equal(a.image, b.image)
     assert not np.array_equal(a.image, simulate_field(48, seed=3).image)
+
+
+# ---------------------------------------------------------------------------------- detection
+def _noise_scene(n=96, seed=0):
+    from probdeblend import Scene
+
+    f = simulate_field(n, seed=seed, density=0.0)
+    rng = np.random.default_rng(seed)
+    img = (rng.standard_normal(f.image.shape) * np.sqrt(f.variance)).astype(np.float32)
+    return Scene(img, f.variance, f.psf, f.bands, f.pixel_scale), f
+
+
+def test_matched_filter_has_unit_noise_and_few_false_detections():
+    s, _ = _noise_scene(128)
+    f = matched_filter(s)
+    assert np.std(f[20:-20, 20:-20]) == pytest.approx(1.0, abs=0.1)
+    assert len(detect_sources(s)) <= 1
+
+
+def test_detect_sources_finds_faint_galaxy_on_bright_wing():
+    import galsim
+
+    from probdeblend import Scene
+
+    s0, f = _noise_scene(64, seed=1)
+    scale = f.pixel_scale
+    gal = []
+    for x, y, flux in ((28.0, 32.0, 4e6), (36.0, 32.0, 2e5)):  # 8 px apart, flux ratio 20
+        prof = galsim.Convolve(galsim.Exponential(half_light_radius=0.5, flux=flux),
+                               galsim.Gaussian(fwhm=0.75))
+        gal.append(prof.drawImage(nx=64, ny=64, scale=scale,
+                                  offset=(x - 31.5, y - 31.5)).array)
+    model = np.sum(gal, 0)
+    img = s0.image + model[None] * np.array([0.2, 0.6, 1, 1, 1, 1], np.float32)[:, None, None]
+    s = Scene(img, s0.variance, s0.psf, s0.bands, s0.pixel_scale)
+    truth = np.array([[28.0, 32.0], [36.0, 32.0]])
+    split = detect_sources(s)
+    assert np.all(match_positions(split, truth, 2.0) >= 0) and split["split"].any()
+    unsplit = detect_sources(s, split=False)
+    assert match_positions(unsplit, truth, 2.0)[1] == -1
 
 
 # ---------------------------------------------------------------------------------- groups
