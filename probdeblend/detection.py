@@ -138,14 +138,22 @@ def snr_map(scene, image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndar
     mask : bool array (ny, nx)
         True where every band is masked.
     """
-    w = scene.weight.astype(np.float64)
     img = scene.image if image is None else image
-    num = np.einsum("byx,byx->yx", w, np.asarray(img, dtype=np.float64))
-    den = np.sqrt(w.sum(axis=0))
+    ny, nx = scene.shape
+    num = np.zeros((ny, nx))
+    den = np.zeros((ny, nx))
+    for b in range(scene.n_bands):  # band by band: memory ~ a few 2-d float64 planes
+        with np.errstate(divide="ignore"):
+            w = np.where(scene.mask[b], 0.0, 1.0 / scene.variance[b].astype(np.float64))
+        num += w * np.asarray(img[b], dtype=np.float64)
+        den += w
+    del w
+    np.sqrt(den, out=den)
     mask = den <= 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = np.where(mask, 0.0, num / np.where(mask, 1.0, den))
-    return _c64(snr), mask
+        num /= np.where(mask, 1.0, den)
+    num[mask] = 0.0
+    return _c64(num), mask
 
 
 def _extract(snr, mask, threshold, min_area, nthresh, cont):
@@ -485,6 +493,18 @@ def match_positions(table: Table, positions, max_distance: float = 1.5) -> np.nd
 # --------------------------------------------------------------------------------------------
 # matched-filter detection with peak splitting (survey images, blends)
 # --------------------------------------------------------------------------------------------
+def _band_weights(scene) -> np.ndarray:
+    """Median inverse variance of each band over unmasked pixels (subsampled for speed)."""
+    out = np.zeros(scene.n_bands)
+    step = max(1, int(math.sqrt(scene.shape[0] * scene.shape[1] / 250_000)))
+    for b in range(scene.n_bands):
+        v = scene.variance[b, ::step, ::step]
+        ok = ~scene.mask[b, ::step, ::step]
+        if ok.any():
+            out[b] = 1.0 / float(np.median(v[ok]))
+    return out
+
+
 def matched_filter(scene, snr: np.ndarray | None = None, kernel_size: int = 15) -> np.ndarray:
     r"""The S/N map filtered with the scene's PSF and renormalised to unit noise.
 
@@ -500,8 +520,7 @@ def matched_filter(scene, snr: np.ndarray | None = None, kernel_size: int = 15) 
 
     if snr is None:
         snr, _ = snr_map(scene)
-    w = np.array([np.median(wb[wb > 0]) if np.any(wb > 0) else 0.0
-                  for wb in np.asarray(scene.weight)])
+    w = _band_weights(scene)
     psf = np.asarray(scene.psf, dtype=np.float64)
     k = np.tensordot(w / max(w.sum(), 1e-300), psf, axes=1)
     n = psf.shape[-1]
@@ -514,8 +533,7 @@ def matched_filter(scene, snr: np.ndarray | None = None, kernel_size: int = 15) 
 
 def _psf_sigma_pixels(scene) -> float:
     """Gaussian-equivalent sigma (pixels) of the inverse-variance-weighted mean PSF."""
-    w = np.array([np.median(wb[wb > 0]) if np.any(wb > 0) else 0.0
-                  for wb in np.asarray(scene.weight)])
+    w = _band_weights(scene)
     psf = np.tensordot(w / max(w.sum(), 1e-300), np.asarray(scene.psf, np.float64), axes=1)
     p = np.clip(psf, 0, None)
     # the half-maximum area of the PSF, A = pi * FWHM^2 / 4 (robust for any profile)
