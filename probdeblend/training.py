@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -76,6 +77,8 @@ __all__ = [
     "atomic_save",
     "flush_denormals",
     "progress_enabled",
+    "machine_description",
+    "run_record",
 ]
 
 
@@ -453,3 +456,33 @@ def fit_loop(
         if callback is not None and callback(epoch + 1, history):
             break
     return history
+
+
+# -- what a model card records about the run -----------------------------------------------------
+def machine_description() -> dict:
+    """Machine facts recorded in training cards."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_record(history: Mapping[str, Any], wall_s: float, rate_name: str) -> dict:
+    """The model-card ``training`` entries every :func:`fit_loop` run shares.
+
+    ``epochs_run``, the data counts (``n_*`` entries of ``history``), ``wall_time_s``, the
+    median of ``history[rate_name]``, the per-epoch ``history`` lists and the
+    :func:`machine_description`. Callers add their recipe (configuration, optimiser, loss).
+    """
+    rates = history.get(rate_name) or []
+    return {
+        "epochs_run": len(history.get("epoch", [])),
+        **{k: v for k, v in history.items() if k.startswith("n_") and not isinstance(v, list)},
+        "wall_time_s": float(wall_s),
+        rate_name: float(np.median(rates)) if len(rates) else None,
+        "history": {k: v for k, v in history.items() if isinstance(v, list)},
+        "machine": machine_description(),
+    }

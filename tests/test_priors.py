@@ -625,3 +625,51 @@ def test_save_rejects_mismatched_frame(prior, tmp_path):
 def test_learned_prior_direct_construction(prior):
     p = LearnedPrior(prior.encoder, prior.decoder, prior.flow, FRAME)
     assert p.name == "unnamed-prior" and p.sample((2,)).shape == (2, LATENT)
+
+
+# -- store, named weights, explicit caches --------------------------------------------------------
+def test_export_weights_semantic_names(prior):
+    w = prior.export_weights()
+    assert "decoder.block0.conv1.weight" in w and "decoder.block2.conv2.bias" in w
+    assert "encoder.stem.weight" in w and "encoder.down3.weight" in w
+    assert "flow.coupling0.perm" in w and "flow.coupling3.mlp2.weight" in w
+    # no nn.Sequential position indices (``blocks.0.1.weight``) in any name
+    assert not any(part.isdigit() for k in w for part in k.split("."))
+    assert all(isinstance(v, np.ndarray) for v in w.values())
+
+
+def test_numpyro_twin_is_cached_and_clearable(prior_dir):
+    p = load_prior(prior_dir / "tiny-flow")
+    twin = p.to_numpyro().twin
+    assert p.to_numpyro().twin is twin and p.expand((3,)).to_numpyro().twin is twin
+    assert p.expand((3,)).to_numpyro().batch_shape == (3,)
+    assert p.to_numpyro(fast_grad=True).twin is not twin
+    p.clear_cache()
+    assert not p.cache and p.to_numpyro().twin is not twin
+
+
+def test_load_leaves_flush_denormal_alone(prior_dir):
+    from probdeblend.training import _flush_is_on
+
+    was_on = _flush_is_on()
+    torch.set_flush_denormal(False)
+    try:
+        p = load_prior(prior_dir / "tiny-flow")
+        p.decode(torch.zeros(2, LATENT))
+        assert not _flush_is_on()
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
+@pytest.mark.parametrize("name", ["lsst-vae", "lsst-vaegan"])
+def test_shipped_priors_load_with_checksums(name):
+    from probdeblend.priors import store
+
+    card_path, weights_path = store.resolve_files(name)
+    card = store.read_prior_card(card_path)
+    store.verify_checksum(card, card_path, weights_path, writer="save_prior")  # files unchanged
+    p = load_prior(name)
+    z = torch.zeros(2, p.latent_dim)
+    np.testing.assert_allclose(
+        np.asarray(p.to_numpyro().decode(z.numpy())), p.decode(z).numpy(), atol=1e-6
+    )

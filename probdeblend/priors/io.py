@@ -42,7 +42,6 @@ called ``NAME`` is two files side by side:
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from ..errors import (
     PriorLoadError,
     UnknownBandError,
 )
+from ..training import machine_description
 from . import store
 from .distribution import LearnedPrior
 from .flow import LatentFlow
@@ -348,14 +348,3 @@ def _ctor(cfg: Mapping, keys) -> dict:
     if "channels" in out:
         out["channels"] = tuple(out["channels"])
     return out
-
-
-def machine_description() -> dict:
-    """Machine facts recorded in training cards."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }

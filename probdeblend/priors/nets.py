@@ -101,7 +101,28 @@ def _out_size(size: int, n_stride2: int) -> int:
     return size
 
 
-class Encoder(nn.Module):
+class _ImageNet(nn.Module):
+    """Shape bookkeeping shared by :class:`Encoder` and :class:`Decoder`."""
+
+    def _set_shape(self, n_bands, stamp_size, latent_dim, channels) -> tuple[int, ...]:
+        channels = tuple(int(c) for c in channels)
+        if not channels:
+            raise ArgumentError("channels", channels, "channels must hold at least one width")
+        self.n_bands, self.stamp_size = int(n_bands), int(stamp_size)
+        self.latent_dim, self.channels = int(latent_dim), channels
+        return channels
+
+    def config(self) -> dict:
+        """Constructor arguments (stored in the model card's ``architecture``)."""
+        return {
+            "n_bands": self.n_bands,
+            "stamp_size": self.stamp_size,
+            "latent_dim": self.latent_dim,
+            "channels": list(self.channels),
+        }
+
+
+class Encoder(_ImageNet):
     """Convolutional encoder -> diagonal Gaussian ``q(z | x)``.
 
     Architecture: ``Conv3x3(stride 1) -> SiLU`` to ``channels[0]``, then for each width ``c``
@@ -119,15 +140,7 @@ class Encoder(nn.Module):
         channels: tuple[int, ...] = DEFAULT_CHANNELS,
     ):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if not channels:
-            raise ArgumentError("channels", channels, "channels must hold at least one width")
-        self.n_bands, self.stamp_size, self.latent_dim = (
-            int(n_bands),
-            int(stamp_size),
-            int(latent_dim),
-        )
-        self.channels = channels
+        channels = self._set_shape(n_bands, stamp_size, latent_dim, channels)
         layers: list[nn.Module] = [nn.Conv2d(n_bands, channels[0], 3, padding=1), nn.SiLU()]
         c_in = channels[0]
         for c in channels:
@@ -136,14 +149,6 @@ class Encoder(nn.Module):
         self.convs = nn.Sequential(*layers)
         s = _out_size(stamp_size, len(channels))
         self.head = nn.Linear(c_in * s * s, 2 * latent_dim)
-
-    def config(self) -> dict:
-        return {
-            "n_bands": self.n_bands,
-            "stamp_size": self.stamp_size,
-            "latent_dim": self.latent_dim,
-            "channels": list(self.channels),
-        }
 
     def export_weights(self, prefix: str = "encoder") -> dict:
         """Weights under stable semantic names (numpy arrays, torch layout), for the JAX twin.
@@ -176,7 +181,7 @@ class Encoder(nn.Module):
         return loc.reshape(batch + (-1,)), log_scale.reshape(batch + (-1,))
 
 
-class Decoder(nn.Module):
+class Decoder(_ImageNet):
     """Convolutional decoder: latent ``z`` -> flux-normalised image (each band sums to 1).
 
     Architecture (``C = channels`` reversed, ``k = len(channels) - 1`` upsampling blocks,
@@ -195,21 +200,13 @@ class Decoder(nn.Module):
         channels: tuple[int, ...] = DEFAULT_CHANNELS,
     ):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if len(channels) < 1:
-            raise ArgumentError("channels", channels, "channels must hold at least one width")
+        channels = self._set_shape(n_bands, stamp_size, latent_dim, channels)
         n_up = len(channels) - 1
         if stamp_size % (2**n_up):
             raise ArgumentError("stamp_size", stamp_size,
                 f"stamp_size={stamp_size} must be divisible by 2**(len(channels) - 1) = {2**n_up} "
                 f"for channels={channels}; change the stamp size or the number of channel widths"
             )
-        self.n_bands, self.stamp_size, self.latent_dim = (
-            int(n_bands),
-            int(stamp_size),
-            int(latent_dim),
-        )
-        self.channels = channels
         rev = channels[::-1]
         self.s0 = stamp_size // 2**n_up
         self.fc = nn.Linear(latent_dim, rev[0] * self.s0 * self.s0)
@@ -226,14 +223,6 @@ class Decoder(nn.Module):
             )
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Conv2d(rev[-1], n_bands, 3, padding=1)
-
-    def config(self) -> dict:
-        return {
-            "n_bands": self.n_bands,
-            "stamp_size": self.stamp_size,
-            "latent_dim": self.latent_dim,
-            "channels": list(self.channels),
-        }
 
     def export_weights(self, prefix: str = "decoder") -> dict:
         """Weights under stable semantic names (numpy arrays, torch layout), for the JAX twin.

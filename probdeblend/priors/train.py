@@ -58,6 +58,7 @@ from ..training import (
     make_scheduler,
     optimizer_step,
     progress_enabled,
+    run_record,
     seeded_split,
 )
 from .flow import LatentFlow
@@ -542,7 +543,7 @@ def build_prior(
     validation NLL and the same NLL under ``N(0, I)``). Training checkpoints go to
     ``checkpoint_dir`` (default ``out_dir/<name>-checkpoint/``; keep it out of version control).
     """
-    from .io import machine_description, save_prior
+    from .io import save_prior
 
     config = config or TrainConfig()
     images = _check_images(images)
@@ -580,17 +581,8 @@ def build_prior(
     training = {
         **config.to_dict(),
         "optimizer": "Adam",
-        "epochs_run": len(history["epoch"]),
-        "n_train": history["n_train"],
-        "n_val": history["n_val"],
-        "n_skipped": history["n_skipped"],
-        "wall_time_s": wall,
-        "images_per_s": float(np.median(history["images_per_s"]))
-        if history["images_per_s"]
-        else None,
-        "history": {k: v for k, v in history.items() if isinstance(v, list)},
+        **run_record(history, wall, "images_per_s"),
         "flow_history": fl.fit_history if fl is not None else None,
-        "machine": machine_description(),
     }
     card = {
         "name": name,
