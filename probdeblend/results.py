@@ -74,6 +74,7 @@ __all__ = [
     "build_inference_data",
     "pointwise_level",
     "predictive_draw_index",
+    "ImageMoments",
     "arviz",
     "Var",
     "SCHEMA",
@@ -180,6 +181,55 @@ def predictive_draw_index(n_draw: int, n_predictive: int | None) -> np.ndarray:
     if int(n_predictive) < 1:
         raise ArgumentError("n_predictive", n_predictive, "must be >= 1 or None (all draws)")
     return np.linspace(0, n_draw - 1, int(n_predictive)).round().astype(int)
+
+
+class ImageMoments:
+    """Running mean and standard deviation of per-draw images, added in batches.
+
+    For the ``deblended`` group: feed each batch of per-source model images
+    ``(n, source, band, y, x)`` as the draws are rendered, so the ``(draws, source, band, y, x)``
+    array never has to exist (Chan et al.'s parallel update of Welford's algorithm, float64).
+
+    >>> m = ImageMoments()
+    >>> for batch in batches:              # doctest: +SKIP
+    ...     m.add(batch)
+    >>> build_inference_data(..., source_images_mean=m.mean, source_images_std=m.std)  # +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+
+    def add(self, batch: Any) -> None:
+        """Add draws ``batch`` with the draw axis first."""
+        b = np.asarray(batch, dtype=np.float64)
+        if b.shape[0] == 0:
+            return
+        n_b, mean_b = b.shape[0], b.mean(0)
+        m2_b = ((b - mean_b) ** 2).sum(0)
+        if self._mean is None:
+            self.n, self._mean, self._m2 = n_b, mean_b, m2_b
+            return
+        if mean_b.shape != self._mean.shape:
+            raise ArgumentError("batch", b.shape, f"expected (n, *{self._mean.shape})")
+        n = self.n + n_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + delta**2 * (self.n * n_b / n)
+        self.n = n
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean over the draws added so far."""
+        if self._mean is None:
+            raise ArgumentError("batch", 0, "no draws added yet")
+        return self._mean
+
+    @property
+    def std(self) -> np.ndarray:
+        """Standard deviation (ddof=0) over the draws added so far."""
+        return np.sqrt(np.maximum(self._m2, 0.0) / self.n) if self.n else self.mean * np.nan
 
 
 def _array(value: Any, name: str, lead: tuple[int, ...] | None, min_ndim: int) -> np.ndarray:

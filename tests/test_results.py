@@ -19,6 +19,7 @@ from probdeblend.errors import ArgumentError
 from probdeblend.results import (
     LATENT_DIM,
     SCHEMA,
+    ImageMoments,
     build_inference_data,
     pointwise_level,
     predictive_draw_index,
@@ -260,3 +261,16 @@ def test_bad_input_names_the_argument(scene, pieces, change, argument):
         build_inference_data(kw.pop("draws"), scene, **kw)
     assert err.value.argument == argument
     assert isinstance(err.value, ValueError)
+
+
+def test_image_moments_streaming():
+    rng = np.random.default_rng(2)
+    draws = rng.normal(3.0, 2.0, (50, 2, 3, 4, 5))
+    m = ImageMoments()
+    for lo in range(0, 50, 16):
+        m.add(draws[lo:lo + 16])
+    assert m.n == 50
+    np.testing.assert_allclose(m.mean, draws.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(m.std, draws.std(0), rtol=1e-10)
+    with pytest.raises(ArgumentError):
+        m.add(np.zeros((2, 3)))
