@@ -255,7 +255,9 @@ class DatasetError(ProbdeblendError, ValueError):
 class _PathError(ProbdeblendError):
     def __init__(self, path: Any, message: str | None = None, *, argument: str = "path") -> None:
         path_s = str(path)
-        self._set(message if message is not None else self._default(path_s), argument, path_s)
+        if message is None:
+            message = f"{argument}: {self._default(path_s)}"
+        self._set(message, argument, path_s)
         self.path = path_s
         self.filename = path_s  # the OSError attribute
         Exception.__init__(self, self.message)
@@ -287,8 +289,8 @@ class OutputExistsError(_PathError, FileExistsError):
     ----------
     path : str or os.PathLike
     message : str, optional
-        Default: ``"'<path>' already exists; pass overwrite=True (--overwrite) to replace it or
-        choose another path"``.
+        Default: ``"<argument>: '<path>' already exists; pass overwrite=True (--overwrite) to
+        replace it or choose another path"``.
     argument : str, default "path"
     """
 

@@ -236,7 +236,11 @@ def load_prior(
         ``name_or_path``, ``bands`` or ``validate_args`` has the wrong type or is empty.
     """
     _check_load_args(name_or_path, bands, validate_args)
-    card_path, weights_path = store.resolve_files(name_or_path, available=list_priors)
+    try:
+        card_path, weights_path = store.resolve_files(name_or_path, available=list_priors)
+    except PriorLoadError as e:  # not found: record which argument was at fault
+        e.argument, e.value = "name_or_path", os.fspath(name_or_path)
+        raise
     kind = store.read_json_card(card_path).get("kind")
     if kind in _OTHER_KINDS:
         raise NotAPriorError(
@@ -258,9 +262,10 @@ def load_prior(
         missing = [b for b in bands if b not in frame.bands]
         if missing:
             raise UnknownBandError(
-                f"prior {card['name']!r} has no band(s) {missing}; its bands are "
+                f"bands: prior {card['name']!r} has no band(s) {missing}; its bands are "
                 f"{list(frame.bands)}. Request a subset of those, or use a prior trained on "
-                f"these bands"
+                f"these bands",
+                argument="bands", value=missing,
             )
     tensors = {k: torch.from_numpy(v) for k, v in store.read_weights(weights_path).items()}
     arch = card["architecture"]
