@@ -7,6 +7,8 @@ Public entry points (see the docs for each):
 * :mod:`probdeblend.simulate` — GalSim simulations of isolated and blended galaxies with truth.
 * :func:`load_prior` — shipped learned galaxy priors as Pyro / NumPyro distributions.
 * :func:`fit` — deblend a scene: posterior samples as ArviZ InferenceData.
+* :func:`deblend` — a whole image (any size) to a catalogue with posterior summaries;
+  :mod:`probdeblend.tiles` maps it over many tiles with Dask.
 * :mod:`probdeblend.diagnostics` — summary tables, convergence checks, plots.
 * :mod:`probdeblend.shear` — shear posterior of an ensemble, m / c bias fits.
 * :mod:`probdeblend.measure` — the library's ellipticity / flux / blendedness conventions.
@@ -15,6 +17,7 @@ Public entry points (see the docs for each):
 from __future__ import annotations
 
 from . import diagnostics, errors, measure, shear, simulate
+from .deblend import deblend  # eager for the same reason (imports numpy / astropy only)
 from .errors import ProbdeblendError
 from .fit import fit  # eager (the module imports only numpy): see the note in __getattr__
 from .scene import Scene
@@ -31,6 +34,7 @@ __all__ = [
     "load_prior",
     "list_priors",
     "fit",
+    "deblend",
     "diagnostics",
     "shear",
     "simulate",
