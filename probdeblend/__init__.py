@@ -17,7 +17,7 @@ Public entry points (see the docs for each):
 from __future__ import annotations
 
 from . import diagnostics, errors, measure, shear, simulate
-from .deblend import deblend  # eager for the same reason (imports numpy / astropy only)
+from .deblend import deblend  # eager like fit (numpy / astropy only): see __getattr__
 from .errors import ProbdeblendError
 from .fit import fit  # eager (the module imports only numpy): see the note in __getattr__
 from .scene import Scene
