@@ -33,7 +33,6 @@ Dihedral augmentation
 
 
 from .constants import AMORTIZED_CHANNELS, ASINH_SOFTENING, KIND, LOG_SCALE_BOUNDS, SUFFIX
-from .training_set import TrainingSet
 from .features import (
     CENTROID_WINDOWS,
     DIHEDRAL_MATRICES,
@@ -56,6 +55,7 @@ from .train import (
     split_scenes,
     train_amortized,
 )
+from .training_set import TrainingSet
 
 __all__ = [
     "AMORTIZED_CHANNELS",

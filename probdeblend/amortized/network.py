@@ -49,8 +49,11 @@ class AmortizedEncoder(nn.Module):
         channels: tuple[int, ...] = AMORTIZED_CHANNELS,
         hidden: int = 256,
         softening: float = ASINH_SOFTENING,
+        shape_head: bool = False,
+        rank: int = 0,
     ):
         super().__init__()
+        self.shape_head, self.rank = bool(shape_head), int(rank)
         channels = tuple(int(c) for c in channels)
         if not channels:
             raise ValueError("channels must hold at least one width")
@@ -89,10 +92,28 @@ class AmortizedEncoder(nn.Module):
             }
         )
 
+        if self.rank > 0:  # low-rank factor of q's covariance over all groups jointly
+            self.factor_head = nn.Sequential(
+                nn.Linear(n_in, self.hidden), nn.SiLU(),
+                nn.Linear(self.hidden, self.q_dim * self.rank),
+            )
+            nn.init.zeros_(self.factor_head[-1].weight)
+            nn.init.zeros_(self.factor_head[-1].bias)
+
     @property
     def groups(self) -> dict[str, int]:
-        """Output groups and their dimensions: ``z`` (D), ``log_flux`` (B), ``offset`` (2)."""
-        return {"z": self.latent_dim, "log_flux": self.n_bands, "offset": 2}
+        """Output groups and their dimensions: ``z`` (D), ``log_flux`` (B), ``offset`` (2) and,
+        with ``shape_head``, ``e`` (2: the reduced shear g1, g2 of the PSF-free galaxy as
+        :func:`probdeblend.measure.shape_torch` measures the decoded ``z``)."""
+        g = {"z": self.latent_dim, "log_flux": self.n_bands, "offset": 2}
+        if self.shape_head:
+            g["e"] = 2
+        return g
+
+    @property
+    def q_dim(self) -> int:
+        """Dimension of q's joint vector (the groups concatenated in :attr:`groups` order)."""
+        return sum(self.groups.values())
 
     #: Number of :func:`centroid_features`.
     n_centroid = 2 * len(CENTROID_WINDOWS)
@@ -102,7 +123,8 @@ class AmortizedEncoder(nn.Module):
         """Network from the ``architecture`` block of a model card (:meth:`config`)."""
         return cls(arch["n_bands"], arch["stamp_size"], arch["latent_dim"],
                    tuple(arch["channels"]), arch.get("hidden", 256),
-                   arch.get("softening", ASINH_SOFTENING))
+                   arch.get("softening", ASINH_SOFTENING), arch.get("shape_head", False),
+                   arch.get("rank", 0))
 
     def config(self) -> dict:
         return {
@@ -112,6 +134,8 @@ class AmortizedEncoder(nn.Module):
             "channels": list(self.channels),
             "hidden": self.hidden,
             "softening": self.softening,
+            "shape_head": self.shape_head,
+            "rank": self.rank,
         }
 
     def forward_raw(
@@ -133,6 +157,11 @@ class AmortizedEncoder(nn.Module):
             out[f"{name}_log_scale"] = _soft_clamp(ls, lo, hi)
         out["log_flux_rel"] = out.pop("log_flux_loc")
         out["offset_loc"] = out["offset_loc"] + centroids[:, :2]
+        if self.rank > 0:
+            # bounded factor entries (in units of q's own scales): a stable start and no
+            # covariance explosions early in training
+            w = torch.tanh(self.factor_head(h)).view(-1, self.q_dim, self.rank)
+            out["factor"] = w * 2.0
         return out
 
     def forward(self, images, sigmas, psf_fwhm, valid=None) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from .constants import AMORTIZED_CHANNELS
-from .training_set import TrainingSet, _as_prior
 from .features import DIHEDRAL_MATRICES, centroid_features, dihedral
 from .io import save_amortized
 from .network import AmortizedEncoder, gaussian_nll
 from .posterior import AmortizedPosterior
+from .training_set import TrainingSet, _as_prior
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""Train the amortized encoder of a prior by neural posterior estimation (NPE).
+
+Three steps, so that the heavy one runs on a GPU machine without GalSim:
+
+    # 1. here (GalSim): PSF-bank difference kernels, sky, flux table -> a .npz bank
+    python benchmarks/train_npe.py bank --prior lsst-vae --out .npe/bank-lsst-vae.npz
+    # 2. anywhere with torch (GPU when there is one; resumable through --checkpoint)
+    python benchmarks/train_npe.py train --prior lsst-vae --bank .npe/bank-lsst-vae.npz \
+        --checkpoint .npe/ckpt.pt --steps 20000 --batch-size 512 --time-budget 3000
+    # 3. here: save safetensors + model card (sha256), evaluated on held-out simulated scenes
+    python benchmarks/train_npe.py save --prior lsst-vae --bank .npe/bank-lsst-vae.npz \
+        --checkpoint .npe/ckpt.pt --out priors/lsst-vae-amortized
+
+CPU recipe (< 1 h on 2 cores): ``train --device cpu --steps 3000 --batch-size 96
+--time-budget 3300`` (~0.3 M scenes). See docs/amortized.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _light_import():
+    """Import the torch-only modules without the package ``__init__`` chain (which needs
+    GalSim, Pyro and astropy) when those are absent, as on a bare GPU machine."""
+    try:
+        import galsim  # noqa: F401
+        import pyro  # noqa: F401
+        return
+    except ImportError:
+        pass
+    for name in ("probdeblend", "probdeblend.priors", "probdeblend.amortized"):
+        if name not in sys.modules:
+            m = types.ModuleType(name)
+            m.__path__ = [str(REPO / name.replace(".", "/"))]
+            sys.modules[name] = m
+
+
+def _networks(prior_name: str):
+    """(decoder, flow, card) of a shipped prior from its safetensors file, torch only."""
+    import torch
+    from safetensors.torch import load_file
+
+    from probdeblend.priors.flow import LatentFlow
+    from probdeblend.priors.nets import Decoder
+
+    card = json.loads((REPO / "priors" / f"{prior_name}.json").read_text())
+    tensors = load_file(str(REPO / "priors" / f"{prior_name}.safetensors"))
+    arch = card["architecture"]
+    dec = Decoder(**{k: arch["decoder"][k] for k in ("n_bands", "stamp_size", "latent_dim",
+                                                      "channels")})
+    dec.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
+    flow = None
+    if arch.get("flow"):
+        flow = LatentFlow(**{k: arch["flow"][k] for k in ("dim", "n_layers", "hidden", "s_max")})
+        flow.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("flow.")})
+    for m in (dec, flow):
+        if m is not None:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+    torch.set_flush_denormal(True)
+    return dec, flow, card
+
+
+def cmd_bank(a):
+    import probdeblend as pb
+    from probdeblend.amortized.npe import simulator_bank
+
+    prior = pb.load_prior(a.prior)
+    bank = simulator_bank(prior, n_flux=a.n_flux, seed=a.seed)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(a.out, **bank)
+    print({k: getattr(v, "shape", v) for k, v in bank.items()})
+
+
+def _config(a):
+    from probdeblend.amortized.npe import NPEConfig
+
+    return NPEConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, rank=a.rank,
+                     seed=a.seed, warmup_steps=min(500, max(1, a.steps // 20)))
+
+
+def cmd_train(a):
+    _light_import()
+    import torch
+
+    from probdeblend.amortized.network import AmortizedEncoder
+    from probdeblend.amortized.npe import BlendSimulator, train_npe
+
+    dev = torch.device(a.device if a.device != "auto" else
+                       ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(a.threads)
+    bank = dict(np.load(a.bank))
+    dec, flow, card = _networks(a.prior)
+    cfg = _config(a)
+    sim = BlendSimulator(dec, flow, bank, cfg, dev)
+    bands = tuple(card["frame"]["bands"])
+    model = AmortizedEncoder(len(bands), int(bank["stamp_size"]), dec.latent_dim, cfg.channels,
+                             cfg.hidden, shape_head=True, rank=cfg.rank)
+    hist = train_npe(model, sim, cfg, a.checkpoint, a.time_budget, log_every=a.log_every,
+                     eval_every=a.eval_every, bands=bands, progress=False)
+    if a.throughput:
+        hist["throughput"] = (_throughput(model, sim, dev) if dev.type == "cuda"
+                              else _throughput(model, sim, dev, n=512, batch=256))
+    if a.history_out:
+        Path(a.history_out).write_text(json.dumps(hist, indent=1))
+    print(json.dumps({"device": str(dev), "throughput": hist.get("throughput"), "steps_done": hist["steps_done"],
+                      "scenes_seen": hist["scenes_seen"], "wall_s": round(hist["wall_s"], 1),
+                      "last_eval": hist["eval"][-1] if hist["eval"] else None}, indent=1))
+
+
+def _throughput(model, sim, dev, n: int = 32768, draws: int = 200, batch: int = 8192) -> dict:
+    """Sources/s of the fast path on ``dev``: encoder forward pass on simulated cutouts plus
+    ``draws`` joint draws per source of q's flux and e groups (no decode)."""
+    import time
+
+    import torch
+
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(123)
+    data = [sim.sample(batch, gen) for _ in range(n // batch)]
+    model.eval()
+
+    def run():
+        total = 0.0
+        for d in data:
+            out = model(d["images"], d["sigmas"], d["psf_fwhm"])
+            loc = torch.cat([out[f"{g}_loc"] for g in model.groups], -1)
+            sd = torch.cat([out[f"{g}_log_scale"] for g in model.groups], -1).exp()
+            w = out["factor"]
+            eps = torch.randn(draws, *loc.shape, device=dev)
+            xi = torch.randn(draws, loc.shape[0], w.shape[-1], device=dev)
+            v = loc + sd * (eps + torch.einsum("spr,nsr->nsp", w, xi))
+            total += float(v[..., model.latent_dim:].exp().sum())  # flux, offset, e draws
+        return total
+
+    with torch.inference_mode():
+        run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    model.train()
+    return {"sources": n, "draws_per_source": draws, "seconds": dt, "sources_per_s": n / dt,
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
+
+
+def cmd_save(a):
+    import torch
+
+    import probdeblend as pb
+    from probdeblend.amortized import save_amortized
+    from probdeblend.amortized.network import AmortizedEncoder
+    from probdeblend.priors.io import machine_description
+
+    prior = pb.load_prior(a.prior)
+    state = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+    cfg = state["config"]
+    model = AmortizedEncoder(prior.frame.n_bands, prior.frame.stamp_size, prior.latent_dim,
+                             tuple(cfg["channels"]), cfg["hidden"], shape_head=True,
+                             rank=cfg["rank"])
+    model.load_state_dict(state["model"])
+    hist = state["hist"]
+    card = {
+        "name": Path(a.out).name, "prior": {"name": prior.name, "sha256": prior.card["sha256"]},
+        "frame": prior.frame.to_dict(),
+        "training": {**cfg, "method": "neural posterior estimation on blends simulated by the "
+                                      "model's own forward model (probdeblend.amortized.npe)",
+                     "steps_done": state["step"], "scenes_seen": state["step"] * cfg["batch_size"],
+                     "wall_time_s": hist["wall_s"], "device": a.trained_on,
+                     "loss": "q negative log-density (low-rank + diagonal Gaussian)",
+                     "history": {k: hist[k] for k in ("step", "loss", "lr", "scenes_per_s")}},
+        "validation": hist["eval"][-1] if hist["eval"] else {},
+        "machine": machine_description(),
+    }
+    path = save_amortized(a.out, model, card)
+    print(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bank")
+    b.add_argument("--prior", default="lsst-vae")
+    b.add_argument("--out", required=True)
+    b.add_argument("--n-flux", type=int, default=200_000)
+    b.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train")
+    t.add_argument("--prior", default="lsst-vae")
+    t.add_argument("--bank", required=True)
+    t.add_argument("--checkpoint", required=True)
+    t.add_argument("--steps", type=int, default=20000)
+    t.add_argument("--batch-size", type=int, default=512)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--time-budget", type=float, default=None)
+    t.add_argument("--log-every", type=int, default=200)
+    t.add_argument("--eval-every", type=int, default=2000)
+    t.add_argument("--throughput", action="store_true")
+    t.add_argument("--history-out", default=None)
+    s = sub.add_parser("save")
+    s.add_argument("--prior", default="lsst-vae")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--trained-on", default="unknown")
+    a = ap.parse_args(argv)
+    {"bank": cmd_bank, "train": cmd_train, "save": cmd_save}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The amortized posterior q of one source: a Gaussian over named parameter groups.
+
+q is a table of named groups, concatenated into one vector ``v`` per source (BLISS's
+``variational_dist`` pattern, without loose loc / scale dicts)::
+
+    v = [ z (D) | log_flux (B) | offset (2) | e (2, optional) ]
+
+* ``z``: the prior's latent morphology vector;
+* ``log_flux``: natural log of the total flux per band, in the scene's flux unit;
+* ``offset``: ``(dx, dy)`` pixels from the cutout centre;
+* ``e``: reduced shear ``(g1, g2)`` of the PSF-free galaxy (GalSim convention, see
+  :mod:`probdeblend.measure`), as :func:`probdeblend.measure.shape_torch` measures the decoded
+  ``z``; present when the encoder has a shape head. It lets the fast path give ellipticity draws
+  without decoding every draw.
+
+The covariance is diagonal plus low rank, written in units of the per-dimension scales::
+
+    Sigma = S (I + W W^T) S,      S = diag(scale),  W (P, r) with r = rank (0: diagonal)
+
+so the marginal standard deviation of dimension ``i`` is ``scale_i sqrt(1 + sum_k W_ik^2)``.
+Draws are ``v = loc + S (eps + W xi)`` with ``eps ~ N(0, I_P)``, ``xi ~ N(0, I_r)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["AmortizedQ", "q_nll"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def q_nll(target: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+          factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-density of ``target`` under q, one value per row (training loss).
+
+    Parameters
+    ----------
+    target, loc, log_scale : Tensor (N, P)
+    factor : Tensor (N, P, r), optional
+        ``W`` of the module docstring (None: diagonal q).
+    """
+    u = (target - loc) * torch.exp(-log_scale)  # whitened by S
+    base = 0.5 * (u * u).sum(-1) + log_scale.sum(-1) + 0.5 * target.shape[-1] * _LOG_2PI
+    if factor is None or factor.shape[-1] == 0:
+        return base
+    # (I + W W^T)^-1 = I - W (I_r + W^T W)^-1 W^T ; det(I + W W^T) = det(I_r + W^T W)
+    r = factor.shape[-1]
+    cap = torch.eye(r, device=factor.device, dtype=factor.dtype) + factor.transpose(-1, -2) @ factor
+    chol = torch.linalg.cholesky(cap)
+    wu = (factor.transpose(-1, -2) @ u.unsqueeze(-1))  # (N, r, 1)
+    sol = torch.cholesky_solve(wu, chol)
+    quad_corr = (wu * sol).sum((-1, -2))
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return base - 0.5 * quad_corr + 0.5 * logdet
+
+
+@dataclass
+class AmortizedQ:
+    """q for ``S`` sources (numpy, float64).
+
+    Attributes
+    ----------
+    loc, scale : ndarray (S, P)
+    factor : ndarray (S, P, r)
+    groups : dict name -> width, in vector order
+    centres : ndarray (S, 2)
+        Scene ``(x, y)`` of the cutout centres the offsets refer to.
+    """
+
+    loc: np.ndarray
+    scale: np.ndarray
+    factor: np.ndarray
+    groups: dict
+    centres: np.ndarray
+
+    @property
+    def n_sources(self) -> int:
+        return int(self.loc.shape[0])
+
+    def slice(self, name: str) -> slice:
+        """Position of group ``name`` in the joint vector."""
+        start = 0
+        for k, w in self.groups.items():
+            if k == name:
+                return slice(start, start + w)
+            start += w
+        raise KeyError(f"q has no group {name!r}; groups are {list(self.groups)}")
+
+    def covariance(self) -> np.ndarray:
+        """Full covariance (S, P, P)."""
+        s = self.scale
+        inner = np.eye(s.shape[-1])[None] + self.factor @ np.swapaxes(self.factor, -1, -2)
+        return s[:, :, None] * inner * s[:, None, :]
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.loc[:, self.slice(name)]
+
+    def sd(self, name: str) -> np.ndarray:
+        """Marginal standard deviations of group ``name`` (S, width)."""
+        sl = self.slice(name)
+        return self.scale[:, sl] * np.sqrt(1.0 + (self.factor[:, sl] ** 2).sum(-1))
+
+    def sample(self, num_samples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Independent draws, per group ``(num_samples, S, width)``; ``offset`` draws are
+        also returned as scene positions ``position`` = centres + offset."""
+        n, (S, P), r = int(num_samples), self.loc.shape, self.factor.shape[-1]
+        eps = rng.standard_normal((n, S, P))
+        if r:
+            eps = eps + np.einsum("spr,nsr->nsp", self.factor, rng.standard_normal((n, S, r)))
+        v = self.loc[None] + self.scale[None] * eps
+        out = {k: v[..., self.slice(k)] for k in self.groups}
+        out["position"] = self.centres[None] + out["offset"]
+        return out
+
+    def log_prob(self, values: np.ndarray) -> np.ndarray:
+        """log q of joint vectors ``values`` (..., S, P) -> (..., S)."""
+        t = torch.as_tensor(np.asarray(values, np.float64))
+        lead = t.shape[:-2]
+        loc = torch.as_tensor(self.loc).expand(*lead, *self.loc.shape)
+        ls = torch.log(torch.as_tensor(self.scale)).expand(*lead, *self.scale.shape)
+        f = torch.as_tensor(self.factor).expand(*lead, *self.factor.shape)
+        return -q_nll(t, loc, ls, f).numpy()
