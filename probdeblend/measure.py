@@ -73,7 +73,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .errors import NO_VALUE, ArgumentError, ArgumentTypeError, InferenceError
+from .errors import (
+    NO_VALUE,
+    ArgumentError,
+    ArgumentTypeError,
+    InferenceError,
+    MeasurementWarning,
+)
 
 __all__ = [
     "Moments",
@@ -359,7 +365,7 @@ def moments(
             warnings.warn(
                 f"{int((~ok).sum())} of {n} image(s) have non-positive total flux: "
                 "their centroid and moments are NaN",
-                RuntimeWarning,
+                MeasurementWarning,
                 stacklevel=2,
             )
         out = [np.where(ok, v, np.nan) for v in (xc, yc, q11, q22, q12)]
@@ -381,7 +387,7 @@ def moments(
                 f"weighted flux, degenerate weight or centre leaving the stamp) and {n_slow} did "
                 f"not converge in max_iter={max_iter} (last iterate kept); see "
                 "Moments.converged",
-                RuntimeWarning,
+                MeasurementWarning,
                 stacklevel=2,
             )
         res = (total, x0, y0, q11, q22, q12, converged, n_iter)
@@ -1260,7 +1266,7 @@ def half_light_radius(image, center=None, n_bisect: int = 40) -> np.ndarray:
         warnings.warn(
             f"{int((~ok).sum())} of {ok.size} image(s) have non-positive total flux: "
             "their half-light radius is NaN",
-            RuntimeWarning,
+            MeasurementWarning,
             stacklevel=2,
         )
     return np.where(ok, 0.5 * (lo + hi), np.nan).reshape(batch)
