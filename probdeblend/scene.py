@@ -139,12 +139,14 @@ def _validate_bands(bands: Any) -> tuple[str, ...]:
         names = tuple(bands)
     except TypeError:
         raise SceneError(
-            "bands", f"expected a sequence of band names such as ['g', 'r', 'i'], got {bands!r}"
+            "bands", f"expected a sequence of band names such as ['g', 'r', 'i'], got {bands!r}",
+            value=bands,
         ) from None
     for name in names:
         if not isinstance(name, str):
             raise SceneError(
-                "bands", f"band names must be strings, got {name!r} ({type(name).__name__})"
+                "bands", f"band names must be strings, got {name!r} ({type(name).__name__})",
+                value=name,
             )
         if (
             not name
@@ -156,6 +158,7 @@ def _validate_bands(bands: Any) -> tuple[str, ...]:
                 "bands",
                 f"invalid band name {name!r}: names must be non-empty printable ASCII without "
                 "commas or surrounding whitespace (they are stored comma-joined in FITS headers)",
+                value=name,
             )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -180,6 +183,7 @@ def _validate_pixel_scale(pixel_scale: Any) -> float:
             "pixel_scale",
             f"must be a positive finite float in arcsec/pixel (e.g. 0.2 for LSST), got "
             f"{pixel_scale!r}; for an astropy Quantity pass q.to_value('arcsec')",
+            value=pixel_scale,
         )
     return value
 
@@ -190,6 +194,7 @@ def _validate_units(units: Any) -> str:
             "units",
             f"must be a non-empty ASCII string naming the flux unit per pixel such as "
             f"'electron' or 'nJy', got {units!r}",
+            value=units,
         )
     return units.strip()
 

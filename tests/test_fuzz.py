@@ -112,6 +112,17 @@ def test_scene_bad_arguments(override, cls, argument):
     _check(info.value, cls, argument)
 
 
+@pytest.mark.parametrize(("override", "argument", "value"), [
+    ({"pixel_scale": -0.2}, "pixel_scale", -0.2),
+    ({"units": ""}, "units", ""),
+    ({"bands": ["g", 2]}, "bands", 2),
+])
+def test_scene_errors_carry_the_value(override, argument, value):
+    with pytest.raises(E.SceneError) as info:
+        Scene(**_args(**override))
+    assert info.value.argument == argument and info.value.value == value
+
+
 @pytest.mark.parametrize(("weight", "cls"), [(-1.0, E.InvalidVarianceError),
                                              (np.nan, E.InvalidVarianceError),
                                              ("w", E.InvalidDtypeError)])
