@@ -74,6 +74,14 @@ def step_simulate(args, res):
         _save(args.out, res)
 
 
+def _hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM; reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one_field(path: str, num_samples: int, catalog: str | None) -> dict:
     """Deblend one field in this process (called in a subprocess by ``step_timing``)."""
     import torch
@@ -87,11 +95,14 @@ def one_field(path: str, num_samples: int, catalog: str | None) -> dict:
     scene = field.to_scene()
     prior = resolve_prior("lsst-vae")
     _encoder(prior)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import scipy.signal  # noqa: F401 - one-off import (~1 s) not counted in the timing
+
+    rss0 = _hwm_mb()
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     cat = deblend(scene, num_samples=num_samples, seed=0)
     wall = time.perf_counter() - t0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss1 = _hwm_mb()
     if catalog:
         from probdeblend.catalog import write_catalog
 
@@ -102,7 +113,8 @@ def one_field(path: str, num_samples: int, catalog: str | None) -> dict:
             "t_infer": cat.meta["T_INFER"], "n_groups": cat.meta["NGROUPS"],
             "max_group": cat.meta["MAXGROUP"], "rss_before_mb": round(rss0),
             "peak_rss_mb": round(rss1), "image_mb": round(scene.image.nbytes / 2**20),
-            "torch_threads": torch.get_num_threads(), "num_samples": num_samples}
+            "torch_threads": torch.get_num_threads(), "num_samples": num_samples,
+            "load_avg_1min": round(load, 2)}
 
 
 def step_timing(args, res):
@@ -408,14 +420,15 @@ def report(args, res):
                   f"{next(iter(tim.values()))['num_samples']} draws per source)", "",
                   "| field | galaxies (truth) | sources | wall [s] | detect [s] | infer [s] | "
                   "sources/s | groups | largest group | peak RSS [MB] | RSS before [MB] | "
-                  "image [MB] |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "image [MB] | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in sorted(tim, key=int):
             r = tim[s]
             lines.append(f"| {s}^2 | {r['n_truth']} | {r['n_sources']} | {r['wall_s']} | "
                          f"{r['t_detect']} | {r['t_infer']} | {r['sources_per_s']} | "
                          f"{r['n_groups']} | {r['max_group']} | {r['peak_rss_mb']} | "
-                         f"{r['rss_before_mb']} | {r['image_mb']} |")
+                         f"{r['rss_before_mb']} | {r['image_mb']} | "
+                         f"{r.get('load_avg_1min', 'n/a')} |")
         lines += ["", "![scaling](scaling.png)", ""]
     if sim:
         lines += ["Simulation (not part of the timing): " + ", ".join(
