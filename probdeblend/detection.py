@@ -673,14 +673,24 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
     flag = np.asarray(objects["flag"], dtype=np.int64) if len(objects) else np.zeros(0, int)
     label = np.arange(1, len(objects) + 1, dtype=np.int32)
     # merge duplicates (sep children whose peaks coincide within min_separation)
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
     order = np.argsort(-peak, kind="stable")
     kept: list[int] = []
+    is_kept = np.zeros(len(order), dtype=bool)
+    neighbours = (cKDTree(np.stack([xs, ys], -1)).query_ball_point(
+        np.stack([xs, ys], -1), r=max(min_separation - 1e-9, 0.0)) if len(order) else [])
+    relabel = np.arange(int(segmap.max()) + 1, dtype=np.int32)
     for k in order:
-        if all(math.hypot(xs[k] - xs[m], ys[k] - ys[m]) >= min_separation for m in kept):
+        near = [m for m in neighbours[k] if is_kept[m]]
+        if not near:
             kept.append(int(k))
+            is_kept[k] = True
         else:
-            near = min(kept, key=lambda m: math.hypot(xs[k] - xs[m], ys[k] - ys[m]))
-            segmap[segmap == label[k]] = label[near]
+            m = min(near, key=lambda m: math.hypot(xs[k] - xs[m], ys[k] - ys[m]))
+            relabel[label[k]] = label[m]
+    segmap = relabel[segmap]
     X, Y, P = list(xs[kept]), list(ys[kept]), list(peak[kept])
     NP, FL, LB = list(npix[kept]), list(flag[kept]), list(label[kept])
     is_split = [False] * len(kept)
@@ -700,16 +710,18 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
                 if dd[j] <= refine:
                     X[k], Y[k] = float(lx[j]), float(ly[j])
         next_label = int(segmap.max()) + 1
+        boxes = ndimage.find_objects(segmap)  # footprint bounding boxes, by label - 1
+        xa, ya = np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)
         for c in np.argsort(-vals, kind="stable"):
             x, y = float(ci[c]), float(cj[c])
             v = float(f[cj[c], ci[c]])
-            xa, ya = np.asarray(X), np.asarray(Y)
             d = np.hypot(xa - x, ya - y)
             if d.min() < min_separation:
                 continue
             sx, sy = _subpixel_peak(lg, np.array([int(x)]), np.array([int(y)]))
             X.append(float(sx[0]))
             Y.append(float(sy[0]))
+            xa, ya = np.append(xa, X[-1]), np.append(ya, Y[-1])
             P.append(v)
             parent = int(segmap[int(y), int(x)])
             NP.append(0)
@@ -717,9 +729,10 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
             LB.append(next_label)
             is_split.append(True)
             # split the parent footprint between its peaks (nearest peak wins)
-            if parent > 0:
-                sel = segmap == parent
-                jj, ii = np.nonzero(sel)
+            if 0 < parent <= len(boxes) and boxes[parent - 1] is not None:
+                sl = boxes[parent - 1]
+                jj, ii = np.nonzero(segmap[sl] == parent)
+                jj, ii = jj + sl[0].start, ii + sl[1].start
                 owners = [k for k, lb in enumerate(LB) if lb == parent] + [len(LB) - 1]
                 dd = np.stack([np.hypot(ii - X[k], jj - Y[k]) for k in owners])
                 win = np.asarray(owners)[np.argmin(dd, axis=0)]
