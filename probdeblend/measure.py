@@ -611,15 +611,18 @@ class TorchMoments:
     x, y : Tensor
         Weight centroid in pixels (module's 0-based pixel-centre convention).
     Mxx, Myy, Mxy : Tensor
-        Adaptive covariance in pixels^2 (HSM ``moments_sigma**2 * (1 + e) ...``: for a Gaussian
-        image, its covariance).
+        Covariance of the matched elliptical Gaussian weight, pixels^2 (for a Gaussian image,
+        its covariance). HSM's ``moments_sigma`` is ``(Mxx Myy - Mxy^2)^(1/4)`` and its
+        ``observed_shape`` the distortion ``(Mxx - Myy, 2 Mxy) / (Mxx + Myy)``.
     amp : Tensor
         ``sum(I w)`` at the final weight (image units); HSM's ``moments_amp`` is ``2 amp``.
     rho4 : Tensor
         ``sum(I w rho^4) / sum(I w)`` at the final weight; 2 for a Gaussian. HSM's radial
         kurtosis is ``a4 = rho4 / 2 - 1``.
     ok : Tensor of bool
-        Converged to ``tol`` without failing. Other entries are NaN.
+        Converged to ``tol`` without failing (non-positive flux or weighted flux, degenerate
+        weight, centre leaving the stamp, weight wider than the stamp, or ``max_iter``
+        reached). The other entries are NaN.
     n_iter : Tensor of int
         Iterations used.
     """
