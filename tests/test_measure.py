@@ -566,18 +566,37 @@ def test_shape_torch_batch_of_4096_with_failures(bulge_disks):
     big[5] = 0.0  # no flux
     big[6] = -big[6]  # negative flux
     big[7] = psf  # a star: unresolved
+    big[8] = float("nan")  # corrupt stamps stay in their own entries
+    big[9, 3, 4] = float("inf")
     big = big.reshape(64, 64, STAMP, STAMP)
     g1, g2, ok = measure.shape_torch(big, PSF_SIGMA_PIX)
     assert g1.shape == g2.shape == ok.shape == (64, 64)
     g1, g2, ok = g1.reshape(-1), g2.reshape(-1), ok.reshape(-1)
-    assert not ok[5:8].any()
-    assert torch.isnan(g1[5:8]).all() and torch.isnan(g2[5:8]).all()
+    assert not ok[5:10].any()
+    assert torch.isnan(g1[5:10]).all() and torch.isnan(g2[5:10]).all()
     good = torch.ones(4096, dtype=torch.bool)
-    good[5:8] = False
+    good[5:10] = False
     assert bool(ok[good].all())
     idx = torch.arange(4096) % len(images)
     np.testing.assert_allclose(g1[good].numpy(), ref1[idx[good]].numpy(), atol=1e-6)
     np.testing.assert_allclose(g2[good].numpy(), ref2[idx[good]].numpy(), atol=1e-6)
+
+
+def test_shape_torch_on_cuda_matches_cpu(bulge_disks):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    images, _ = bulge_disks
+    ref1, ref2, ref_ok = measure.shape_torch(torch.from_numpy(images), PSF_SIGMA_PIX)
+    for dt, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        g1, g2, ok = measure.shape_torch(torch.from_numpy(images).to("cuda", dt), PSF_SIGMA_PIX)
+        assert g1.device.type == "cuda" and g1.dtype == dt
+        assert torch.equal(ok.cpu(), ref_ok)
+        np.testing.assert_allclose(g1.cpu().double().numpy(), ref1.numpy(), atol=tol)
+        np.testing.assert_allclose(g2.cpu().double().numpy(), ref2.numpy(), atol=tol)
+    r = measure.shear_response_stamps(torch.from_numpy(images).cuda(), PSF_SIGMA_PIX)
+    r_cpu = measure.shear_response_stamps(torch.from_numpy(images), PSF_SIGMA_PIX)
+    assert abs(r.R - r_cpu.R) < 1e-8
 
 
 def test_shape_torch_input_validation():
