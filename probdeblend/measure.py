@@ -951,20 +951,23 @@ def shape_torch(stamps, psf_sigma_pix: float, *, max_iter: int = 200, tol: float
       (REGAUSS, Hirata & Seljak 2003, which calls ``psf_corr_bj`` with ``a4P = 0`` after
       re-Gaussianizing): for a Gaussian model PSF the REGAUSS residual ``P - G`` is only the
       pixel response's small non-Gaussianity, so REGAUSS's convolution step changes little and
-      is skipped here. On noiseless bulge + disk galaxies it has ``|m| < ~1 %`` (see
-      ``benchmarks/results/shapes/report.md``), smaller than REGAUSS's.
+      is skipped here. Its shear response on noiseless galaxies (``m = R - 1``,
+      ``benchmarks/results/shapes/report.md``): +0.005 on the ``lsst-vae`` prior's decoded
+      draws (REGAUSS: +0.025) and +0.015 to +0.019 on GalSim bulge + disk galaxies
+      (REGAUSS: +0.04).
     * ``"bj"``: HSM's ``shear_est="BJ"`` exactly (``a4P`` measured on the pixel-integrated PSF,
       ~+0.047 for the LSST model PSF); agrees with ``galsim.hsm.EstimateShear(...,
-      shear_est="BJ")`` to ~1e-4 but is biased low by ~8 % on bulge + disk galaxies, because
-      the first-order kurtosis factor over-corrects the pixel's contribution.
+      shear_est="BJ")`` to ~1e-4 but is biased low by 7-8 % on the same galaxies: its
+      first-order kurtosis factor over-corrects the pixel's contribution to the PSF.
     * ``"gaussian"``: plain moment subtraction ``R = 1 - T_P/T_I`` (both ``a4`` zero): exact for
-      Gaussian galaxies, biased low by ~20 % for cuspy ones.
+      Gaussian galaxies (up to the pixel), biased low by 14 % (R = 0.857) on decoded draws.
 
     Why BJ on adaptive moments: it needs only moments (one pass over the pixels per iteration,
-    no convolution), so it batches trivially on CPU and GPU, and it reproduces the estimator the
-    project used before (REGAUSS) up to the re-Gaussianization of a nearly Gaussian PSF. The
-    remaining multiplicative bias on a population is measured by :func:`shear_response`
-    and divided out.
+    no convolution), so it batches trivially on CPU and GPU; and it is the correction formula
+    of the estimator the project used before (REGAUSS) without the re-Gaussianization
+    convolution, whose only job for this PSF is the pixel's non-Gaussianity (REGAUSS comes out
+    2-2.5 % higher in m on the same galaxies). The remaining multiplicative bias on a
+    population is measured by :func:`shear_response` and divided out.
 
     Parameters
     ----------
