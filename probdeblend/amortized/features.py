@@ -168,8 +168,8 @@ def windowed_centroid(det: torch.Tensor, sigma_w: float, iters: int = 3) -> torc
     ``sigma_w``, converging for any width. An image without signal gives 0.
     """
     n = det.shape[-1]
-    ax = torch.arange(n, dtype=det.dtype) - (n - 1) / 2.0
-    pos = torch.zeros(det.shape[0], 2, dtype=det.dtype)
+    ax = torch.arange(n, dtype=det.dtype, device=det.device) - (n - 1) / 2.0
+    pos = torch.zeros(det.shape[0], 2, dtype=det.dtype, device=det.device)
     for _ in range(int(iters)):
         wx = torch.exp(-0.5 * ((ax[None, :] - pos[:, :1]) / sigma_w) ** 2)  # (N, n)
         wy = torch.exp(-0.5 * ((ax[None, :] - pos[:, 1:]) / sigma_w) ** 2)

@@ -1,0 +1,509 @@
+"""The staged public API under :func:`probdeblend.fit`: one scene, its sources, their posterior.
+
+::
+
+    post = ScenePosterior(scene, prior="lsst-vae")     # sources: scene.positions or detect()
+    d = post.amortized(num_samples=1000, seed=0)        # q's own draws (fast path)
+    d = post.laplace(num_samples=1000, seed=0)          # MAP + Laplace + PSIS (exact-ish)
+    d = post.nuts(NutsConfig(), seed=0)                 # reference
+    idata = post.to_inference_data(d)                   # ArviZ (probdeblend.results schema)
+
+Every engine returns :class:`Draws` on the model's flat site vector (``latent_base``,
+``log_flux``, ``offset``; :mod:`probdeblend.model`), so measurement, predictive checks and the
+ArviZ result are one code path. The engines themselves live in :mod:`probdeblend.inference`;
+this module only assembles a scene's problem and hands it to them.
+
+Conventions: flux in the image's units (total flux of the PSF-convolved galaxy); ``e1``,
+``e2`` GalSim reduced shear of the PSF-free galaxy (:mod:`probdeblend.measure`); positions in
+the Scene's 0-based pixel convention.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ProbdeblendError
+from .scene import Scene
+
+__all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
+           "PriorCache", "PRIORS"]
+
+
+@dataclass(frozen=True)
+class NutsConfig:
+    """NUTS settings (:func:`probdeblend.inference.run_nuts`): chains run vectorised, dense
+    mass matrix from the Laplace covariance, step size adapted in ``num_warmup``."""
+
+    num_warmup: int = 300
+    num_chains: int = 4
+    max_tree_depth: int = 8
+    target_accept: float = 0.8
+    engine: str = "numpyro"
+
+
+@dataclass(frozen=True)
+class SviConfig:
+    """SVI settings (:func:`probdeblend.inference.run_svi`): full-rank Gaussian guide."""
+
+    num_steps: int = 1000
+    lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class LaplaceConfig:
+    """Laplace + PSIS settings (:func:`probdeblend.inference.run_laplace`).
+
+    ``proposal`` ``"t"`` (multivariate Student-t with ``df`` degrees of freedom, heavier tails
+    than the posterior: safer importance weights) or ``"gaussian"``; ``n_proposals`` draws
+    (default ``max(2 num_samples, 1000)``) are Pareto-smoothed and resampled.
+    """
+
+    proposal: str = "t"
+    df: float = 7.0
+    n_proposals: int | None = None
+    map_max_iter: int = 500
+
+
+@dataclass
+class Draws:
+    """Posterior draws of one engine.
+
+    Attributes
+    ----------
+    flat : ndarray (chain, draw, dim) or None
+        Draws of the flat site vector (None when an engine gives only derived quantities).
+    method : str
+        What actually ran (e.g. ``"amortized"``, ``"laplace+psis"``, ``"nuts"``).
+    library : str
+        ``"probdeblend"`` (own engines), ``"numpyro"``, ``"pyro"``.
+    sample_stats : dict name -> (chain, draw)
+    info : dict
+        Diagnostics: ``pareto_k`` per scene or source, ESS of the weights, MAP log p, ...
+    timings : dict name -> seconds
+    extra : dict name -> (chain, draw, ...)
+        Quantities an engine gives directly (the amortized ``e`` draws, ``flux``, positions).
+    """
+
+    flat: np.ndarray | None
+    method: str
+    library: str = "probdeblend"
+    sample_stats: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+class PriorCache:
+    """Priors loaded by name, with their NumPyro twins and compiled log-densities.
+
+    :data:`PRIORS` is the process-wide instance that :func:`probdeblend.fit` uses; call
+    ``PRIORS.clear()`` to free the memory (the next fit reloads and recompiles).
+    """
+
+    def __init__(self):
+        self._priors: dict = {}
+        self._backends: dict = {}
+        self._encoders: dict = {}
+
+    def prior(self, prior):
+        """A loaded :class:`~probdeblend.priors.LearnedPrior` from a name, path or itself."""
+        from .priors.distribution import LearnedPrior
+        from .priors.io import load_prior
+
+        if isinstance(prior, LearnedPrior):
+            return prior
+        if prior not in self._priors:
+            self._priors[prior] = load_prior(prior)
+        return self._priors[prior]
+
+    def backend(self, prior):
+        """(numpyro twin, NumPyro Backend) of a loaded prior, built once per prior object."""
+        from .model import Backend
+
+        key = id(prior)
+        if key not in self._backends:
+            np_prior = prior.to_numpyro()
+            backend = Backend.numpyro(np_prior)
+            backend.torch_prior = prior
+            self._backends[key] = (prior, np_prior, backend)
+        return self._backends[key][1:]
+
+    def encoder(self, prior):
+        """The amortized encoder shipped for ``prior`` or None (with a warning)."""
+        key = id(prior)
+        if key not in self._encoders:
+            from .amortized import AmortizedPosterior
+
+            try:
+                self._encoders[key] = (prior, AmortizedPosterior.for_prior(prior))
+            except ProbdeblendError:
+                warnings.warn(f"no amortized encoder is shipped for prior {prior.name!r}: "
+                              f"starting from sep fluxes and z = 0 (slower; the amortized "
+                              f"path is unavailable)", stacklevel=3)
+                self._encoders[key] = (prior, None)
+        return self._encoders[key][1]
+
+    def clear(self) -> None:
+        self._priors.clear()
+        self._backends.clear()
+        self._encoders.clear()
+
+
+#: The process-wide cache used by :func:`probdeblend.fit` (see :class:`PriorCache`).
+PRIORS = PriorCache()
+
+
+def prepare_scene(scene: Scene, prior) -> Scene:
+    """The scene restricted to the prior's bands, in the prior's order (BandMismatchError
+    naming the missing bands otherwise)."""
+    if not isinstance(scene, Scene):
+        from .errors import ArgumentTypeError
+
+        raise ArgumentTypeError(
+            "scene", scene, "a probdeblend.Scene; build one with probdeblend.Scene(image, "
+                            "variance, psf, bands, pixel_scale) or Scene.from_fits(path)")
+    missing = [b for b in prior.bands if b not in scene.bands]
+    if missing:
+        from .errors import BandMismatchError
+
+        raise BandMismatchError(
+            "bands", f"the prior {prior.name!r} needs bands {list(prior.bands)} but the scene "
+                     f"lacks {missing}; load a prior with bands=... that the scene has")
+    return scene.select_bands(prior.bands) if tuple(scene.bands) != tuple(prior.bands) else scene
+
+
+def find_sources(scene: Scene, positions=None, detect_kwargs: dict | None = None):
+    """Source positions ``(S, 2)`` and the detection table (None when positions were given).
+
+    ``positions`` (or ``scene.positions``) wins; otherwise :func:`probdeblend.detection.detect`.
+    An explicit empty ``positions`` is an error, not "detect".
+    """
+    from .detection import detect
+    from .errors import PositionError
+
+    given = positions if positions is not None else scene.positions
+    if given is not None:
+        pos = np.asarray(given, dtype=np.float64).reshape(-1, 2)
+        if len(pos) == 0:
+            raise PositionError("positions", "is empty; pass at least one (x, y) or None to "
+                                             "detect sources")
+        return pos, None
+    table = detect(scene, **(detect_kwargs or {}))
+    if len(table) == 0:
+        raise ProbdeblendError("no source was detected in the scene; pass positions= (x, y) "
+                               "or lower the detection threshold (detect_kwargs)")
+    return np.stack([table["x"], table["y"]], -1).astype(np.float64), table
+
+
+def _warn_coincident(positions, min_sep: float = 1.0):
+    from .errors import ProbdeblendWarning
+
+    d = np.hypot(*(positions[:, None] - positions[None]).transpose(2, 0, 1))
+    i, j = np.nonzero(np.triu(d < min_sep, 1))
+    if len(i):
+        pairs = [(int(a), int(b)) for a, b in zip(i, j, strict=True)][:5]
+        warnings.warn(f"sources {pairs} are closer than {min_sep} pixel: the model cannot tell "
+                      f"them apart and will split the flux between them; merge them or check "
+                      f"the positions", ProbdeblendWarning, stacklevel=3)
+
+
+class ScenePosterior:
+    """Posterior of every source of one scene under a learned prior.
+
+    Parameters
+    ----------
+    scene : Scene
+        The observation; bands beyond the prior's are ignored.
+    prior : str or LearnedPrior
+        Shipped prior name (``"lsst-vae"``, ``"lsst-vaegan"``), a path, or a loaded prior.
+    positions : array (S, 2), optional
+        Source ``(x, y)`` pixels; default ``scene.positions``, else detection.
+    encoder : AmortizedPosterior, "auto" or None
+        The amortized encoder (``"auto"``: the one shipped for the prior, if any).
+    detect_kwargs : dict, optional
+        Passed to :func:`probdeblend.detection.detect`.
+    residual_pass : bool
+        After detection, look once for sources the detector merged or missed in the residual
+        of the amortized model.
+    flux_scale, position_scale : float
+        Widths of the log-flux prior (natural log) and of the position prior (pixels).
+    cache : PriorCache
+        Where priors, twins and compiled functions are kept (default :data:`PRIORS`).
+    """
+
+    def __init__(self, scene: Scene, prior="lsst-vae", positions=None, *, encoder="auto",
+                 detect_kwargs: dict | None = None, residual_pass: bool = True,
+                 flux_scale: float = 2.0, position_scale: float = 1.0,
+                 cache: PriorCache | None = None):
+        self.cache = PRIORS if cache is None else cache
+        self.prior = self.cache.prior(prior)
+        self.scene = prepare_scene(scene, self.prior)
+        self.np_prior, self.backend = self.cache.backend(self.prior)
+        self.encoder = self.cache.encoder(self.prior) if encoder == "auto" else encoder
+        self.flux_scale, self.position_scale = float(flux_scale), float(position_scale)
+        t0 = time.perf_counter()
+        pos, self.detections = find_sources(self.scene, positions, detect_kwargs)
+        _warn_coincident(pos)
+        self._build(pos)
+        if self.detections is not None and residual_pass:
+            self._residual_pass()
+        self.timings = {"amortized_s": time.perf_counter() - t0}
+        self._map = None
+
+    # -- construction ----------------------------------------------------------------------
+    def _build(self, positions):
+        from .inference import SceneProblem
+        from .model import SceneSpec
+        from .render import SceneRenderer
+
+        self.renderer = SceneRenderer.from_scene(self.scene, self.prior.frame)
+        if self.encoder is not None:
+            self.q = self.encoder.predict_q(self.scene, positions)
+        else:
+            self.q = _fallback_q(self.scene, self.prior, positions)
+        self.positions0 = self.q.centres + self.q.mean("offset")
+        flux0 = np.exp(self.q.mean("log_flux"))
+        self.spec = SceneSpec.build(self.backend, self.scene, self.renderer, self.positions0,
+                                    flux0, self.prior.latent_dim, flux_scale=self.flux_scale,
+                                    position_scale=self.position_scale)
+        self.problem = SceneProblem(self.backend, self.spec)
+        z = np.asarray(self.q.mean("z"), np.float32)
+        u, _ = self.np_prior.twin.flow_inverse(z)
+        self.init = {"latent_base": np.asarray(u), "log_flux": self.q.mean("log_flux"),
+                     "offset": np.zeros_like(self.positions0)}
+
+    def _residual_pass(self):
+        from .detection import detect_residual
+
+        model = self.problem.fn("model_image")(
+            np.asarray(self.q.mean("z"), np.float32)[None],
+            np.asarray(self.q.mean("log_flux"), np.float32)[None],
+            np.asarray(self.positions0, np.float32)[None], self.spec)
+        new = detect_residual(self.scene, np.asarray(model[0]), self.positions0)
+        if len(new):
+            self._build(np.concatenate([self.positions0, np.stack([new["x"], new["y"]], -1)]))
+
+    @property
+    def n_sources(self) -> int:
+        return int(self.spec.n_sources)
+
+    # -- engines ---------------------------------------------------------------------------
+    def amortized(self, num_samples: int = 1000, seed: int = 0) -> Draws:
+        """q's own draws, no reweighting (calibrated by training; see
+        :mod:`probdeblend.amortized.npe`). Flux, position and, with a shape head, ``e`` come
+        straight from q (no decode per draw); the flat vector is filled too (latent through
+        the inverse flow), for predictive checks and deblended images."""
+        if self.encoder is None:
+            raise ProbdeblendError(
+                f"no amortized encoder for prior {self.prior.name!r}; use method='laplace'")
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        d = self.q.sample(num_samples, rng)
+        u = np.asarray(self.np_prior.twin.flow_inverse(
+            d["z"].astype(np.float32).reshape(-1, d["z"].shape[-1]))[0], np.float64)
+        flat = self.problem.flatten_draws({
+            "latent_base": u.reshape(d["z"].shape), "log_flux": d["log_flux"],
+            "offset": d["position"] - self.positions0[None]})
+        extra = {}
+        if "e" in d:
+            extra = {"e1": d["e"][None, ..., 0], "e2": d["e"][None, ..., 1]}
+        return Draws(flat[None], "amortized", "probdeblend",
+                     info={"encoder": self.encoder.name},
+                     timings={"draws_s": time.perf_counter() - t0}, extra=extra)
+
+    def map(self, max_iter: int = 500):
+        """MAP of the whole scene (L-BFGS from q's mean): ``(flat, info)``, cached."""
+        if self._map is None:
+            from .inference import find_map
+
+            self._map = find_map(self.problem, self.init, max_iter=max_iter)
+        return self._map
+
+    def laplace(self, num_samples: int = 1000, seed: int = 0,
+                config: LaplaceConfig | None = None) -> Draws:
+        """MAP + Laplace covariance + Pareto-smoothed importance sampling (k-hat in info)."""
+        from .inference import run_laplace
+
+        cfg = config or LaplaceConfig()
+        flat_map, map_info = self.map(cfg.map_max_iter)
+        post = run_laplace(self.problem, flat_map, num_samples=num_samples, seed=seed,
+                           proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals)
+        return Draws(post.samples["flat"][None], post.method, "probdeblend",
+                     {k: v[None] for k, v in post.sample_stats.items()},
+                     {**map_info, **post.info}, post.timings)
+
+    def nuts(self, num_samples: int = 1000, seed: int = 0, config: NutsConfig | None = None,
+             progress: bool = False) -> Draws:
+        """NUTS over all sources jointly from the MAP, dense mass from the Laplace covariance."""
+        from .inference import laplace, run_nuts, run_nuts_pyro
+
+        cfg = config or NutsConfig()
+        t0 = time.perf_counter()
+        flat_map, map_info = self.map()
+        cov = laplace(self.problem, flat_map)
+        t_map = time.perf_counter() - t0
+        runner = run_nuts if cfg.engine == "numpyro" else run_nuts_pyro
+        post = runner(self.problem, flat_map, cov, num_warmup=cfg.num_warmup,
+                      num_samples=num_samples, num_chains=cfg.num_chains, seed=seed,
+                      target_accept=cfg.target_accept, max_tree_depth=cfg.max_tree_depth,
+                      progress=progress)
+        return Draws(self.problem.flatten_draws(post.samples), "nuts", cfg.engine,
+                     post.sample_stats, {**map_info, **post.info},
+                     {"map_laplace_s": t_map, **post.timings})
+
+    def svi(self, num_samples: int = 1000, seed: int = 0, config: SviConfig | None = None,
+            progress: bool = False) -> Draws:
+        """Full-rank Gaussian SVI over the whole scene, initialised from q."""
+        from .inference import run_svi
+
+        cfg = config or SviConfig()
+        loc = self.problem.flatten(self.init)
+        scale = self.problem.flatten({"latent_base": self.q.sd("z"),
+                                      "log_flux": self.q.sd("log_flux"),
+                                      "offset": self.q.sd("offset")})
+        post = run_svi(self.problem, loc, np.diag(scale**2), num_steps=cfg.num_steps,
+                       num_samples=num_samples, seed=seed, lr=cfg.lr, progress=progress)
+        return Draws(self.problem.flatten_draws(post.samples), "svi", "numpyro",
+                     post.sample_stats, {k: v for k, v in post.info.items() if k != "elbo"},
+                     post.timings)
+
+    # -- measurement and results -----------------------------------------------------------
+    def measure(self, draws: Draws, batch: int = 1024) -> dict:
+        """Posterior variables (chain, draw, ...) of draws: ``flux`` (source, band), ``e1``,
+        ``e2``, ``x_pix``, ``y_pix`` (source), ``latent``, ``log_flux``; plus
+        ``e_failed`` (source): the fraction of draws whose shape could not be measured (their
+        e1 / e2 are NaN and summaries skip them)."""
+        from .measure import model_psf_sigma_pix, psf_corrected_shape_fast
+
+        det = self.problem.deterministic(draws.flat)
+        out = {"flux": np.exp(det["log_flux"]), "x_pix": det["position"][..., 0],
+               "y_pix": det["position"][..., 1], "latent": det["latent"],
+               "log_flux": det["log_flux"]}
+        if "e1" in draws.extra:
+            out["e1"], out["e2"] = draws.extra["e1"], draws.extra["e2"]
+        else:
+            z = det["latent"].astype(np.float32)
+            flat = z.reshape(-1, z.shape[-1])
+            decode = self.problem.fn("decode")
+            sig = model_psf_sigma_pix(self.prior.frame)
+            e1 = np.empty(len(flat))
+            e2 = np.empty(len(flat))
+            for i in range(0, len(flat), batch):
+                stamps = np.asarray(decode(flat[i:i + batch])).mean(-3)
+                e1[i:i + batch], e2[i:i + batch] = psf_corrected_shape_fast(stamps, sig)
+            out["e1"], out["e2"] = e1.reshape(z.shape[:-1]), e2.reshape(z.shape[:-1])
+        return out
+
+    def source_images(self, draws: Draws, max_draws: int = 64, batch: int = 16):
+        """Deblended image of every source: posterior mean and pixel std over (up to
+        ``max_draws`` evenly spaced) draws of its PSF-convolved model in the scene frame,
+        each ``(source, band, y, x)`` in image units."""
+        det = self.problem.deterministic(draws.flat)
+        z, lf, pos = (det[k].reshape((-1,) + det[k].shape[2:])
+                      for k in ("latent", "log_flux", "position"))
+        idx = np.linspace(0, len(z) - 1, min(max_draws, len(z))).astype(int)
+        fn = self.problem.fn("model_image")
+        S = self.n_sources
+        s1 = s2 = 0.0
+        for i in range(0, len(idx), batch):
+            j = idx[i:i + batch]
+            # one source at a time: the scene model of a single source is its deblended image
+            imgs = []
+            for s in range(S):
+                lf_s = np.full_like(lf[j], -60.0)
+                lf_s[:, s] = lf[j][:, s]
+                imgs.append(np.asarray(fn(z[j].astype(np.float32), lf_s.astype(np.float32),
+                                          pos[j].astype(np.float32), self.spec), np.float64))
+            imgs = np.stack(imgs, 1)  # (n, S, B, y, x)
+            s1 = s1 + imgs.sum(0)
+            s2 = s2 + (imgs**2).sum(0)
+        mean = s1 / len(idx)
+        std = np.sqrt(np.clip(s2 / len(idx) - mean**2, 0.0, None))
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def predictive(self, draws: Draws, n_predictive: int | None = None, seed: int = 0,
+                   batch: int = 64):
+        """Per-band log-likelihood of every draw (chain, draw, band) and noisy replicated images
+        (chain, n_pred, band, y, x) of ``n_predictive`` evenly spaced draws (default all)."""
+        det = self.problem.deterministic(draws.flat)
+        C, N = det["log_flux"].shape[:2]
+        spec, prob = self.spec, self.problem
+
+        def batched(name, idx, c):
+            out = []
+            for i in range(0, len(idx), batch):
+                j = idx[i:i + batch]
+                out.append(np.asarray(prob.fn(name)(
+                    det["latent"][c][j].astype(np.float32),
+                    det["log_flux"][c][j].astype(np.float32),
+                    det["position"][c][j].astype(np.float32), spec)))
+            return np.concatenate(out)
+
+        all_idx = np.arange(N)
+        ll = np.stack([batched("loglike_bands", all_idx, c) for c in range(C)])
+        n_pred = N if n_predictive is None else max(0, min(int(n_predictive), N))
+        idx = np.linspace(0, N - 1, n_pred).astype(int) if n_pred else np.zeros(0, int)
+        ppc = None
+        if n_pred:
+            rng = np.random.default_rng(seed)
+            models = np.stack([batched("model_image", idx, c) for c in range(C)])
+            ppc = (models + np.asarray(spec.sigma) * rng.standard_normal(models.shape))
+            ppc = ppc.astype(np.float32)
+        return ll.astype(np.float64), ppc, idx
+
+    def to_inference_data(self, draws: Draws, *, n_predictive: int | None = 100,
+                          source_image_draws: int = 64, seed: int = 0, attrs: dict | None = None):
+        """ArviZ InferenceData of draws (:func:`probdeblend.results.build_inference_data`):
+        posterior, sample_stats, log_likelihood (per band, every draw), posterior_predictive
+        (``n_predictive`` draws, ``None`` = all), constant_data, deblended source images."""
+        from .results import build_inference_data
+
+        t0 = time.perf_counter()
+        var = self.measure(draws)
+        ll, ppc, idx = self.predictive(draws, n_predictive, seed)
+        mean, std = self.source_images(draws, source_image_draws)
+        failed = np.mean(~np.isfinite(var["e1"]) | ~np.isfinite(var["e2"]), axis=(0, 1))
+        stats = dict(draws.sample_stats)
+        C, N = var["flux"].shape[:2]
+        if "lp" not in stats:
+            stats["lp"] = self.problem.logp_batch(draws.flat.reshape(C * N, -1)).reshape(C, N)
+        timings = {**self.timings, **draws.timings, "measure_s": time.perf_counter() - t0}
+        info = {k: v for k, v in draws.info.items()
+                if isinstance(v, (int, float, str, bool, np.integer, np.floating))}
+        if "pareto_k" in draws.info:
+            info["pareto_k"] = np.atleast_1d(draws.info["pareto_k"]).tolist()
+        all_attrs = {"prior": self.prior.name, "n_sources": self.n_sources,
+                     "detected": int(self.detections is not None),
+                     "e_failed_fraction": failed.tolist(), **info,
+                     **{f"time_{k}": round(float(v), 3) for k, v in timings.items()},
+                     **(attrs or {})}
+        return build_inference_data(
+            {k: var[k] for k in ("flux", "e1", "e2", "x_pix", "y_pix", "latent", "log_flux")},
+            self.scene, method=draws.method, library=draws.library, sample_stats=stats,
+            log_likelihood=ll, posterior_predictive=ppc,
+            predictive_draws=idx if ppc is not None else None,
+            source_images_mean=mean, source_images_std=std, positions_given=self.positions0,
+            attrs=all_attrs)
+
+
+def _fallback_q(scene, prior, positions):
+    """Crude starting point when no amortized encoder exists for the prior: z = 0, sep Kron
+    fluxes, the given positions, broad scales."""
+    from .amortized.q import AmortizedQ
+    from .detection import sep_baseline
+
+    S, B, D = len(positions), scene.n_bands, prior.latent_dim
+    flux = np.full((S, B), 1.0)
+    tab = sep_baseline(scene)
+    if len(tab):
+        for s, (x, y) in enumerate(positions):
+            j = int(np.argmin((tab["x"] - x) ** 2 + (tab["y"] - y) ** 2))
+            flux[s] = [max(float(tab[f"flux_{b}"][j]), 1.0) for b in scene.bands]
+    loc = np.concatenate([np.zeros((S, D)), np.log(flux), np.zeros((S, 2))], -1)
+    scale = np.concatenate([np.ones((S, D)), np.full((S, B), 0.5), np.full((S, 2), 0.5)], -1)
+    return AmortizedQ(loc, scale, np.zeros((S, loc.shape[1], 0)),
+                      {"z": D, "log_flux": B, "offset": 2}, np.asarray(positions, np.float64))
