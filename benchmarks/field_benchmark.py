@@ -87,13 +87,12 @@ def one_field(path: str, num_samples: int, catalog: str | None) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("PB_THREADS", "2")))
-    from probdeblend.deblend import _encoder, deblend
-    from probdeblend.fit import resolve_prior
+    from probdeblend.deblend import _encoder, _resolve_prior, deblend
     from probdeblend.simulate import SimulatedField
 
     field = SimulatedField.from_fits(path)
     scene = field.to_scene()
-    prior = resolve_prior("lsst-vae")
+    prior = _resolve_prior("lsst-vae")
     _encoder(prior)
     import scipy.signal  # noqa: F401 - one-off import (~1 s) not counted in the timing
 
@@ -253,10 +252,9 @@ def step_dask(args, res):
     from dask.distributed import Client, LocalCluster
 
     def warm():  # import torch / probdeblend and load the encoder in each worker
-        from probdeblend.deblend import _encoder
-        from probdeblend.fit import resolve_prior
+        from probdeblend.deblend import _encoder, _resolve_prior
 
-        _encoder(resolve_prior("lsst-vae"))
+        _encoder(_resolve_prior("lsst-vae"))
         return os.getpid()
 
     for n_workers in (1, 2):

@@ -241,11 +241,10 @@ def _make_class():
             model (:class:`probdeblend.render.SceneRenderer`) on its blend's ``n x n`` grid."""
             import torch
 
-            from .deblend import _encoder
-            from .fit import resolve_prior
+            from .deblend import _encoder, _resolve_prior
             from .render import SceneRenderer
 
-            prior = resolve_prior(self.prior)
+            prior = _resolve_prior(self.prior)
             post = _encoder(prior)
             pos = np.stack([np.asarray(cat["x_init"]), np.asarray(cat["y_init"])], -1)
             if len(pos) == 0:

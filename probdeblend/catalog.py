@@ -10,7 +10,9 @@ Identity and position
     ``(x=i, y=j)``), ``x_err``, ``y_err`` [pix] (posterior std), ``pos_err`` [pix]
     (``sqrt((x_err**2 + y_err**2) / 2)``), ``ra``, ``dec`` [deg] (from the scene's WCS at the
     posterior-mean position; only when the scene has a WCS), ``x_init``, ``y_init`` [pix]
-    (detection / input position), ``snr_det`` (detection S/N, NaN for input positions).
+    (detection / input position), ``snr_det`` (detection S/N, NaN for input positions),
+    ``det_pass`` (0: detected in the image, 1: in the residual of the first pass' model, -1:
+    input position).
 Fluxes (per band ``b``) [scene units, e.g. electron]
     ``flux_b`` (posterior mean of the total flux), ``flux_b_err`` (posterior std),
     ``flux_b_q16``, ``flux_b_q50``, ``flux_b_q84`` (posterior quantiles).
@@ -87,6 +89,7 @@ def schema(bands: Sequence[str], units: str = "electron", wcs: bool = True) -> l
         ("x_init", "f8", "pix", "detection / input x"),
         ("y_init", "f8", "pix", "detection / input y"),
         ("snr_det", "f8", None, "detection S/N (NaN for input positions)"),
+        ("det_pass", "i8", None, "0: detected in the image, 1: in the residual, -1: input"),
     ]
     for b in bands:
         cols.append((f"flux_{b}", "f8", units, f"posterior mean total flux, band {b}"))

@@ -216,6 +216,19 @@ def _sub_scene(scene: Scene, bbox, positions=None, mask_labels=None, own_label=N
 # the amortized posterior of a batch of sources (ONE place: the fast-posterior work replaces it)
 # ----------------------------------------------------------------------------------------------
 _AMORTIZED: dict = {}
+_PRIORS: dict = {}
+
+
+def _resolve_prior(prior):
+    """A loaded prior from a shipped name / path (cached per process), or ``prior`` itself."""
+    if not isinstance(prior, (str, Path)):
+        return prior
+    key = str(prior)
+    if key not in _PRIORS:
+        from .priors.io import load_prior
+
+        _PRIORS[key] = load_prior(key)
+    return _PRIORS[key]
 
 
 def _encoder(prior):
@@ -315,6 +328,81 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
 
 
 # ----------------------------------------------------------------------------------------------
+# residual detection: sources hidden under their neighbours
+# ----------------------------------------------------------------------------------------------
+#: side (pixels) of the window each q-mean galaxy is rendered in for the residual pass
+RENDER_WINDOW = 72
+
+
+def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 512):
+    """Noiseless model (band, ny, nx) of the sources at ``positions``: each source's amortized
+    q-mean galaxy (decoded latent x flux) rendered with the forward model
+    (:class:`probdeblend.render.SceneRenderer`: PSF difference kernel, sub-pixel shift) in a
+    ``RENDER_WINDOW`` px window and added into the image. Sources are encoded in chunks of
+    ``chunk_size`` (by rows), each on its strip of the image."""
+    import torch
+
+    from .render import SceneRenderer
+
+    post = _encoder(prior)
+    ny, nx = scene.shape
+    w = RENDER_WINDOW
+    model = np.zeros(scene.image.shape, dtype=np.float32)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    if len(pos) == 0:
+        return model
+    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    k = scene.psf.shape[-1]
+    rend = SceneRenderer(scene.psf, (w, w), prior.frame.psf_image(k), prior.frame.stamp_size,
+                         scene.bands)
+    order = np.argsort(pos[:, 1], kind="stable")
+    half = post.stamp_size // 2 + 2
+    for start in range(0, len(order), int(chunk_size)):
+        idx = order[start:start + int(chunk_size)]
+        y0 = max(int(np.floor(pos[idx, 1].min())) - half, 0)
+        y1 = min(int(np.ceil(pos[idx, 1].max())) + half + 1, ny)
+        sub = _sub_scene(scene, (y0, y1, 0, nx))
+        q = post.predict(sub, pos[idx] - [0.0, y0])
+        c = np.asarray(q["positions"], np.float64) + [0.0, y0]
+        i0 = np.floor(c - (w - 1) / 2.0 + 0.5).astype(int)
+        with torch.inference_mode():
+            st = prior.decode(torch.as_tensor(np.asarray(q["z_loc"], np.float32)))[:, band_idx]
+            fl = torch.as_tensor(np.exp(np.asarray(q["log_flux_loc"])[:, band_idx])
+                                 .astype(np.float32))
+            loc = torch.as_tensor((c - i0).astype(np.float32))
+            imgs = rend(st[:, None], fl[:, None], loc[:, None]).numpy()
+        for j in range(len(idx)):
+            xa, ya = i0[j]
+            xs, xe, ys, ye = max(xa, 0), min(xa + w, nx), max(ya, 0), min(ya + w, ny)
+            if xs < xe and ys < ye:
+                model[:, ys:ye, xs:xe] += imgs[j][:, ys - ya:ye - ya, xs - xa:xe - xa]
+    return model
+
+
+def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: float,
+                         exclusion: float, chunk_size: int):
+    """Sources detected (:func:`~probdeblend.detection.detect_sources`, matched-filter and
+    lowered-Gaussian S/N >= ``threshold``) in ``image - model`` farther than ``exclusion`` px
+    from every known source. Returns ``(positions (m, 2), snr (m,))``."""
+    from .detection import detect_sources
+
+    model = _model_image(scene, positions, prior, chunk_size)
+    res = Scene(np.asarray(scene.image) - model, scene.variance, scene.psf, scene.bands,
+                scene.pixel_scale, units=scene.units)
+    del model
+    t = detect_sources(res, threshold=threshold, split_snr=threshold)
+    new = np.stack([np.asarray(t["x"]), np.asarray(t["y"])], -1).reshape(-1, 2)
+    snr = np.asarray(t["snr"], np.float64)
+    if len(new) and len(positions):
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(positions).query(new)
+        keep = d > exclusion
+        new, snr = new[keep], snr[keep]
+    return new, snr
+
+
+# ----------------------------------------------------------------------------------------------
 # refinement per group
 # ----------------------------------------------------------------------------------------------
 def _fit_group(sub: Scene, prior, fit_method: str, num_samples: int, seed: int,
@@ -331,7 +419,9 @@ def _fit_group(sub: Scene, prior, fit_method: str, num_samples: int, seed: int,
         a = a.reshape((-1,) + a.shape[2:])
         return np.moveaxis(a, 0, 1)
 
-    draws = {k: per_source(k) for k in ("flux", "e1", "e2", "x", "y")}
+    names = {"flux": "flux", "e1": "e1", "e2": "e2",
+             "x": "x" if "x" in p else "x_pix", "y": "y" if "y" in p else "y_pix"}
+    draws = {k: per_source(v) for k, v in names.items()}
     n = draws["x"].shape[0]
     diag: dict[str, Any] = {"method": f"fit:{idata.attrs.get('method', fit_method)}"}
     diag["pareto_k"] = np.asarray(idata.attrs.get("pareto_k", np.full(n, np.nan)), float)
@@ -341,8 +431,8 @@ def _fit_group(sub: Scene, prior, fit_method: str, num_samples: int, seed: int,
     if p.sizes.get("chain", 1) > 1:
         import arviz as az
 
-        rh = az.rhat(p[["flux", "e1", "e2", "x", "y"]])
-        es = az.ess(p[["flux", "e1", "e2", "x", "y"]], method="bulk")
+        rh = az.rhat(p[list(names.values())])
+        es = az.ess(p[list(names.values())], method="bulk")
         for k in range(n):
             vals = [np.nanmax(np.asarray(rh[v].isel(source=k))) for v in rh.data_vars]
             r_hat[k] = np.nanmax(vals)
@@ -413,7 +503,8 @@ def _masked_fraction(mask_any: np.ndarray, pos: np.ndarray, radius: float) -> np
 def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_samples: int = 200,
             seed: int = 0, detect_kwargs: dict | None = None, grouping: str = "footprint",
             dilate: int = 2, link_length: float | None = None, margin: int | None = None,
-            chunk_size: int = 512, fit_method: str = "amortized",
+            chunk_size: int = 512, residual_pass: bool = True, residual_threshold: float = 10.0,
+            residual_exclusion: float = 3.0, fit_method: str = "amortized",
             fit_kwargs: dict | None = None, draws_dir: str | Path | None = None,
             progress: bool = False, return_groups: bool = False):
     """Deblend a whole image into a catalogue with posterior summaries (one row per source).
@@ -445,6 +536,13 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         Pixels around each group for its sub-scene (default half the encoder stamp + 2).
     chunk_size : int
         Sources encoded per batch; bounds memory (a group is never split).
+    residual_pass : bool
+        After detection, render every detected source's amortized q-mean galaxy, subtract the
+        model and detect again (``detect_sources`` at ``residual_threshold`` sigma, farther than
+        ``residual_exclusion`` px from known sources): finds galaxies hidden under brighter
+        neighbours (``det_pass = 1`` in the catalogue). Only when sources are detected.
+    residual_threshold, residual_exclusion : float
+        See ``residual_pass`` (sigma; pixels).
     fit_method : str
         ``method`` of :func:`probdeblend.fit` for ``method="fit"``.
     fit_kwargs : dict, optional
@@ -469,11 +567,10 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         Bad scene or arguments (the message names the argument).
     """
     from .catalog import MASK_RADIUS, make_catalog, schema, summary_columns
-    from .fit import resolve_prior
 
     _check(scene, method, num_samples, seed, chunk_size, grouping)
     t_start = time.perf_counter()
-    prior = resolve_prior(prior)
+    prior = _resolve_prior(prior)
     missing = [b for b in prior.bands if b not in scene.bands]
     if missing:
         from .errors import BandMismatchError
@@ -493,6 +590,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
     det_kw = dict(detect_kwargs or {})
     snr_det = None
     segmap = None
+    det_pass = None
     if scene.positions is not None and len(scene.positions):
         positions = np.asarray(scene.positions, dtype=np.float64)
         if grouping == "footprint":  # footprints only (no splitting needed)
@@ -502,6 +600,15 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         positions = np.stack([np.asarray(table["x"]), np.asarray(table["y"])], -1)
         positions = positions.reshape(-1, 2).astype(np.float64)
         snr_det = np.asarray(table["snr"], np.float64)
+        det_pass = np.zeros(len(positions), dtype=np.int64)
+        if residual_pass and len(positions):
+            new, new_snr = _residual_detections(scene, positions, prior,
+                                                float(residual_threshold),
+                                                float(residual_exclusion), int(chunk_size))
+            if len(new):
+                positions = np.concatenate([positions, new])
+                snr_det = np.concatenate([snr_det, new_snr])
+                det_pass = np.concatenate([det_pass, np.ones(len(new), dtype=np.int64)])
     t_detect = time.perf_counter() - t0
 
     # 2. groups
@@ -525,6 +632,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         "group": group_of[order], "group_size": gsize[order],
         "x_init": positions[order, 0], "y_init": positions[order, 1],
         "snr_det": (np.full(n, np.nan) if snr_det is None else snr_det)[order],
+        "det_pass": (np.full(n, -1, np.int64) if det_pass is None else det_pass)[order],
         "num_samples": np.full(n, S, dtype=np.int64),
         "method": np.full(n, method, dtype="U24"),
         "e_draws_from": np.full(n, "q_mean", dtype="U9"),
@@ -630,6 +738,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         "METHOD": method, "PRIOR": prior.name, "NSAMPLES": S, "SEED": int(seed),
         "GROUPING": grouping, "DILATE": int(dilate), "LINKLEN": float(link_length),
         "MARGIN": int(margin), "CHUNK": int(chunk_size), "NGROUPS": len(groups),
+        "RESPASS": bool(residual_pass and det_pass is not None),
         "MAXGROUP": int(max((g.size for g in groups), default=0)),
         "NX": int(nx), "NY": int(ny), "T_DETECT": round(t_detect, 3),
         "T_GROUP": round(t_group, 3), "T_INFER": round(t_infer, 3),

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probdeblend.deblend import BlendGroup, _amortized_catalog_draws, blend_groups, deblend
+from probdeblend.deblend import (
+    BlendGroup,
+    _amortized_catalog_draws,
+    _resolve_prior,
+    blend_groups,
+    deblend,
+)
 from probdeblend.detection import detect_sources, match_positions, matched_filter
 from probdeblend.errors import ArgumentError, SceneError
 from probdeblend.simulate import SimulatedField, lsst_number_density, simulate_field
@@ -175,11 +181,9 @@ def test_masked_fraction(field):
 
 
 def test_draws_function_contract(field):
-    from probdeblend.fit import resolve_prior
-
     s = field.to_scene()
     pos = np.array([[30.0, 40.0], [90.0, 100.0], [64.0, 64.0]])
-    d = _amortized_catalog_draws(s, pos, resolve_prior("lsst-vae"), 10, seed=0)
+    d = _amortized_catalog_draws(s, pos, _resolve_prior("lsst-vae"), 10, seed=0)
     assert d["flux"].shape == (3, 10, 6)
     assert all(d[k].shape == (3, 10) for k in ("e1", "e2", "x", "y"))
     assert np.all(np.abs(d["x"].mean(1) - pos[:, 0]) < 3)
