@@ -91,6 +91,27 @@ def test_detect_sources_finds_faint_galaxy_on_bright_wing():
     assert match_positions(unsplit, truth, 2.0)[1] == -1
 
 
+@pytest.mark.slow
+def test_residual_pass_finds_hidden_galaxies():
+    from probdeblend.simulate import BlendConfig, blend_scene
+
+    found = {True: 0, False: 0}
+    n_resid = 0
+    for seed in range(50_000, 50_016):  # blends of the benchmark where the pass matters
+        b = blend_scene(BlendConfig(), seed=seed)
+        s = b.to_scene(with_positions=False)
+        truth = np.stack([b.truth["x"], b.truth["y"]], -1)
+        for rp in (True, False):
+            c = deblend(s, num_samples=4, residual_pass=rp)
+            m = match_positions({"x": c["x_init"], "y": c["y_init"]}, truth, 2.0)
+            found[rp] += int(np.sum(m >= 0))
+            if rp:
+                n_resid += int(np.sum(c["det_pass"] == 1))
+            else:
+                assert np.all(c["det_pass"] == 0)
+    assert n_resid > 0 and found[True] > found[False]
+
+
 # ---------------------------------------------------------------------------------- groups
 def test_footprint_groups_partition_sources():
     seg = np.zeros((40, 60), np.int32)
@@ -132,6 +153,7 @@ def test_catalog_one_row_per_source_matched_to_truth(field, cat):
     assert np.all(cat["flux_r_q16"][ok] <= cat["flux_r_q50"][ok])
     assert np.all(cat["flux_r_q50"][ok] <= cat["flux_r_q84"][ok])
     assert np.all(cat["e_draws_from"] == "q_mean") and np.all(cat["e1_err"][ok] == 0)
+    assert set(np.unique(cat["det_pass"])) <= {0, 1} and cat.meta["RESPASS"]
     truth = field.truth
     bright = truth["snr"] > 20
     m = match_positions(cat, np.stack([truth["x"], truth["y"]], -1)[bright], 2.0)
@@ -159,7 +181,7 @@ def test_small_chunks_same_sources_and_groups(field, cat):
 def test_input_positions_skip_detection_and_flag_edges(field):
     pos = np.array([[64.0, 64.0], [2.0, 60.0]])
     c = deblend(field.to_scene().with_positions(pos), num_samples=16)
-    assert len(c) == 2 and np.all(np.isnan(c["snr_det"]))
+    assert len(c) == 2 and np.all(np.isnan(c["snr_det"])) and np.all(c["det_pass"] == -1)
     np.testing.assert_array_equal(np.sort(c["x_init"]), [2.0, 64.0])
     edge = dict(zip(np.asarray(c["x_init"]), np.asarray(c["flag_edge"]), strict=True))
     assert edge[2.0] and not edge[64.0]
