@@ -331,7 +331,8 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
 # residual detection: sources hidden under their neighbours
 # ----------------------------------------------------------------------------------------------
 #: side (pixels) of the window each q-mean galaxy is rendered in for the residual pass
-RENDER_WINDOW = 72
+RENDER_WINDOW = 64
+_RENDER_BATCH = 64
 
 
 def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 512):
@@ -365,17 +366,19 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
         q = post.predict(sub, pos[idx] - [0.0, y0])
         c = np.asarray(q["positions"], np.float64) + [0.0, y0]
         i0 = np.floor(c - (w - 1) / 2.0 + 0.5).astype(int)
-        with torch.inference_mode():
-            st = prior.decode(torch.as_tensor(np.asarray(q["z_loc"], np.float32)))[:, band_idx]
-            fl = torch.as_tensor(np.exp(np.asarray(q["log_flux_loc"])[:, band_idx])
-                                 .astype(np.float32))
-            loc = torch.as_tensor((c - i0).astype(np.float32))
-            imgs = rend(st[:, None], fl[:, None], loc[:, None]).numpy()
-        for j in range(len(idx)):
-            xa, ya = i0[j]
-            xs, xe, ys, ye = max(xa, 0), min(xa + w, nx), max(ya, 0), min(ya + w, ny)
-            if xs < xe and ys < ye:
-                model[:, ys:ye, xs:xe] += imgs[j][:, ys - ya:ye - ya, xs - xa:xe - xa]
+        z_all = np.asarray(q["z_loc"], np.float32)
+        f_all = np.exp(np.asarray(q["log_flux_loc"])[:, band_idx]).astype(np.float32)
+        loc_all = (c - i0).astype(np.float32)
+        for b0 in range(0, len(idx), _RENDER_BATCH):  # bounded FFT buffers
+            sl = slice(b0, b0 + _RENDER_BATCH)
+            with torch.inference_mode():
+                st = prior.decode(torch.as_tensor(z_all[sl]))[:, band_idx]
+                imgs = rend(st[:, None], torch.as_tensor(f_all[sl])[:, None],
+                            torch.as_tensor(loc_all[sl])[:, None]).numpy()
+            for j, (xa, ya) in enumerate(i0[sl]):
+                xs, xe, ys, ye = max(xa, 0), min(xa + w, nx), max(ya, 0), min(ya + w, ny)
+                if xs < xe and ys < ye:
+                    model[:, ys:ye, xs:xe] += imgs[j][:, ys - ya:ye - ya, xs - xa:xe - xa]
     return model
 
 
