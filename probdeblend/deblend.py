@@ -4,7 +4,11 @@ Pipeline (see ``docs/survey_scale.md``):
 
 1. **Sources.** ``scene.positions`` if given, else
    :func:`probdeblend.detection.detect_sources` on the whole image: PSF-matched-filtered
-   multi-band S/N map, sep footprints, merged peaks split with a lowered-Gaussian test.
+   multi-band S/N map, sep footprints, merged peaks split with a lowered-Gaussian test; then a
+   **residual pass** (``residual_pass=True``): every detected source's amortized q-mean galaxy
+   is rendered with the forward model, the model is subtracted and ``detect_sources`` runs on
+   the residual at ``residual_threshold`` (10) sigma; new sources farther than 3 px from the
+   known ones are added (``det_pass = 1``): galaxies hidden under brighter neighbours.
 2. **Blend groups.** Sources that may interact are grouped so that each source is owned by
    exactly one group and reported once:
 
