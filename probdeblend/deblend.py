@@ -334,55 +334,64 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
 # ----------------------------------------------------------------------------------------------
 # residual detection: sources hidden under their neighbours
 # ----------------------------------------------------------------------------------------------
-#: side (pixels) of the window each q-mean galaxy is rendered in for the residual pass
-RENDER_WINDOW = 64
-_RENDER_BATCH = 64
 
 
 def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 512):
-    """Noiseless model (band, ny, nx) of the sources at ``positions``: each source's amortized
-    q-mean galaxy (decoded latent x flux) rendered with the forward model
-    (:class:`probdeblend.render.SceneRenderer`: PSF difference kernel, sub-pixel shift) in a
-    ``RENDER_WINDOW`` px window and added into the image. Sources are encoded in chunks of
-    ``chunk_size`` (by rows), each on its strip of the image."""
+    """Noiseless model (band, ny, nx) of the sources at ``positions``.
+
+    Each source's amortized q-mean galaxy (decoded latent x flux, in the prior's model frame)
+    is shifted by its sub-pixel offset (Fourier phase on its stamp) and added at its integer
+    position into a model-frame image; each band of that image is then convolved once with
+    the difference kernel ``PSF_band / PSF_model`` (:func:`probdeblend.render.
+    difference_kernel_ft`), the same forward model as :class:`~probdeblend.render.
+    SceneRenderer` but with one image-size FFT per band instead of one per source. Sources are
+    encoded in chunks of ``chunk_size`` (by rows), each on its strip of the image."""
     import torch
 
-    from .render import SceneRenderer
+    from .render import difference_kernel_ft, fft_size
 
     post = _encoder(prior)
     ny, nx = scene.shape
-    w = RENDER_WINDOW
-    model = np.zeros(scene.image.shape, dtype=np.float32)
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    if len(pos) == 0:
-        return model
-    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    n = prior.frame.stamp_size
+    placed = np.zeros((scene.n_bands, ny + 2 * n, nx + 2 * n), dtype=np.float32)
+    if len(pos):
+        band_idx = [list(post.bands).index(b) for b in scene.bands]
+        fy = torch.as_tensor(np.fft.fftfreq(n)[:, None], dtype=torch.float32)
+        fx = torch.as_tensor(np.fft.rfftfreq(n)[None, :], dtype=torch.float32)
+        order = np.argsort(pos[:, 1], kind="stable")
+        half = post.stamp_size // 2 + 2
+        for start in range(0, len(order), int(chunk_size)):
+            idx = order[start:start + int(chunk_size)]
+            y0 = max(int(np.floor(pos[idx, 1].min())) - half, 0)
+            y1 = min(int(np.ceil(pos[idx, 1].max())) + half + 1, ny)
+            q = post.predict(_sub_scene(scene, (y0, y1, 0, nx)), pos[idx] - [0.0, y0])
+            origin = np.asarray(q["positions"], np.float64) + [0.0, y0] - (n - 1) / 2.0
+            i0 = np.floor(origin).astype(int)
+            frac = (origin - i0).astype(np.float32)
+            z_all = np.asarray(q["z_loc"], np.float32)
+            f_all = np.exp(np.asarray(q["log_flux_loc"])[:, band_idx]).astype(np.float32)
+            for b0 in range(0, len(idx), 256):
+                sl = slice(b0, b0 + 256)
+                with torch.inference_mode():
+                    st = prior.decode(torch.as_tensor(z_all[sl]))[:, band_idx]
+                    st = st * torch.as_tensor(f_all[sl])[:, :, None, None]
+                    d = torch.as_tensor(frac[sl])
+                    ph = torch.exp(-2j * np.pi * (fx * d[:, 0, None, None]
+                                                  + fy * d[:, 1, None, None]))
+                    st = torch.fft.irfft2(torch.fft.rfft2(st) * ph[:, None], s=(n, n)).numpy()
+                for j, (xa, ya) in enumerate(i0[sl] + n):
+                    if 0 <= xa <= nx + n and 0 <= ya <= ny + n:
+                        placed[:, ya:ya + n, xa:xa + n] += st[j]
     k = scene.psf.shape[-1]
-    rend = SceneRenderer(scene.psf, (w, w), prior.frame.psf_image(k), prior.frame.stamp_size,
-                         scene.bands)
-    order = np.argsort(pos[:, 1], kind="stable")
-    half = post.stamp_size // 2 + 2
-    for start in range(0, len(order), int(chunk_size)):
-        idx = order[start:start + int(chunk_size)]
-        y0 = max(int(np.floor(pos[idx, 1].min())) - half, 0)
-        y1 = min(int(np.ceil(pos[idx, 1].max())) + half + 1, ny)
-        sub = _sub_scene(scene, (y0, y1, 0, nx))
-        q = post.predict(sub, pos[idx] - [0.0, y0])
-        c = np.asarray(q["positions"], np.float64) + [0.0, y0]
-        i0 = np.floor(c - (w - 1) / 2.0 + 0.5).astype(int)
-        z_all = np.asarray(q["z_loc"], np.float32)
-        f_all = np.exp(np.asarray(q["log_flux_loc"])[:, band_idx]).astype(np.float32)
-        loc_all = (c - i0).astype(np.float32)
-        for b0 in range(0, len(idx), _RENDER_BATCH):  # bounded FFT buffers
-            sl = slice(b0, b0 + _RENDER_BATCH)
-            with torch.inference_mode():
-                st = prior.decode(torch.as_tensor(z_all[sl]))[:, band_idx]
-                imgs = rend(st[:, None], torch.as_tensor(f_all[sl])[:, None],
-                            torch.as_tensor(loc_all[sl])[:, None]).numpy()
-            for j, (xa, ya) in enumerate(i0[sl]):
-                xs, xe, ys, ye = max(xa, 0), min(xa + w, nx), max(ya, 0), min(ya + w, ny)
-                if xs < xe and ys < ye:
-                    model[:, ys:ye, xs:xe] += imgs[j][:, ys - ya:ye - ya, xs - xa:xe - xa]
+    shape = (fft_size(ny + 2 * n + k), fft_size(nx + 2 * n + k))
+    model = np.empty(scene.image.shape, dtype=np.float32)
+    mpsf = prior.frame.psf_image(k)
+    for b in range(scene.n_bands):  # one band at a time: bounded FFT buffers
+        kern = difference_kernel_ft(scene.psf[b:b + 1], mpsf, shape, scene.bands[b:b + 1])[0]
+        conv = np.fft.irfft2(np.fft.rfft2(placed[b], s=shape) * kern, s=shape)
+        model[b] = conv[n:n + ny, n:n + nx]
+        del conv, kern
     return model
 
 
