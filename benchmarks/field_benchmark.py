@@ -355,8 +355,11 @@ def figures(args, res):
             ax[0].semilogx(xs, [r for *_, r in d["by_snr"]], st, label=name)
             xb = [(lo + min(hi, 1)) / 2 for lo, hi, _, _ in d["by_blendedness"]]
             ax[1].plot(xb, [r for *_, r in d["by_blendedness"]], st, label=name)
-        ax[0].set_xlabel("true SNR (r)")
+        ax[0].set_xlabel("true SNR (r), bins 10-20-50-100-inf")
         ax[0].set_ylabel("recall (2 px)")
+        ax[0].set_xticks([14, 32, 71, 173])
+        ax[0].set_xticklabels(["10-20", "20-50", "50-100", ">100"])
+        ax[0].minorticks_off()
         ax[1].set_xlabel("blendedness (SNR > 10)")
         for a in ax:
             a.axhline(0.95, color="k", lw=0.5)
