@@ -86,7 +86,8 @@ def _config(a):
     from probdeblend.amortized.npe import NPEConfig
 
     return NPEConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, rank=a.rank,
-                     seed=a.seed, warmup_steps=min(500, max(1, a.steps // 20)))
+                     seed=a.seed, warmup_steps=min(500, max(1, a.steps // 20)),
+                     pool_size=a.pool_size, pool_refresh=a.pool_refresh)
 
 
 def cmd_train(a):
@@ -212,6 +213,9 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--pool-size", type=int, default=0,
+                   help="decoded-galaxy pool (0: fresh draws per scene; CPU: ~8192)")
+    t.add_argument("--pool-refresh", type=float, default=0.05)
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--time-budget", type=float, default=None)
