@@ -418,6 +418,26 @@ def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: 
     return new, snr
 
 
+def _write_group_draws(path: Path, d: dict, ids: np.ndarray, scene: Scene,
+                       e_from: str) -> None:
+    """Amortized draws of one group as ArviZ InferenceData (NetCDF, atomic)."""
+    import arviz as az
+
+    from .atomic import write_netcdf
+
+    post = {"flux": np.moveaxis(d["flux"], 1, 0)[None]}  # (chain, draw, source, band)
+    for key in ("e1", "e2", "x", "y"):
+        post[key] = np.moveaxis(d[key], 1, 0)[None]
+    idata = az.from_dict(
+        posterior=post, dims={"flux": ["source", "band"], "e1": ["source"], "e2": ["source"],
+                              "x": ["source"], "y": ["source"]},
+        coords={"source": np.asarray(ids, dtype=np.int64), "band": list(scene.bands)},
+        attrs={"method": "amortized", "e_draws_from": e_from, "flux_units": scene.units,
+               "pixel_origin": 0},
+    )  # fmt: skip
+    write_netcdf(idata, path, overwrite=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # refinement per group
 # ----------------------------------------------------------------------------------------------
@@ -564,8 +584,11 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
     fit_kwargs : dict, optional
         Further arguments of :func:`probdeblend.fit` (``num_chains``, ``num_warmup``...).
     draws_dir : path, optional
-        With ``method="fit"``, each group's InferenceData is written there as
-        ``group_<id>.nc`` (atomically).
+        Keep the posterior draws: each group's InferenceData is written there as
+        ``group_<id>.nc`` (atomically; ``source`` coordinate = catalogue ``id``). With
+        ``method="fit"`` it is the full result of :func:`probdeblend.fit`; with ``"amortized"``
+        a posterior group with ``flux`` (chain, draw, source, band), ``e1``, ``e2``, ``x``,
+        ``y``. One file per group: meant for small images or selected regions.
     progress : bool
         tqdm progress bar over chunks / groups.
     return_groups : bool
@@ -679,6 +702,8 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
 
     # 3-4. amortized draws, chunk by chunk (a chunk is a strip of whole groups)
     t0 = time.perf_counter()
+    if draws_dir is not None:
+        Path(draws_dir).mkdir(parents=True, exist_ok=True)
     chunks = _chunks(groups, int(chunk_size))
     it = enumerate(chunks)
     if progress:
@@ -700,6 +725,15 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
             continue
         rows = row_of[members]
         put(rows, d, x0, y0)
+        if draws_dir is not None and method == "amortized":
+            start = 0
+            for g in chunk:  # one InferenceData per group, sources in catalogue order
+                sl = slice(start, start + g.size)
+                start += g.size
+                _write_group_draws(Path(draws_dir) / f"group_{g.id:06d}.nc",
+                                   {key: d[key][sl] for key in ("flux", "e1", "e2")}
+                                   | {"x": d["x"][sl] + x0, "y": d["y"][sl] + y0},
+                                   row_of[g.members], scene, d.get("e_draws_from", ""))
         if d.get("e_draws_from") == "q_mean":  # identical draws: the width is exactly 0
             cols["e1_err"][rows] = cols["e2_err"][rows] = 0.0
         cols["e_draws_from"][rows] = d.get("e_draws_from", "posterior")
@@ -713,8 +747,6 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
 
     # 5. refinement per group
     if method == "fit":
-        if draws_dir is not None:
-            Path(draws_dir).mkdir(parents=True, exist_ok=True)
         git = groups
         if progress:
             from tqdm.auto import tqdm

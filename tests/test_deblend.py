@@ -202,6 +202,21 @@ def test_masked_fraction(field):
     assert frac[65.0] > 0.9 and frac[20.0] == 0.0
 
 
+def test_draws_kept_per_group(tmp_path):
+    import arviz as az
+
+    f = simulate_field(96, seed=3)
+    c = deblend(f.to_scene(), num_samples=12, draws_dir=tmp_path)
+    files = sorted(tmp_path.glob("group_*.nc"))
+    assert len(files) == c.meta["NGROUPS"]
+    idata = az.from_netcdf(files[0])
+    src = int(idata.posterior["source"].values[0])
+    row = c[list(c["id"]).index(src)]
+    assert idata.posterior["flux"].shape[1:] == (12, idata.posterior.sizes["source"], 6)
+    np.testing.assert_allclose(float(idata.posterior["flux"].sel(source=src, band="r").mean()),
+                               row["flux_r"])
+
+
 def test_draws_function_contract(field):
     s = field.to_scene()
     pos = np.array([[30.0, 40.0], [90.0, 100.0], [64.0, 64.0]])
