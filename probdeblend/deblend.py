@@ -385,14 +385,13 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
                         placed[:, ya:ya + n, xa:xa + n] += st[j]
     k = scene.psf.shape[-1]
     shape = (fft_size(ny + 2 * n + k), fft_size(nx + 2 * n + k))
-    model = np.empty(scene.image.shape, dtype=np.float32)
     mpsf = prior.frame.psf_image(k)
-    for b in range(scene.n_bands):  # one band at a time: bounded FFT buffers
+    for b in range(scene.n_bands):  # one band at a time, in place: bounded buffers
         kern = difference_kernel_ft(scene.psf[b:b + 1], mpsf, shape, scene.bands[b:b + 1])[0]
         conv = np.fft.irfft2(np.fft.rfft2(placed[b], s=shape) * kern, s=shape)
-        model[b] = conv[n:n + ny, n:n + nx]
+        placed[b, n:n + ny, n:n + nx] = conv[n:n + ny, n:n + nx]
         del conv, kern
-    return model
+    return placed[:, n:n + ny, n:n + nx]  # a writable view (the caller may reuse it)
 
 
 def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: float,
@@ -402,11 +401,10 @@ def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: 
     from every known source. Returns ``(positions (m, 2), snr (m,))``."""
     from .detection import detect_sources
 
-    model = _model_image(scene, positions, prior, chunk_size)
-    res = Scene(np.asarray(scene.image) - model, scene.variance, scene.psf, scene.bands,
-                scene.pixel_scale, units=scene.units)
-    del model
-    t = detect_sources(res, threshold=threshold, split_snr=threshold)
+    residual = _model_image(scene, positions, prior, chunk_size)
+    np.subtract(scene.image, residual, out=residual)  # in place: image - model
+    t = detect_sources(scene, threshold=threshold, split_snr=threshold, image=residual)
+    del residual
     new = np.stack([np.asarray(t["x"]), np.asarray(t["y"])], -1).reshape(-1, 2)
     snr = np.asarray(t["snr"], np.float64)
     if len(new) and len(positions):

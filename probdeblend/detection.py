@@ -584,7 +584,7 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
                    deblend_cont: float = 0.001, split: bool = True, split_snr: float = 5.0,
                    peak_threshold: float | None = None, min_separation: float = 2.5,
                    split_sigma: float = 1.0, refine: float = 1.5,
-                   kernel_size: int = 15, return_segmap: bool = False):
+                   kernel_size: int = 15, return_segmap: bool = False, image=None):
     """Detect sources on the PSF-matched-filtered S/N map, splitting merged peaks.
 
     The detection statistic is :func:`matched_filter`: the multi-band S/N map convolved with
@@ -633,6 +633,9 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
     return_segmap : bool, default False
         Also return the segmentation map (``id + 1`` per pixel; a split peak takes the pixels
         of its parent footprint that are closer to it than to the parent's other peaks).
+    image : array (band, ny, nx), optional
+        Detect on this image (e.g. a residual ``image - model``) with the scene's variance and
+        PSFs, instead of ``scene.image``.
 
     Returns
     -------
@@ -653,7 +656,10 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
     import sep
     from scipy.ndimage import maximum_filter
 
-    snr, mask = snr_map(scene)
+    if image is not None and np.shape(image) != scene.image.shape:
+        raise ValueError(f"image: expected shape {scene.image.shape} like scene.image, got "
+                         f"{np.shape(image)}")
+    snr, mask = snr_map(scene, image)
     f = matched_filter(scene, snr, kernel_size)
     f[mask] = 0.0
     ny, nx = f.shape
