@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from .fit import METHODS
+
 __all__ = ["main", "build_parser", "EXIT_USAGE"]
 
 #: Exit status for user errors (bad arguments, missing or corrupt inputs, existing outputs),
@@ -92,6 +94,7 @@ def _cmd_demo(args) -> int:
     from .atomic import atomic_path, check_writable
     from .fit import fit
     from .plotting import plot_blend
+    from .scene_posterior import NutsConfig
     from .simulate import BlendConfig, Frame, blend_scene
 
     # outputs are checked before any work starts
@@ -111,12 +114,14 @@ def _cmd_demo(args) -> int:
         return 0
     t0 = time.perf_counter()
     idata = fit(scene, prior=args.prior, method=args.method, num_samples=args.num_samples,
-                seed=args.seed, num_chains=args.num_chains, num_warmup=args.num_warmup,
+                seed=args.seed, nuts=NutsConfig(num_warmup=args.num_warmup,
+                                                num_chains=args.num_chains),
                 progress=False, check=False)
     dt = time.perf_counter() - t0
-    table = diagnostics.summary_table(idata, pareto_k=idata.attrs.get("pareto_k"))
+    table = diagnostics.summary_table(idata)
     truth = sim.truth
-    print(f"\nposterior summary ({idata.attrs['method']}, {dt:.1f} s):")
+    print(f"\nposterior summary ({idata.attrs['method']}, {dt:.1f} s; path: "
+          f"{idata.attrs.get('path', idata.attrs['method'])}):")
     cols = [c for c in ("id", "x", "y", "flux_r", "flux_r_err", "e1", "e1_err", "e2", "e2_err",
                         "r_hat", "ess_bulk", "pareto_k") if c in table.colnames]
     table[cols].pprint(max_width=200)
@@ -129,7 +134,7 @@ def _cmd_demo(args) -> int:
           + (f", min bulk ESS {min(ess):.0f}" if ess else "")
           + f", divergences {diag['n_divergent']}; Pareto k-hat per source "
           + str(np.round(idata.attrs.get("pareto_k", []), 2).tolist()))
-    model = idata.constant_data["model_mean"].values
+    model = idata.deblended["image"].sum("source").values
     with atomic_path(out, args.overwrite, argument="--out") as tmp:
         diagnostics.plot_scene(scene, model, path=tmp,
                                positions=np.stack([table["x"], table["y"]], -1))
@@ -175,16 +180,17 @@ def _cmd_fit(args) -> int:
     """Deblend a scene stored as FITS (Scene.to_fits layout) and save the InferenceData."""
     from . import diagnostics
     from .atomic import atomic_path, write_netcdf, write_table
-    from .fit import fit, resolve_prior
+    from .fit import fit
     from .scene import Scene
+    from .scene_posterior import PRIORS, NutsConfig
 
     paths = _fit_outputs(args)
     scene = Scene.from_fits(args.scene)
-    prior = resolve_prior(args.prior)  # a bad prior name fails here, before any sampling
+    prior = PRIORS.prior(args.prior)  # a bad prior name fails here, before any sampling
     idata = fit(scene, prior=prior, method=args.method, num_samples=args.num_samples,
-                seed=args.seed, num_chains=args.num_chains, progress=True)
+                seed=args.seed, nuts=NutsConfig(num_chains=args.num_chains), progress=True)
     write_netcdf(idata, paths["posterior"], overwrite=args.overwrite)
-    table = diagnostics.summary_table(idata, pareto_k=idata.attrs.get("pareto_k"))
+    table = diagnostics.summary_table(idata)
     write_table(table, paths["summary"], overwrite=args.overwrite, format="ascii.ecsv")
     table.pprint(max_width=200)
     print(f"posterior written to {paths['posterior']}; summary to {paths['summary']}")
@@ -298,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="figure path; the corner plot goes next to it as <stem>-corner<ext>")
     d.add_argument("--overwrite", action="store_true", help="replace existing figures")
     d.add_argument("--prior", default="lsst-vae", help="shipped prior name or prior card path")
-    d.add_argument("--method", default="auto", choices=["auto", "amortized", "svi", "nuts"],
+    d.add_argument("--method", default="auto", choices=list(METHODS),
                    help="inference engine")
     d.add_argument("--num-samples", type=_POSITIVE, default=300, help="draws per chain")
     d.add_argument("--num-chains", type=_POSITIVE, default=2, help="MCMC chains")
@@ -318,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing output files (otherwise they are refused before "
                         "any work starts)")
     f.add_argument("--prior", default="lsst-vae", help="shipped prior name or prior card path")
-    f.add_argument("--method", default="auto", choices=["auto", "amortized", "svi", "nuts"],
+    f.add_argument("--method", default="auto", choices=list(METHODS),
                    help="inference engine")
     f.add_argument("--num-samples", type=_POSITIVE, default=1000, help="draws per chain")
     f.add_argument("--num-chains", type=_POSITIVE, default=4, help="MCMC chains")

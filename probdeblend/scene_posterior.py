@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ProbdeblendError
+from .errors import ProbdeblendError, ProbdeblendWarning
 from .scene import Scene
 
 __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
@@ -59,13 +59,15 @@ class LaplaceConfig:
 
     ``proposal`` ``"t"`` (multivariate Student-t with ``df`` degrees of freedom, heavier tails
     than the posterior: safer importance weights) or ``"gaussian"``; ``n_proposals`` draws
-    (default ``max(2 num_samples, 1000)``) are Pareto-smoothed and resampled.
+    (default ``max(num_samples, 400)``) are Pareto-smoothed and resampled; above ``k_max``
+    the plain Laplace draws are returned (flagged in ``method``).
     """
 
     proposal: str = "t"
     df: float = 7.0
     n_proposals: int | None = None
     map_max_iter: int = 500
+    k_max: float = 0.7
 
 
 @dataclass
@@ -143,7 +145,7 @@ class PriorCache:
             except ProbdeblendError:
                 warnings.warn(f"no amortized encoder is shipped for prior {prior.name!r}: "
                               f"starting from sep fluxes and z = 0 (slower; the amortized "
-                              f"path is unavailable)", stacklevel=3)
+                              f"path is unavailable)", ProbdeblendWarning, stacklevel=3)
                 self._encoders[key] = (prior, None)
         return self._encoders[key][1]
 
@@ -200,8 +202,6 @@ def find_sources(scene: Scene, positions=None, detect_kwargs: dict | None = None
 
 
 def _warn_coincident(positions, min_sep: float = 1.0):
-    from .errors import ProbdeblendWarning
-
     d = np.hypot(*(positions[:, None] - positions[None]).transpose(2, 0, 1))
     i, j = np.nonzero(np.triu(d < min_sep, 1))
     if len(i):
@@ -331,7 +331,8 @@ class ScenePosterior:
         cfg = config or LaplaceConfig()
         flat_map, map_info = self.map(cfg.map_max_iter)
         post = run_laplace(self.problem, flat_map, num_samples=num_samples, seed=seed,
-                           proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals)
+                           proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals,
+                           k_max=cfg.k_max)
         return Draws(post.samples["flat"][None], post.method, "probdeblend",
                      {k: v[None] for k, v in post.sample_stats.items()},
                      {**map_info, **post.info}, post.timings)

@@ -311,8 +311,8 @@ def infer_forward(scenes, prior="lsst-vae", method: str = "nuts", num_warmup: in
 
     import arviz as az
 
-    from .fit import FitContext, _load_amortized, _prepare_scene, _sources, resolve_prior
     from .inference import find_map, floored_inverse, run_nuts
+    from .scene_posterior import PRIORS, ScenePosterior
 
     if method not in ("nuts", "laplace"):
         raise ArgumentError("method", method, f"method must be 'nuts' or 'laplace', got {method!r}")
@@ -323,14 +323,11 @@ def infer_forward(scenes, prior="lsst-vae", method: str = "nuts", num_warmup: in
             "shear_scale", shear_scale, f"shear_scale must be > 0, got {shear_scale}"
         )
     t0 = time.perf_counter()
-    prior = resolve_prior(prior)
-    amortized = _load_amortized(prior)
+    prior = PRIORS.prior(prior)
     contexts, flats = [], [np.zeros(2)]
     for scene in scenes:
-        scene = _prepare_scene(scene, prior)
-        positions, _ = _sources(scene, None)
-        ctx = FitContext(scene, prior, positions, amortized)
-        flat, _ = find_map(ctx.problem, ctx.init)
+        ctx = ScenePosterior(scene, prior, cache=PRIORS)
+        flat, _ = ctx.map()
         contexts.append(ctx)
         flats.append(flat)
     ens = _ShearEnsemble(contexts, shear_scale)

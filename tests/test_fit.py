@@ -1,18 +1,22 @@
-"""probdeblend.fit: the result's contract, bad input, reproducibility (tiny prior), and
-recovery / coverage on simulated LSST blends with the shipped prior."""
+"""probdeblend.fit and the staged API under it (ScenePosterior): the result's contract (ArviZ
+schema), the auto ladder, PSIS, bad input, reproducibility (tiny prior + tiny encoder)."""
 
 from __future__ import annotations
 
 import warnings
 
+import arviz as az
 import numpy as np
 import pytest
 
 import probdeblend as pb
-from probdeblend.errors import BandMismatchError
+from probdeblend.amortized import AmortizedEncoder, AmortizedPosterior
+from probdeblend.errors import ArgumentError, ArgumentTypeError, BandMismatchError, PositionError
 from probdeblend.fit import fit
+from probdeblend.inference import psis_resample
 from probdeblend.priors.frame import ModelFrame
 from probdeblend.priors.train import build_tiny_prior
+from probdeblend.scene_posterior import NutsConfig, PriorCache, ScenePosterior, SviConfig
 from probdeblend.simulate import BlendConfig, Frame, blend_scene
 
 
@@ -21,6 +25,16 @@ def tiny_prior(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinyfit")
     card = build_tiny_prior(d, frame=ModelFrame(bands=("g", "r", "i"), stamp_size=24), epochs=1)
     return pb.load_prior(str(card))
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_prior):
+    import torch
+
+    torch.manual_seed(0)
+    net = AmortizedEncoder(3, 24, tiny_prior.latent_dim, channels=(8, 16), hidden=32,
+                           shape_head=True, rank=2)
+    return AmortizedPosterior(net, tiny_prior.frame, {"name": "tiny-amortized"})
 
 
 @pytest.fixture(scope="module")
@@ -36,61 +50,131 @@ def _fit(scene, prior, **kw):
         return fit(scene, prior=prior, **kw)
 
 
-@pytest.mark.parametrize("method", ["amortized", "svi", "nuts"])
+@pytest.mark.parametrize("method", ["laplace", "svi", "nuts"])
 def test_result_contract(tiny_prior, small_scene, method):
-    idata = _fit(small_scene, tiny_prior, method=method, num_samples=40, num_warmup=30,
-                 num_chains=2, svi_steps=30)
+    idata = _fit(small_scene, tiny_prior, method=method, num_samples=40, n_predictive=10,
+                 nuts=NutsConfig(num_warmup=30, num_chains=2), svi=SviConfig(num_steps=30))
     post = idata.posterior
     n_chain = 2 if method == "nuts" else 1
     assert post["flux"].dims == ("chain", "draw", "source", "band")
     assert post["flux"].shape == (n_chain, 40, 2, 3)
     assert list(post["band"].values) == ["g", "r", "i"]
-    for v in ("e1", "e2", "x", "y"):
+    for v in ("e1", "e2", "x_pix", "y_pix"):
         assert post[v].dims == ("chain", "draw", "source")
     assert post["latent"].shape[-1] == tiny_prior.latent_dim
     assert np.all(post["flux"].values > 0)
     for group in ("sample_stats", "observed_data", "posterior_predictive", "log_likelihood",
-                  "constant_data"):
+                  "constant_data", "deblended"):
         assert group in idata.groups()
-    assert idata.log_likelihood["obs"].shape == (n_chain, 40, 3)
-    assert idata.constant_data["model_mean"].shape == (3, 40, 40)
-    assert idata.attrs["method"].startswith({"amortized": "amortized", "svi": "svi",
-                                             "nuts": "nuts"}[method])
+    # log-likelihood aligned draw for draw with the posterior
+    assert idata.log_likelihood["image"].shape[:2] == (n_chain, 40)
+    assert idata.posterior_predictive["image"].shape[:2] == (n_chain, 10)
+    assert idata.deblended["image"].shape == (2, 3, 40, 40)
+    assert np.all(np.isfinite(idata.deblended["image"].values))
+    if method != "svi":  # from the MAP: the deblended images carry the scene's flux
+        total = idata.deblended["image"].sum("source").values.sum()
+        assert 0.5 < total / small_scene.image.sum() < 1.5
+    assert idata.attrs["method"].startswith(method)
+    assert idata.attrs["inference_library"] in ("probdeblend", "numpyro")
+    assert "path" in idata.attrs
     table = pb.diagnostics.summary_table(idata)
     assert len(table) == 2 and "flux_r" in table.colnames
+    az.summary(idata, var_names=["flux", "e1"])
+
+
+def test_amortized_draws_are_q_and_distinct(tiny_prior, tiny_encoder, small_scene):
+    """q's own draws: no reweighting, so no duplicated draws; e from the shape head."""
+    post = ScenePosterior(small_scene, tiny_prior, encoder=tiny_encoder, cache=PriorCache())
+    d = post.amortized(200, seed=1)
+    flat = d.flat[0]
+    assert len(np.unique(flat, axis=0)) == 200
+    assert d.extra["e1"].shape == (1, 200, 2)
+    idata = post.to_inference_data(d, n_predictive=5)
+    assert idata.attrs["method"] == "amortized"
+    # flux draws are q's log-normal marginals: their log-sd equals q's marginal sd
+    lf = np.log(idata.posterior["flux"].values[0])
+    np.testing.assert_allclose(lf.std(0), post.q.sd("log_flux"), rtol=0.25)
+    # deblended images: per-source models whose sum is the mean scene model of the same draws
+    mean, _ = post.source_images(d, max_draws=8)
+    det = post.problem.deterministic(d.flat[0][np.linspace(0, 199, 8).astype(int)])
+    model = np.asarray(post.problem.fn("model_image")(
+        det["latent"].astype(np.float32), det["log_flux"].astype(np.float32),
+        det["position"].astype(np.float32), post.spec)).mean(0)
+    np.testing.assert_allclose(mean.sum(0), model, atol=1e-3 * np.abs(model).max())
+
+
+def test_auto_ladder_without_encoder_starts_at_laplace(tiny_prior, small_scene):
+    idata = _fit(small_scene, tiny_prior, method="auto", num_samples=30, n_predictive=2,
+                 nuts=NutsConfig(num_warmup=20, num_chains=1))
+    path = idata.attrs["path"]
+    assert path.startswith("laplace (k-hat")
+    if idata.attrs["pareto_k"][0] > 0.7:
+        assert "nuts" in path and idata.attrs["method"] == "nuts"
+    else:
+        assert idata.attrs["method"] == "laplace+psis"
+
+
+def test_psis_resample_no_collapse_when_proposal_is_target():
+    rng = np.random.default_rng(0)
+    idx, k, ess = psis_resample(np.zeros(1000) + 1e-3 * rng.standard_normal(1000), 500, rng)
+    assert k < 0.5 and ess > 900
+    assert len(np.unique(idx)) == 500  # systematic resampling of equal weights: all distinct
+    lw = np.zeros(1000)
+    lw[3] = 50.0  # one weight dominates: k-hat must say so
+    _, k_bad, ess_bad = psis_resample(lw, 100, rng)
+    assert k_bad > 0.7 and ess_bad < 2
 
 
 def test_same_seed_same_result(tiny_prior, small_scene):
-    a = _fit(small_scene, tiny_prior, method="amortized", num_samples=30, seed=5)
-    b = _fit(small_scene, tiny_prior, method="amortized", num_samples=30, seed=5)
-    c = _fit(small_scene, tiny_prior, method="amortized", num_samples=30, seed=6)
+    a = _fit(small_scene, tiny_prior, method="laplace", num_samples=30, seed=5, n_predictive=0)
+    b = _fit(small_scene, tiny_prior, method="laplace", num_samples=30, seed=5, n_predictive=0)
+    c = _fit(small_scene, tiny_prior, method="laplace", num_samples=30, seed=6, n_predictive=0)
     assert np.array_equal(a.posterior["flux"].values, b.posterior["flux"].values)
     assert not np.array_equal(a.posterior["flux"].values, c.posterior["flux"].values)
 
 
 def test_bad_inputs(tiny_prior, small_scene):
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ArgumentError, match="method"):
         fit(small_scene, prior=tiny_prior, method="mcmc")
-    with pytest.raises(TypeError, match="scene must be a probdeblend.Scene"):
+    with pytest.raises(ArgumentTypeError, match="scene"):
         fit(np.zeros((3, 40, 40)), prior=tiny_prior)
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ArgumentError, match="num_samples"):
         fit(small_scene, prior=tiny_prior, num_samples=0)
+    with pytest.raises(ArgumentTypeError, match="num_samples"):
+        fit(small_scene, prior=tiny_prior, num_samples=2.7)
+    with pytest.raises(ArgumentError, match="seed"):
+        fit(small_scene, prior=tiny_prior, seed=-1)
+    with pytest.raises(ArgumentError, match="svi.num_steps"):
+        fit(small_scene, prior=tiny_prior, svi=SviConfig(num_steps=0))
+    with pytest.raises(ArgumentTypeError, match="nuts"):
+        fit(small_scene, prior=tiny_prior, nuts={"num_chains": 2})
+    with pytest.raises(PositionError, match="positions"):
+        fit(small_scene, prior=tiny_prior, positions=np.zeros((0, 2)))
     with pytest.raises(BandMismatchError, match="lacks"):
         fit(small_scene.select_bands(["g", "r"]), prior=tiny_prior)
     with pytest.raises(pb.errors.PriorLoadError):
         fit(small_scene, prior="no-such-prior")
+    with pytest.raises(TypeError):  # keyword-only after scene and prior
+        fit(small_scene, tiny_prior, "laplace")
+
+
+def test_coincident_positions_warn(tiny_prior, small_scene):
+    pos = np.asarray(small_scene.positions)
+    with pytest.warns(pb.errors.ProbdeblendWarning, match="closer than"):
+        ScenePosterior(small_scene, tiny_prior, positions=np.concatenate([pos, pos[:1]]),
+                       cache=PriorCache())
 
 
 def test_extra_bands_are_ignored(tiny_prior):
     cfg = BlendConfig(frame=Frame(bands=("u", "g", "r", "i"), stamp_size=40), n_galaxies=(1, 1))
     scene = blend_scene(cfg, seed=1).to_scene()
-    idata = _fit(scene, tiny_prior, method="amortized", num_samples=20)
+    idata = _fit(scene, tiny_prior, method="laplace", num_samples=20, n_predictive=0)
     assert list(idata.posterior["band"].values) == ["g", "r", "i"]
 
 
 def test_package_fit_stays_the_function():
     """Regression: a lazy import let ``probdeblend.fit`` become the submodule after the first
     call, so a second ``pb.fit(scene)`` raised "'module' object is not callable"."""
-    from probdeblend.fit import FitContext  # noqa: F401  (imports the submodule again)
+    from probdeblend.fit import q_residual_chi2  # noqa: F401  (imports the submodule again)
 
     assert callable(pb.fit) and pb.fit.__name__ == "fit"

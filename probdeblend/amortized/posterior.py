@@ -16,6 +16,7 @@ from .constants import SUFFIX
 from .features import noise_sigma, psf_fwhm_pixels
 from .io import read_amortized
 from .network import AmortizedEncoder
+from .q import AmortizedQ
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +282,37 @@ class AmortizedPosterior:
             k: (np.concatenate(v) if v else np.zeros((0, widths[k.rsplit("_", 1)[0]]), np.float32))
             for k, v in parts.items()
         }
+
+    def predict_q(self, scene, positions=None, batch_size: int = 256) -> AmortizedQ:
+        """q of every source of ``scene`` as an :class:`~probdeblend.amortized.q.AmortizedQ`
+        (joint low-rank Gaussian over ``z``, ``log_flux``, ``offset`` and, with a shape head,
+        ``e``); offsets refer to the cutout centres (``q.centres``)."""
+        c = self.cutouts(scene, positions)
+        out = self.forward_batch(c["images"], c["sigmas"], c["psf_fwhm"], c["valid"],
+                                 batch_size)
+        groups = dict(self.model.groups)
+        loc = np.concatenate([out[f"{g}_loc"] for g in groups], -1).astype(np.float64)
+        scale = np.exp(np.concatenate([out[f"{g}_log_scale"] for g in groups], -1)
+                       .astype(np.float64))
+        factor = out.get("factor", np.zeros(loc.shape + (0,))).astype(np.float64)
+        return AmortizedQ(loc, scale, factor, groups, c["centres"])
+
+    def forward_batch(self, cutouts, sigmas, psf_fwhm, valid=None, batch_size: int = 256):
+        """Raw network outputs (numpy) of prepared cutouts, in batches: ``{group}_loc``,
+        ``{group}_log_scale`` and, for a low-rank q, ``factor`` ``(N, P, r)``."""
+        x = np.asarray(cutouts, dtype=np.float32)
+        s = np.asarray(sigmas, dtype=np.float32)
+        f = np.broadcast_to(np.asarray(psf_fwhm, dtype=np.float32), x.shape[:2]).copy()
+        parts: dict[str, list] = {}
+        with torch.inference_mode():
+            for i in range(0, len(x), int(batch_size)):
+                sl = slice(i, i + int(batch_size))
+                v = None if valid is None else torch.from_numpy(np.asarray(valid[sl], np.float32))
+                o = self.model(torch.from_numpy(x[sl]), torch.from_numpy(s[sl]),
+                               torch.from_numpy(f[sl]), v)
+                for k, t in o.items():
+                    parts.setdefault(k, []).append(t.numpy())
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
     def predict(self, scene, positions=None, batch_size: int = 256) -> dict[str, np.ndarray]:
         """``q`` of every source of ``scene``: one cutout per position, one batched pass.
