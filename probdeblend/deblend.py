@@ -251,13 +251,12 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     This is the single entry point of the catalogue to per-source inference; the rest of
     :func:`deblend` only consumes its output.
 
-    Current implementation (placeholder until the fast-posterior encoder lands): the shipped
-    amortized encoder ``<prior>-amortized`` gives a diagonal Gaussian q per source; flux and
-    position draws are drawn from q directly (flux log-normal, position normal about the cutout
-    centre plus the predicted offset). Ellipticity: the q-mean latent of each source is decoded
-    once (``prior.decode``) and measured with vectorised adaptive moments minus the model PSF's
-    (Gaussian) covariance; every draw gets that value (``e_draws_from = "q_mean"``, zero width,
-    flagged in the catalogue as a placeholder).
+    The shipped amortized encoder ``<prior>-amortized`` (trained by neural posterior
+    estimation, :mod:`probdeblend.amortized.npe`) gives each source a joint low-rank Gaussian q
+    over latent, log-flux, offset and ellipticity (:class:`~probdeblend.amortized.q.
+    AmortizedQ`); the catalogue's draws are q's own draws (``e_draws_from = "q"``), no decode
+    per draw. For an encoder without a shape head, e of the decoded q-mean latent is given to
+    every draw (``e_draws_from = "q_mean"``, zero width, flagged).
 
     Parameters
     ----------
@@ -289,25 +288,27 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
         z = np.zeros((0, S))
         return {"flux": np.zeros((0, S, B)), "e1": z, "e2": z, "x": z, "y": z,
                 "e_draws_from": "q_mean", "method": "amortized", "pareto_k": np.zeros(0)}
-    q = post.predict(scene, pos)
+    q = post.predict_q(scene, pos)
+    rng = np.random.default_rng(seed)
+    d = q.sample(S, rng)  # each (S, n, width): q's own joint draws, no decode
     # flux: q's bands are the encoder's; put them in the scene's band order
     band_idx = [list(post.bands).index(b) for b in scene.bands]
-    rng = np.random.default_rng(seed)
-    lf_loc = np.asarray(q["log_flux_loc"], np.float64)[:, band_idx]
-    lf_sc = np.asarray(q["log_flux_scale"], np.float64)[:, band_idx]
-    flux = np.exp(lf_loc[:, None, :] + lf_sc[:, None, :] * rng.standard_normal((n, S, B)))
-    centres = np.asarray(q["cutout_centres"], np.float64)
-    off_loc = np.asarray(q["offset_loc"], np.float64)
-    off_sc = np.asarray(q["offset_scale"], np.float64)
-    xy = (centres + off_loc)[:, None, :] + off_sc[:, None, :] * rng.standard_normal((n, S, 2))
-    # ellipticity of the q-mean latent (placeholder: zero-width draws)
+    flux = np.exp(np.swapaxes(d["log_flux"], 0, 1))[..., band_idx]
+    xy = np.swapaxes(d["position"], 0, 1)
+    if "e" in d:  # the encoder's shape head: e draws from q's joint Gaussian
+        e = np.swapaxes(d["e"], 0, 1)
+        return {"flux": flux, "e1": e[..., 0], "e2": e[..., 1], "x": xy[..., 0],
+                "y": xy[..., 1], "e_draws_from": "q", "method": "amortized",
+                "pareto_k": np.full(n, np.nan)}
+    # an encoder without a shape head: e of the decoded q-mean latent (zero-width draws)
     frame = prior.frame
     psf_sigma = frame.psf_fwhm / frame.pixel_scale / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     e1 = np.empty(n)
     e2 = np.empty(n)
+    z_loc = q.mean("z")
     with torch.inference_mode():
         for i in range(0, n, 256):
-            z = torch.as_tensor(np.asarray(q["z_loc"][i:i + 256], np.float32))
+            z = torch.as_tensor(np.asarray(z_loc[i:i + 256], np.float32))
             stamps = prior.decode(z).numpy().mean(-3)  # mean of unit-sum bands
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
