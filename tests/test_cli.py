@@ -153,7 +153,9 @@ def stub_fit(monkeypatch):
 
     fit_module = sys.modules["probdeblend.fit"]
     monkeypatch.setattr(fit_module, "fit", fake_fit)
-    monkeypatch.setattr(fit_module, "resolve_prior", lambda prior: prior)
+    from probdeblend.scene_posterior import PRIORS
+
+    monkeypatch.setattr(PRIORS, "prior", lambda prior: prior)
     monkeypatch.setattr(diagnostics, "summary_table",
                         lambda idata, pareto_k=None: Table({"id": [0], "flux_r": [1.0]}))
     return calls
