@@ -65,7 +65,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     fits = [pb.fit(s, prior=prior, method="amortized", num_samples=30 if args.tiny else 200,
-                   seed=i, n_ppc=2) for i, s in enumerate(scenes)]
+                   seed=i, n_predictive=2) for i, s in enumerate(scenes)]
     # targets only (source 0 of each scene): neighbours are cut by the scene edge more often
     e = np.stack([np.stack([f.posterior["e1"].values[..., 0].ravel(),
                             f.posterior["e2"].values[..., 0].ravel()], -1) for f in fits])
