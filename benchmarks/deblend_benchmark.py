@@ -120,7 +120,7 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
     post = None
     if set(methods) & {"amortized", "laplace", "auto"}:
         t0 = time.perf_counter()
-        post = ScenePosterior(scene, prior)
+        post = ScenePosterior(scene, prior, model_error=args.model_error)
         t_ctx = time.perf_counter() - t0
     q_row = None
     if set(methods) & {"amortized", "auto"}:
@@ -181,7 +181,10 @@ def run(args):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(ALL_METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {ALL_METHODS}")
-    todo = [(i, [m for m in methods if (args.family, m, i) not in done])
+    def tagged(m):
+        return m + args.tag if m in ("laplace", "auto") else m
+
+    todo = [(i, [m for m in methods if (args.family, tagged(m), i) not in done])
             for i in range(args.start, args.n)]
     todo = [(i, ms) for i, ms in todo if ms]
     from tqdm.auto import tqdm
@@ -190,6 +193,8 @@ def run(args):
     with rows_path.open("a") as fh:
         for i, ms in tqdm(todo, desc=f"family {args.family}"):
             for row in measure_scene(args.family, i, ms, prior, args):
+                if args.tag and row["method"] in ("laplace", "auto"):
+                    row["method"] += args.tag
                 fh.write(json.dumps(row, default=float) + "\n")
             fh.flush()
     log_run(out, args.argv, time.perf_counter() - t_all, len(todo))
@@ -258,16 +263,18 @@ def report(out: Path, args):
         if not fr:
             continue
         lines += [f"## {title}", "", HEAD]
-        for m in ALL_METHODS:
+        order = {m: k for k, m in enumerate(ALL_METHODS)}
+        present = sorted({r["method"] for r in fr} - {"sep_missed"},
+                         key=lambda m: (order.get(m.split("_")[0], 9), m))
+        for m in present:
             rs = [r for r in fr if r["method"] == m]
-            if rs:
-                lines.append(f"| {m} " + _fmt(summarize(rs)))
+            lines.append(f"| {m} " + _fmt(summarize(rs)))
         miss = sum(r["method"] == "sep_missed" for r in fr)
         if miss:
             n_sep = sum(r["method"] in ("sep", "sep_missed") for r in fr)
             lines += ["", f"sep separated the target in {n_sep - miss} of {n_sep} scenes "
                           f"(its rows cover those only)."]
-        auto = [r for r in fr if r["method"] == "auto"]
+        auto = [r for r in fr if r["method"].startswith("auto")]
         if auto:
             n_l = sum(r["path"] == "laplace" for r in auto)
             n_n = sum(r.get("wants_nuts", False) for r in auto)
@@ -359,6 +366,9 @@ def main(argv=None):
     ap.add_argument("--methods", default="amortized,sep")
     ap.add_argument("--num-samples", type=int, default=200)
     ap.add_argument("--q-chi2-max", type=float, default=1.5)
+    ap.add_argument("--model-error", type=float, default=0.0,
+                    help="fractional model error of the likelihood (laplace / auto rows)")
+    ap.add_argument("--tag", default="", help="suffix of the method names in the rows")
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--out", default="benchmarks/results/deblend")
     resumable_main(ap, run, report, argv)

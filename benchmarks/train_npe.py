@@ -146,7 +146,8 @@ def _throughput(model, sim, dev, n: int = 32768, draws: int = 200, batch: int = 
             eps = torch.randn(draws, *loc.shape, device=dev)
             xi = torch.randn(draws, loc.shape[0], w.shape[-1], device=dev)
             v = loc + sd * (eps + torch.einsum("spr,nsr->nsp", w, xi))
-            total += float(v[..., model.latent_dim:].exp().sum())  # flux, offset, e draws
+            # flux, offset and e draws (exp: flux; the sum keeps the work from being skipped)
+            total += float(v[..., model.latent_dim:].exp().sum())
         return total
 
     with torch.inference_mode():

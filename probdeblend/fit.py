@@ -66,8 +66,8 @@ def q_residual_chi2(post: ScenePosterior, radius: float = 6.0) -> np.ndarray:
     return out
 
 
-def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, n_predictive,
-              nuts, svi, laplace):
+def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, model_error,
+              n_predictive, nuts, svi, laplace):
     from .errors import ArgumentTypeError
     from .validate import check_choice, check_float, check_int, check_seed
 
@@ -80,6 +80,7 @@ def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, 
     check_seed("seed", seed)
     check_float("pareto_k_threshold", pareto_k_threshold, minimum=0.0)
     check_float("q_chi2_max", q_chi2_max, minimum=0.0, exclusive_minimum=True)
+    check_float("model_error", model_error, minimum=0.0)
     check_int("n_predictive", n_predictive, minimum=0, allow_none=True)
     for name, value, cls in (("nuts", nuts, NutsConfig), ("svi", svi, SviConfig),
                              ("laplace", laplace, LaplaceConfig)):
@@ -98,7 +99,7 @@ def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, 
 
 def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: int = 1000,
         seed: int = 0, positions=None, exact: bool = False,
-        pareto_k_threshold: float = 0.7, q_chi2_max: float = 1.5,
+        pareto_k_threshold: float = 0.7, q_chi2_max: float = 1.5, model_error: float = 0.0,
         nuts: NutsConfig = DEFAULT_NUTS, svi: SviConfig = DEFAULT_SVI,
         laplace: LaplaceConfig = DEFAULT_LAPLACE, detect_kwargs: dict | None = None,
         n_predictive: int | None = 100, progress: bool = False, check: bool = True):
@@ -125,6 +126,10 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
     q_chi2_max : float
         ``auto`` moves from q to ``laplace`` when a source's q-mean residual chi^2 / pixel
         (:func:`q_residual_chi2`) exceeds it.
+    model_error : float
+        Fractional model error added to the pixel noise of the likelihood (see
+        :meth:`probdeblend.model.SceneSpec.build`); widens bright sources' posteriors where
+        percent-level model mismatch dominates the photon noise. 0: pure pixel noise.
     nuts, svi, laplace : NutsConfig, SviConfig, LaplaceConfig
         Engine settings.
     detect_kwargs : dict, optional
@@ -147,11 +152,12 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
         ladder), ``pareto_k``, timings. :func:`probdeblend.diagnostics.summary_table` gives the
         per-source table. Schema: :mod:`probdeblend.results`.
     """
-    _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, n_predictive,
-              nuts, svi, laplace)
+    _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, model_error,
+              n_predictive, nuts, svi, laplace)
     laplace = dataclasses.replace(laplace, k_max=pareto_k_threshold)
     t0 = time.perf_counter()
-    post = ScenePosterior(scene, prior, positions, detect_kwargs=detect_kwargs, cache=PRIORS)
+    post = ScenePosterior(scene, prior, positions, detect_kwargs=detect_kwargs,
+                          model_error=model_error, cache=PRIORS)
     path = []
     if method == "auto":
         stage = "laplace"

@@ -159,7 +159,7 @@ class SceneSpec:
     @classmethod
     def build(cls, backend: Backend, scene, renderer: SceneRenderer, positions0,
               flux_init, latent_dim: int, flux_scale: float = 2.0,
-              position_scale: float = 1.0) -> SceneSpec:
+              position_scale: float = 1.0, model_error: float = 0.0) -> SceneSpec:
         """Assemble a spec from a :class:`~probdeblend.Scene`.
 
         Parameters
@@ -174,10 +174,19 @@ class SceneSpec:
             Width of the log-flux prior (natural log).
         position_scale : float
             Width of the position prior (pixels).
+        model_error : float
+            Fractional model error added in quadrature to the pixel noise,
+            ``sigma^2 = variance + (model_error * max(image, 0))^2`` (the observed image stands
+            in for the model, so the likelihood stays Gaussian with fixed variance). It widens
+            the posterior of bright sources, where a percent-level mismatch between the prior's
+            galaxies (or the PSF image) and the data dominates the photon noise; 0 disables it.
         """
         weight = np.asarray(scene.weight, dtype=np.float64)
         good = weight > 0
         sigma = np.where(good, 1.0 / np.sqrt(np.where(good, weight, 1.0)), 1.0)
+        if model_error:
+            img = np.clip(np.asarray(scene.image, dtype=np.float64), 0.0, None)
+            sigma = np.sqrt(sigma**2 + (float(model_error) * img) ** 2)
         flux_init = np.clip(np.asarray(flux_init, dtype=np.float64), 1e-3, None)
         spec = cls(
             image=scene.image, sigma=sigma, good=good,

@@ -231,6 +231,9 @@ class ScenePosterior:
         of the amortized model.
     flux_scale, position_scale : float
         Widths of the log-flux prior (natural log) and of the position prior (pixels).
+    model_error : float
+        Fractional model error added to the pixel noise (:meth:`probdeblend.model.SceneSpec.
+        build`); 0 (default) is the pure pixel-noise likelihood.
     cache : PriorCache
         Where priors, twins and compiled functions are kept (default :data:`PRIORS`).
     """
@@ -238,13 +241,14 @@ class ScenePosterior:
     def __init__(self, scene: Scene, prior="lsst-vae", positions=None, *, encoder="auto",
                  detect_kwargs: dict | None = None, residual_pass: bool = True,
                  flux_scale: float = 2.0, position_scale: float = 1.0,
-                 cache: PriorCache | None = None):
+                 model_error: float = 0.0, cache: PriorCache | None = None):
         self.cache = PRIORS if cache is None else cache
         self.prior = self.cache.prior(prior)
         self.scene = prepare_scene(scene, self.prior)
         self.np_prior, self.backend = self.cache.backend(self.prior)
         self.encoder = self.cache.encoder(self.prior) if encoder == "auto" else encoder
         self.flux_scale, self.position_scale = float(flux_scale), float(position_scale)
+        self.model_error = float(model_error)
         t0 = time.perf_counter()
         pos, self.detections = find_sources(self.scene, positions, detect_kwargs)
         _warn_coincident(pos)
@@ -269,7 +273,8 @@ class ScenePosterior:
         flux0 = np.exp(self.q.mean("log_flux"))
         self.spec = SceneSpec.build(self.backend, self.scene, self.renderer, self.positions0,
                                     flux0, self.prior.latent_dim, flux_scale=self.flux_scale,
-                                    position_scale=self.position_scale)
+                                    position_scale=self.position_scale,
+                                    model_error=self.model_error)
         self.problem = SceneProblem(self.backend, self.spec)
         z = np.asarray(self.q.mean("z"), np.float32)
         u, _ = self.np_prior.twin.flow_inverse(z)
