@@ -119,7 +119,8 @@ def cmd_train(a):
                               else _throughput(model, sim, dev, n=512, batch=256))
     if a.history_out:
         Path(a.history_out).write_text(json.dumps(hist, indent=1))
-    print(json.dumps({"device": str(dev), "throughput": hist.get("throughput"), "steps_done": hist["steps_done"],
+    print(json.dumps({"device": str(dev), "throughput": hist.get("throughput"),
+                      "steps_done": hist["steps_done"],
                       "scenes_seen": hist["scenes_seen"], "wall_s": round(hist["wall_s"], 1),
                       "last_eval": hist["eval"][-1] if hist["eval"] else None}, indent=1))
 
