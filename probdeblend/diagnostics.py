@@ -127,7 +127,8 @@ class _SigFigs(str):
 
 #: Display formats of :func:`summary_table` columns (values keep full precision).
 _FORMATS = {"x": "{:.2f}", "y": "{:.2f}", "e1": "{:.3f}", "e1_err": "{:.3f}", "e2": "{:.3f}",
-            "e2_err": "{:.3f}", "r_hat": "{:.3f}", "ess_bulk": "{:.0f}", "pareto_k": "{:.2f}"}
+            "e2_err": "{:.3f}", "r_hat": "{:.3f}", "ess_bulk": "{:.0f}", "pareto_k": "{:.2f}",
+            "e_failed": "{:.2f}"}
 
 
 def summary_table(idata, pareto_k: Any = None) -> Table:
@@ -187,10 +188,17 @@ def summary_table(idata, pareto_k: Any = None) -> Table:
             col.info.format = _SigFigs(3 if suffix == "_err" else 4)
             if unit is not None:
                 col.unit = unit
+    failed = np.zeros(n_source)
     for name in ("e1", "e2"):
         v = pooled(name)
-        t[name] = v.mean(0)
-        t[f"{name}_err"] = v.std(0, ddof=1) if len(v) > 1 else np.full(n_source, np.nan)
+        bad = ~np.isfinite(v)
+        failed = np.maximum(failed, bad.mean(0))
+        with warnings.catch_warnings():  # summaries over the draws whose shape was measured
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t[name] = np.nanmean(v, 0)
+            t[f"{name}_err"] = (np.nanstd(v, 0, ddof=1) if len(v) > 1
+                                else np.full(n_source, np.nan))
+    t["e_failed"] = failed  # fraction of draws whose shape measurement failed
 
     names = ["flux", "e1", "e2"]
     with warnings.catch_warnings():
@@ -283,6 +291,13 @@ def check_convergence(idata, r_hat_max: float = 1.01, ess_min: float = 400, warn
             result["r_hat"][name] = None
         val, where = worst(ess[name], False)
         result["ess_bulk"][name] = val
+        n_nan = int(np.sum(~np.isfinite(np.asarray(post[name].values, dtype=float))))
+        if n_nan:
+            failures.append(
+                f"{name}: {n_nan} draw(s) are NaN (e.g. shapes that could not be measured), so "
+                f"its R-hat / ESS could not be checked on all draws; see attrs "
+                f"'e_failed_fraction' and the summary's e_failed column"
+            )
         if np.isfinite(val) and val < ess_min:
             n_bad = int(np.sum(np.asarray(ess[name].values) < ess_min))
             failures.append(

@@ -262,3 +262,19 @@ def test_plots_write_png(idata, scene, tmp_path):
         plot_corner(data, source=3)
     with pytest.raises(ValueError, match="bands"):
         plot_corner(data, source=17, bands=("q",))
+
+
+def test_failed_shapes_are_reported_not_nan(scene):
+    """Shapes that fail on some draws: summaries over the measured draws, a per-source failed
+    fraction, and a convergence failure that names the variable."""
+    rng = np.random.default_rng(3)
+    draws = _draws(rng)
+    draws["e1"][0, :10, 1] = np.nan  # 10 of 200 draws of source 1
+    draws["e2"][0, :10, 1] = np.nan
+    idata = to_inference_data(draws, _stats(rng), scene, source_ids=IDS,
+                              attrs={"method": "nuts"})
+    t = summary_table(idata)
+    assert np.all(np.isfinite(t["e1"])) and np.all(np.isfinite(t["e2"]))
+    np.testing.assert_allclose(t["e_failed"], [0.0, 10 / 200])
+    res = check_convergence(idata, warn=False)
+    assert any(f.startswith("e1:") and "NaN" in f for f in res["failures"])
