@@ -657,8 +657,9 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
     from scipy.ndimage import maximum_filter
 
     if image is not None and np.shape(image) != scene.image.shape:
-        raise ValueError(f"image: expected shape {scene.image.shape} like scene.image, got "
-                         f"{np.shape(image)}")
+        raise ArgumentError("image", np.shape(image),
+                            f"image: expected shape {scene.image.shape} like scene.image, got "
+                            f"{np.shape(image)}")
     snr, mask = snr_map(scene, image)
     f = matched_filter(scene, snr, kernel_size)
     f[mask] = 0.0
