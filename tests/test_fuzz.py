@@ -18,6 +18,7 @@ import probdeblend as pb
 from probdeblend import errors as E
 from probdeblend.cli import main
 from probdeblend.scene import Scene
+from probdeblend.scene_posterior import LaplaceConfig, NutsConfig, SviConfig
 
 BANDS = ["g", "r"]
 NY, NX = 32, 32
@@ -319,30 +320,32 @@ FIT_CASES = [
     ("scene-not-a-scene", {"scene": "scene.fits"}, E.ArgumentTypeError, "scene"),
     ("method", {"method": "mcmc"}, E.ArgumentError, "method"),
     ("num_samples-zero", {"num_samples": 0}, E.ArgumentError, "num_samples"),
-    ("num_chains-zero", {"num_chains": 0}, E.ArgumentError, "num_chains"),
+    ("num_samples-float", {"num_samples": 2.7}, E.ArgumentTypeError, "num_samples"),
+    ("num_chains-zero", {"nuts": NutsConfig(num_chains=0)}, E.ArgumentError,
+     "nuts.num_chains"),
     ("seed-float", {"seed": 1.5}, E.ArgumentTypeError, "seed"),
-    ("engine", {"engine": "stan"}, E.ArgumentError, "engine"),
+    ("seed-negative", {"seed": -1}, E.ArgumentError, "seed"),
+    ("engine", {"nuts": NutsConfig(engine="stan")}, E.ArgumentError, "nuts.engine"),
+    ("nuts-not-a-config", {"nuts": {"num_chains": 2}}, E.ArgumentTypeError, "nuts"),
+    ("svi-steps-zero", {"svi": SviConfig(num_steps=0)}, E.ArgumentError, "svi.num_steps"),
+    ("svi-steps-negative", {"svi": SviConfig(num_steps=-3)}, E.ArgumentError,
+     "svi.num_steps"),
+    ("n_predictive-negative", {"n_predictive": -1}, E.ArgumentError, "n_predictive"),
+    ("pareto-k-text", {"pareto_k_threshold": "0.7"}, E.ArgumentTypeError,
+     "pareto_k_threshold"),
+    ("model-error-negative", {"model_error": -0.1}, E.ArgumentError, "model_error"),
+    ("laplace-proposal", {"laplace": LaplaceConfig(proposal="cauchy")}, E.ArgumentError,
+     "laplace.proposal"),
 ]
-
-
-def _fit_uses_the_family() -> bool:
-    """Whether fit.py raises the errors family yet (xfail until fit.py adopts validate.py)."""
-    import inspect
-    import sys
-
-    src = inspect.getsource(sys.modules["probdeblend.fit"])
-    return "check_int(" in src or "ArgumentError" in src
 
 
 @pytest.mark.parametrize(("kwargs", "cls", "argument"), [c[1:] for c in FIT_CASES],
                          ids=[c[0] for c in FIT_CASES])
-def test_fit_bad_arguments(kwargs, cls, argument, request):
-    if not _fit_uses_the_family():
-        request.applymarker(pytest.mark.xfail(
-            reason="fit.py (other owner) still raises bare ValueError/TypeError", strict=False))
+def test_fit_bad_arguments(kwargs, cls, argument):
     kwargs = dict(kwargs)
     scene = kwargs.pop("scene", _scene())
     with pytest.raises((E.ProbdeblendError, ValueError, TypeError)) as info:
         pb.fit(scene, prior="lsst-vae", **kwargs)
-    assert argument in str(info.value)  # every row names its argument already
+    named = getattr(info.value, "argument", None)
+    assert argument in str(info.value) or argument == named  # every row names its argument already
     _check(info.value, cls, argument)
