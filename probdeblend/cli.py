@@ -188,7 +188,8 @@ def _cmd_fit(args) -> int:
     scene = Scene.from_fits(args.scene)
     prior = PRIORS.prior(args.prior)  # a bad prior name fails here, before any sampling
     idata = fit(scene, prior=prior, method=args.method, num_samples=args.num_samples,
-                seed=args.seed, nuts=NutsConfig(num_chains=args.num_chains), progress=True)
+                seed=args.seed, nuts=NutsConfig(num_chains=args.num_chains),
+                exact=args.exact, progress=True)
     write_netcdf(idata, paths["posterior"], overwrite=args.overwrite)
     table = diagnostics.summary_table(idata)
     write_table(table, paths["summary"], overwrite=args.overwrite, format="ascii.ecsv")
@@ -325,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "any work starts)")
     f.add_argument("--prior", default="lsst-vae", help="shipped prior name or prior card path")
     f.add_argument("--method", default="auto", choices=list(METHODS),
-                   help="inference engine")
+                   help="inference engine; auto = the ladder amortized -> laplace -> nuts "
+                        "(docs/inference.md)")
+    f.add_argument("--exact", action="store_true",
+                   help="auto starts at laplace (MAP + Laplace + PSIS) instead of q")
     f.add_argument("--num-samples", type=_POSITIVE, default=1000, help="draws per chain")
     f.add_argument("--num-chains", type=_POSITIVE, default=4, help="MCMC chains")
     f.add_argument("--seed", type=_SEED, default=0, help="random seed (>= 0)")
