@@ -112,6 +112,20 @@ def row_of(family, kind, method, i, sim, r_idx, flux_r, e1, e2, seconds, **extra
     return row
 
 
+_ENCODERS: dict = {}
+
+
+def _encoder(path):
+    """The shipped encoder ("auto") or one loaded from a card path (e.g. an older recipe)."""
+    if path == "auto":
+        return "auto"
+    if path not in _ENCODERS:
+        from probdeblend.amortized import load_amortized
+
+        _ENCODERS[path] = load_amortized(path)
+    return _ENCODERS[path]
+
+
 def measure_scene(family, i, methods, prior, args) -> list[dict]:
     sim, kind = scene_of(family, i)
     scene = sim.to_scene()
@@ -120,7 +134,8 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
     post = None
     if set(methods) & {"amortized", "laplace", "auto"}:
         t0 = time.perf_counter()
-        post = ScenePosterior(scene, prior, model_error=args.model_error)
+        post = ScenePosterior(scene, prior, model_error=args.model_error,
+                              encoder=_encoder(args.encoder))
         t_ctx = time.perf_counter() - t0
     q_row = None
     if set(methods) & {"amortized", "auto"}:
@@ -182,7 +197,7 @@ def run(args):
     if unknown := set(methods) - set(ALL_METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {ALL_METHODS}")
     def tagged(m):
-        return m + args.tag if m in ("laplace", "auto") else m
+        return m + args.tag if m in ("amortized", "laplace", "auto") else m
 
     todo = [(i, [m for m in methods if (args.family, tagged(m), i) not in done])
             for i in range(args.start, args.n)]
@@ -193,7 +208,7 @@ def run(args):
     with rows_path.open("a") as fh:
         for i, ms in tqdm(todo, desc=f"family {args.family}"):
             for row in measure_scene(args.family, i, ms, prior, args):
-                if args.tag and row["method"] in ("laplace", "auto"):
+                if args.tag and row["method"] in ("amortized", "laplace", "auto"):
                     row["method"] += args.tag
                 fh.write(json.dumps(row, default=float) + "\n")
             fh.flush()
@@ -369,6 +384,8 @@ def main(argv=None):
     ap.add_argument("--model-error", type=float, default=0.0,
                     help="fractional model error of the likelihood (laplace / auto rows)")
     ap.add_argument("--tag", default="", help="suffix of the method names in the rows")
+    ap.add_argument("--encoder", default="auto",
+                    help="amortized encoder card path (default: the one shipped for the prior)")
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--out", default="benchmarks/results/deblend")
     resumable_main(ap, run, report, argv)

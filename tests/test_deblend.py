@@ -152,7 +152,8 @@ def test_catalog_one_row_per_source_matched_to_truth(field, cat):
     assert np.all(np.isfinite(cat["flux_r"][ok])) and np.all(cat["flux_r_err"][ok] > 0)
     assert np.all(cat["flux_r_q16"][ok] <= cat["flux_r_q50"][ok])
     assert np.all(cat["flux_r_q50"][ok] <= cat["flux_r_q84"][ok])
-    assert np.all(cat["e_draws_from"] == "q_mean") and np.all(cat["e1_err"][ok] == 0)
+    # e draws come from q's shape head: real posterior widths, not zero-width placeholders
+    assert np.all(cat["e_draws_from"] == "q") and np.all(cat["e1_err"][ok] > 0)
     assert set(np.unique(cat["det_pass"])) <= {0, 1} and cat.meta["RESPASS"]
     truth = field.truth
     bright = truth["snr"] > 20
@@ -171,11 +172,15 @@ def test_same_seed_same_catalog(field, cat):
 
 def test_small_chunks_same_sources_and_groups(field, cat):
     small = deblend(field.to_scene(), num_samples=64, seed=1, chunk_size=2)
-    for c in ("id", "group", "x_init", "y_init"):
+    for c in ("id", "group"):
         np.testing.assert_array_equal(np.asarray(small[c]), np.asarray(cat[c]))
-    # e (q-mean) does not depend on the chunk; flux summaries only through the seeds
-    np.testing.assert_allclose(small["e1"], cat["e1"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(small["flux_r"], cat["flux_r"], rtol=0.1)
+    # refined positions: equal up to float32 rounding of the encoder's batched convolutions
+    for c in ("x_init", "y_init"):
+        np.testing.assert_allclose(np.asarray(small[c]), np.asarray(cat[c]), atol=1e-4)
+    # e and flux summaries differ only through the draws (64 per source): within 4 sigma
+    for c in ("e1", "flux_r"):
+        tol = 4 * np.sqrt(2.0 / 64) * np.asarray(cat[f"{c}_err"])
+        assert np.all(np.abs(np.asarray(small[c]) - np.asarray(cat[c])) <= tol)
 
 
 def test_input_positions_skip_detection_and_flag_edges(field):
@@ -224,7 +229,8 @@ def test_draws_function_contract(field):
     assert d["flux"].shape == (3, 10, 6)
     assert all(d[k].shape == (3, 10) for k in ("e1", "e2", "x", "y"))
     assert np.all(np.abs(d["x"].mean(1) - pos[:, 0]) < 3)
-    assert d["e_draws_from"] == "q_mean"
+    assert d["e_draws_from"] == "q"  # the shipped encoder's shape head
+    assert np.all(d["e1"].std(1) > 0)
 
 
 def test_empty_image_gives_empty_catalog():
