@@ -18,8 +18,9 @@ Fluxes (per band ``b``) [scene units, e.g. electron]
     ``flux_b_q16``, ``flux_b_q50``, ``flux_b_q84`` (posterior quantiles).
 Ellipticity (GalSim reduced shear of the PSF-free galaxy, :mod:`probdeblend.measure`)
     ``e1``, ``e2`` (mean), ``e1_err``, ``e2_err`` (std), ``e1_q16`` ... ``e2_q84``.
-    ``e_draws_from`` says where the ellipticity draws come from: ``"posterior"`` (one shape per
-    posterior draw) or ``"q_mean"`` (**placeholder**: the shape of the amortized q's mean
+    ``e_draws_from`` says where the ellipticity draws come from: ``"q"`` (the amortized q's
+    joint draws from its shape head, the default), ``"posterior"`` (one shape per refined
+    posterior draw) or ``"q_mean"`` (an encoder without a shape head: the shape of the q-mean
     latent only; std 0 and all quantiles equal; not an uncertainty).
 Inference and diagnostics
     ``method`` (inference path, e.g. ``"amortized"``, ``"fit:amortized+is"``), ``num_samples``,
@@ -102,7 +103,8 @@ def schema(bands: Sequence[str], units: str = "electron", wcs: bool = True) -> l
         for q in QUANTILES:
             cols.append((f"{e}_q{q}", "f8", None, f"{q}% posterior quantile of {e}"))
     cols += [
-        ("e_draws_from", "U9", None, "'posterior' or 'q_mean' (placeholder, zero width)"),
+        ("e_draws_from", "U9", None,
+         "'q' (the encoder's joint q), 'posterior' (refined) or 'q_mean' (zero width)"),
         ("method", "U24", None, "inference path"),
         ("num_samples", "i8", None, "posterior draws per source"),
         ("pareto_k", "f8", None, "PSIS k-hat (NaN if not computed)"),
