@@ -240,7 +240,8 @@ def summarize(rs: list[dict]) -> dict:
            "sec_med": float(np.median([r["seconds"] for r in rs]))}
     for k in ("flux", "e1", "e2"):
         for lvl in (68, 95):
-            vals = [r.get(f"cov{lvl}_{k}") for r in rs]
+            # sep gives a point estimate: no interval, no coverage
+            vals = [r.get(f"cov{lvl}_{k}") for r in rs if r["method"] != "sep"]
             vals = [v for v in vals if v is not None and np.isfinite(v)]
             out[f"cov{lvl}_{k}"] = float(np.mean(vals)) if vals else np.nan
     for k in ("psnr", "ssim"):
