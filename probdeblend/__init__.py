@@ -16,14 +16,14 @@ Public entry points (see the docs for each):
 
 from __future__ import annotations
 
-from . import diagnostics, errors, measure, shear, simulate
+from . import errors
 from .deblend import deblend  # eager like fit (numpy / astropy only): see __getattr__
 from .errors import ProbdeblendError
 from .fit import fit  # eager (the module imports only numpy): see the note in __getattr__
 from .scene import Scene
 from .survey import Band, Survey, available_surveys, get_survey
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Scene",
@@ -45,11 +45,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # lazy: torch / jax are imported only when a prior is asked for
+_LAZY_MODULES = ("diagnostics", "measure", "shear", "simulate")
+
+
+def __getattr__(name):  # lazy: GalSim / torch / jax are imported only when used
     if name in ("load_prior", "list_priors"):
         from .priors import io
 
         return getattr(io, name)
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     # ``fit`` is imported eagerly above: a lazy import here would let the import system bind
     # the *submodule* probdeblend.fit to the package attribute after the first call, so a
     # second ``probdeblend.fit(scene)`` would fail with "'module' object is not callable".

@@ -30,13 +30,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
+from typing import TYPE_CHECKING
 
-import galsim
 import numpy as np
 import surveycodex
 from scipy.optimize import brentq
 
 from .errors import ArgumentError, UnknownBandError, UnknownSurveyError
+
+if TYPE_CHECKING:  # GalSim is imported where it is used: ``import probdeblend`` stays light
+    import galsim
 
 __all__ = ["Band", "Survey", "get_survey", "available_surveys"]
 
@@ -134,6 +137,8 @@ class Band:
     # -- PSF and bandpass ----------------------------------------------------------------
     def psf(self, fwhm: float | None = None) -> galsim.GSObject:
         """GalSim PSF of this band (flux 1). ``fwhm`` (arcsec) overrides the median seeing."""
+        import galsim
+
         fwhm = self.psf_fwhm if fwhm is None else float(fwhm)
         if fwhm <= 0:
             raise ArgumentError("fwhm", fwhm, f"fwhm must be positive (arcsec), got {fwhm}")
@@ -167,6 +172,8 @@ def _gaussian_fwhm_for(lam_over_diam: float, obscuration: float, fwhm: float) ->
     FWHMs do not add in quadrature exactly (quadrature with the unobscured Airy FWHM left the
     Euclid VIS PSF 4% too narrow). Returns 0 if the Airy alone is already as wide as ``fwhm``.
     """
+    import galsim
+
     airy = galsim.Airy(lam_over_diam=lam_over_diam, obscuration=obscuration)
     scale = fwhm / 20.0  # 20 pixels per FWHM: FWHM good to 1e-5 (checked against 1/80)
 
@@ -182,6 +189,8 @@ def _gaussian_fwhm_for(lam_over_diam: float, obscuration: float, fwhm: float) ->
 
 @cache
 def _bandpass(survey: str, name: str) -> galsim.Bandpass:
+    import galsim
+
     files = _BANDPASS_FILES.get((survey, name))
     if files is None:
         files = [f"LSST_{name[0].lower()}.dat"]  # closest ugrizy letter
