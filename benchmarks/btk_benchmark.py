@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,7 +111,9 @@ def main(argv=None):
                     got = np.asarray(cats[k]["flux_r"])[pm]
                     flux_rel += list(got / true_flux - 1)
         print(f"batch {b + 1}/{args.batches}", flush=True)
-    res = {"settings": vars(args) | {"out": str(args.out)}, "deblenders": {}}
+    out = args.out.resolve()
+    rel = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out  # no machine paths
+    res = {"settings": vars(args) | {"out": str(rel)}, "deblenders": {}}
     for name, s in stats.items():
         res["deblenders"][name] = {
             **{k: float(met.aggregate()) for k, met in s["btk"].items()},
