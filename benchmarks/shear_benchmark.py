@@ -56,9 +56,9 @@ def measure_copy(sim, prior, amortized, n_draws: int, seed: int) -> dict:
     """Target ellipticity of one sheared / rotated copy under every estimator."""
     import torch
 
-    from probdeblend.fit import _prepare_scene
+    from probdeblend.scene_posterior import prepare_scene
 
-    scene = _prepare_scene(sim.to_scene(), prior)
+    scene = prepare_scene(sim.to_scene(), prior)
     truth = sim.truth[0]
     out = {}
     # probdeblend: draws of q for the target, decoded, REGAUSS in the model frame
@@ -87,12 +87,12 @@ def run(args):
     warnings.simplefilter("ignore")
     from tqdm.auto import tqdm
 
-    from probdeblend.fit import _load_amortized
+    from probdeblend.scene_posterior import PRIORS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prior = pb.load_prior(args.prior)
-    amortized = _load_amortized(prior)
+    amortized = PRIORS.encoder(prior)
     cfg = BlendConfig(frame=Frame(survey="lsst", stamp_size=80), n_galaxies=(2, 4),
                       max_shift=0.2, annulus=(0.5, 3.0), psf_fwhm_range=(0.9, 1.2))
     rows_path = out / "rows.jsonl"
