@@ -261,27 +261,16 @@ class AmortizedPosterior:
                 f"psf_fwhm must be positive and finite (pixels; see psf_fwhm_pixels) with shape "
                 f"({nb},) or {x.shape[:2]}, got shape {f.shape}"
             )
-        f = np.broadcast_to(f, x.shape[:2]).copy()
-        keys = ("z", "log_flux", "offset")
-        parts: dict[str, list] = {f"{k}_{w}": [] for k in keys for w in ("loc", "scale")}
-        with torch.inference_mode():
-            for i in range(0, len(x), int(batch_size)):
-                sl = slice(i, i + int(batch_size))
-                v = None if valid is None else torch.from_numpy(np.asarray(valid[sl], np.float32))
-                o = self.model(
-                    torch.from_numpy(x[sl]),
-                    torch.from_numpy(s[sl]),
-                    torch.from_numpy(f[sl]),
-                    v,
-                )
-                for k in keys:
-                    parts[f"{k}_loc"].append(o[f"{k}_loc"].numpy())
-                    parts[f"{k}_scale"].append(torch.exp(o[f"{k}_log_scale"]).numpy())
+        out = self.forward_batch(x, s, f, valid, batch_size)
         widths = {"z": self.latent_dim, "log_flux": nb, "offset": 2}
-        return {
-            k: (np.concatenate(v) if v else np.zeros((0, widths[k.rsplit("_", 1)[0]]), np.float32))
-            for k, v in parts.items()
-        }
+        res = {}
+        for k, w in widths.items():
+            if len(x) == 0:
+                res[f"{k}_loc"] = res[f"{k}_scale"] = np.zeros((0, w), np.float32)
+                continue
+            res[f"{k}_loc"] = out[f"{k}_loc"]
+            res[f"{k}_scale"] = np.exp(out[f"{k}_log_scale"])
+        return res
 
     def predict_q(self, scene, positions=None, batch_size: int = 256) -> AmortizedQ:
         """q of every source of ``scene`` as an :class:`~probdeblend.amortized.q.AmortizedQ`
