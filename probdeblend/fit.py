@@ -51,11 +51,7 @@ def q_residual_chi2(post: ScenePosterior, radius: float = 6.0) -> np.ndarray:
     """chi^2 per valid pixel of the q-mean model's residual within ``radius`` pixels of each
     source, ``(S,)``: ~1 when q explains the data, larger when it does not."""
     spec = post.spec
-    model = post.problem.fn("model_image")(
-        np.asarray(post.q.mean("z"), np.float32)[None],
-        np.asarray(post.q.mean("log_flux"), np.float32)[None],
-        np.asarray(post.positions0, np.float32)[None], spec)[0]
-    r2 = ((np.asarray(spec.image) - np.asarray(model)) / np.asarray(spec.sigma)) ** 2
+    r2 = ((np.asarray(spec.image) - post.q_mean_model()) / np.asarray(spec.sigma)) ** 2
     good = np.asarray(spec.good)
     ny, nx = r2.shape[-2:]
     yy, xx = np.mgrid[:ny, :nx]

@@ -281,14 +281,17 @@ class ScenePosterior:
         self.init = {"latent_base": np.asarray(u), "log_flux": self.q.mean("log_flux"),
                      "offset": np.zeros_like(self.positions0)}
 
+    def q_mean_model(self) -> np.ndarray:
+        """Noiseless model image (band, y, x) of every source at q's mean."""
+        return np.asarray(self.problem.fn("model_image")(
+            np.asarray(self.q.mean("z"), np.float32)[None],
+            np.asarray(self.q.mean("log_flux"), np.float32)[None],
+            np.asarray(self.positions0, np.float32)[None], self.spec)[0])
+
     def _residual_pass(self):
         from .detection import detect_residual
 
-        model = self.problem.fn("model_image")(
-            np.asarray(self.q.mean("z"), np.float32)[None],
-            np.asarray(self.q.mean("log_flux"), np.float32)[None],
-            np.asarray(self.positions0, np.float32)[None], self.spec)
-        new = detect_residual(self.scene, np.asarray(model[0]), self.positions0)
+        new = detect_residual(self.scene, self.q_mean_model(), self.positions0)
         if len(new):
             self._build(np.concatenate([self.positions0, np.stack([new["x"], new["y"]], -1)]))
 

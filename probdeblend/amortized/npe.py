@@ -36,6 +36,7 @@ import torch
 
 from ..measure import shape_torch
 from ..render import render
+from ..training import atomic_save
 from .network import AmortizedEncoder
 from .q import q_nll
 
@@ -280,15 +281,6 @@ def evaluate_npe(model, batch, bands, metric_band: str = "r") -> dict:
     return res
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train_npe(model: AmortizedEncoder, simulator: BlendSimulator, config: NPEConfig,
               checkpoint: str | os.PathLike | None = None, time_budget_s: float | None = None,
               log_every: int = 200, eval_every: int = 2000, bands=("u", "g", "r", "i", "z", "y"),
@@ -350,7 +342,7 @@ def train_npe(model: AmortizedEncoder, simulator: BlendSimulator, config: NPECon
         hist["wall_s"], hist["steps_done"] = wall(), done
         hist["scenes_seen"] = done * config.batch_size
         if ckpt is not None:
-            _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
                           "gen": gen.get_state(), "hist": hist, "step": done,
                           "config": config.to_dict()}, ckpt)
 
