@@ -76,7 +76,7 @@ def cmd_bank(a):
     from probdeblend.amortized.npe import simulator_bank
 
     prior = pb.load_prior(a.prior)
-    bank = simulator_bank(prior, n_flux=a.n_flux, seed=a.seed)
+    bank = simulator_bank(prior, n_flux=a.n_flux, seed=a.seed, n_population=a.n_population)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez(a.out, **bank)
     print({k: getattr(v, "shape", v) for k, v in bank.items()})
@@ -87,7 +87,9 @@ def _config(a):
 
     return NPEConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, rank=a.rank,
                      seed=a.seed, warmup_steps=min(500, max(1, a.steps // 20)),
-                     pool_size=a.pool_size, pool_refresh=a.pool_refresh)
+                     pool_size=a.pool_size, pool_refresh=a.pool_refresh,
+                     analytic_fraction=a.analytic_fraction, faint_fraction=a.faint_fraction,
+                     aperture=a.aperture)
 
 
 def cmd_train(a):
@@ -111,9 +113,12 @@ def cmd_train(a):
     sim = BlendSimulator(dec, flow, bank, cfg, dev)
     bands = tuple(card["frame"]["bands"])
     model = AmortizedEncoder(len(bands), int(bank["stamp_size"]), dec.latent_dim, cfg.channels,
-                             cfg.hidden, shape_head=True, rank=cfg.rank)
+                             cfg.hidden, shape_head=True, rank=cfg.rank, aperture=cfg.aperture)
+    if a.init:  # warm start from weights of the same architecture (e.g. a CPU run)
+        init = torch.load(a.init, map_location="cpu", weights_only=False)
+        model.load_state_dict(init["model"])
     hist = train_npe(model, sim, cfg, a.checkpoint, a.time_budget, log_every=a.log_every,
-                     eval_every=a.eval_every, bands=bands, progress=False)
+                     eval_every=a.eval_every, bands=bands, progress=False, export=a.export)
     if a.throughput:
         hist["throughput"] = (_throughput(model, sim, dev) if dev.type == "cuda"
                               else _throughput(model, sim, dev, n=512, batch=256))
@@ -178,7 +183,7 @@ def cmd_save(a):
     cfg = state["config"]
     model = AmortizedEncoder(prior.frame.n_bands, prior.frame.stamp_size, prior.latent_dim,
                              tuple(cfg["channels"]), cfg["hidden"], shape_head=True,
-                             rank=cfg["rank"])
+                             rank=cfg["rank"], aperture=cfg.get("aperture", False))
     model.load_state_dict(state["model"])
     hist = state["hist"]
     card = {
@@ -206,6 +211,8 @@ def main(argv=None):
     b.add_argument("--out", required=True)
     b.add_argument("--n-flux", type=int, default=200_000)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--n-population", type=int, default=100_000,
+                   help="analytic bulge+disk galaxies in the bank (0: none)")
     t = sub.add_parser("train")
     t.add_argument("--prior", default="lsst-vae")
     t.add_argument("--bank", required=True)
@@ -218,6 +225,15 @@ def main(argv=None):
     t.add_argument("--pool-size", type=int, default=0,
                    help="decoded-galaxy pool (0: fresh draws per scene; CPU: ~8192)")
     t.add_argument("--pool-refresh", type=float, default=0.05)
+    t.add_argument("--analytic-fraction", type=float, default=0.5,
+                   help="fraction of sources drawn from the analytic bulge+disk population")
+    t.add_argument("--faint-fraction", type=float, default=0.1,
+                   help="fraction of targets dimmed by up to 4 mag")
+    t.add_argument("--no-aperture", dest="aperture", action="store_false",
+                   help="encoder without the aperture S/N features (v0.2 architecture)")
+    t.add_argument("--init", default=None, help="start from these weights (export file)")
+    t.add_argument("--export", default=None,
+                   help="also write weights + history alone here at every eval")
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--time-budget", type=float, default=None)

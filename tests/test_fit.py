@@ -85,7 +85,7 @@ def test_result_contract(tiny_prior, small_scene, method):
 def test_amortized_draws_are_q_and_distinct(tiny_prior, tiny_encoder, small_scene):
     """q's own draws: no reweighting, so no duplicated draws; e from the shape head."""
     post = ScenePosterior(small_scene, tiny_prior, encoder=tiny_encoder, cache=PriorCache())
-    d = post.amortized(200, seed=1)
+    d = post.amortized(200, seed=1, photometry=False)
     flat = d.flat[0]
     assert len(np.unique(flat, axis=0)) == 200
     assert d.extra["e1"].shape == (1, 200, 2)
@@ -101,6 +101,43 @@ def test_amortized_draws_are_q_and_distinct(tiny_prior, tiny_encoder, small_scen
         det["latent"].astype(np.float32), det["log_flux"].astype(np.float32),
         det["position"].astype(np.float32), post.spec)).mean(0)
     np.testing.assert_allclose(mean.sum(0), model, atol=1e-3 * np.abs(model).max())
+
+
+def test_photometry_is_the_exact_linear_flux_posterior(tiny_prior, tiny_encoder, small_scene):
+    """Given the morphology, the flux posterior is Gaussian and solved in closed form: on an
+    image made of the templates themselves (plus noise), its mean recovers the fluxes within
+    the stated errors, the draws' spread is the stated covariance, and a source on pure
+    noise gets an interval that includes zero flux."""
+    import dataclasses
+
+    post = ScenePosterior(small_scene, tiny_prior, encoder=tiny_encoder, cache=PriorCache())
+    tmpl = post.flux_templates(post.q.mean("z")[None], post.positions0[None])[0]  # S,B,y,x
+    f_true = np.array([[3e4, 5e4, 4e4], [8e3, 1.2e4, 1e4]])
+    var = np.asarray(small_scene.variance, float)
+    rng = np.random.default_rng(0)
+    img = np.einsum("sb,sbyx->byx", f_true, tmpl) + rng.normal(size=var.shape) * np.sqrt(var)
+    scene = pb.Scene(img, var, small_scene.psf, small_scene.bands, small_scene.pixel_scale,
+                     positions=small_scene.positions)
+    post.scene = scene
+    ph = post.photometry(4000, n_morph=1, flux_sys=0.0, rng=rng)
+    sd = np.sqrt(np.einsum("bss->bs", ph["cov"][0])).T  # (S, B)
+    assert np.all(np.abs(ph["mean"][0].T - f_true) < 4 * sd)
+    np.testing.assert_allclose(ph["flux"].std(0), sd, rtol=0.1)
+    assert np.all(ph["chi2"] < 1.5) and np.all(ph["inflation"] >= 1.0)
+    # a systematic term widens every interval
+    wide = post.photometry(10, n_morph=1, flux_sys=0.1, rng=rng)
+    added = np.einsum("bss->bs", wide["cov"][0] - ph["cov"][0])
+    np.testing.assert_allclose(added, (0.1 * np.clip(ph["mean"][0], 0, None)) ** 2, rtol=1e-6)
+    # pure noise at a given position: the 95% interval of the flux includes 0
+    noise = pb.Scene(rng.normal(size=var.shape) * np.sqrt(var), var, small_scene.psf,
+                     small_scene.bands, small_scene.pixel_scale, positions=[[20.0, 20.0]])
+    post0 = ScenePosterior(noise, tiny_prior, encoder=tiny_encoder, cache=PriorCache())
+    d = post0.amortized(1000, seed=2)
+    f = post0.measure(d)["flux"][0, :, 0]  # (draw, band)
+    lo, hi = np.percentile(f, [2.5, 97.5], axis=0)
+    assert np.all(lo < 0) and np.all(hi > 0)
+    assert d.method == "amortized+photometry"
+    assert dataclasses.is_dataclass(d)
 
 
 def test_auto_ladder_without_encoder_starts_at_laplace(tiny_prior, small_scene):

@@ -199,6 +199,35 @@ def centroid_features(images, sigmas, valid=None) -> torch.Tensor:
     return torch.cat([windowed_centroid(det, w, it) for w, it in CENTROID_WINDOWS], dim=-1)
 
 
+#: Gaussian aperture widths (sigma, pixels) of the :func:`aperture_features`.
+APERTURE_WINDOWS: tuple[float, ...] = (1.5, 3.0, 6.0)
+
+
+def aperture_features(images, sigmas, valid=None, softening: float = ASINH_SOFTENING):
+    """Gaussian-aperture signal-to-noise of the cutout centre per band,
+    ``(N, band * len(APERTURE_WINDOWS))``.
+
+    For each window ``w`` (a Gaussian of peak 1 and width ``sigma_w`` pixels centred on the
+    stamp centre ``(n - 1) / 2``) and band ``b``: ``asinh(sum(w * image_b) / (sigma_b * |w|) /
+    softening)`` with ``|w| = sqrt(sum w^2)``, i.e. the S/N of the windowed flux, compressed
+    like :func:`cutout_input`. Units-free (scale-equivariant) and, for bright sources, linear
+    in the log of the flux, which is what the flux head predicts: without them the network has
+    to undo the asinh of every pixel to add up a flux (observed: flux NMAD ~30 % even at
+    S/N > 200). Band-major order: ``[b0 w0, b0 w1, ..., b1 w0, ...]``.
+    """
+    x = torch.as_tensor(images, dtype=torch.float32)
+    s = torch.as_tensor(sigmas, dtype=torch.float32)
+    if valid is not None:
+        x = x * torch.as_tensor(valid, dtype=torch.float32, device=x.device)
+    n = x.shape[-1]
+    ax = torch.arange(n, dtype=x.dtype, device=x.device) - (n - 1) / 2.0
+    r2 = ax[:, None] ** 2 + ax[None, :] ** 2
+    w = torch.stack([torch.exp(-0.5 * r2 / sw**2) for sw in APERTURE_WINDOWS])  # (W, n, n)
+    norm = w.flatten(1).norm(dim=1)  # (W,)
+    a = torch.einsum("nbyx,wyx->nbw", x, w) / (s[..., None] * norm * softening)
+    return torch.asinh(a).flatten(1)
+
+
 def _soft_clamp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return lo + F.softplus(t - lo) - F.softplus(t - hi)
 

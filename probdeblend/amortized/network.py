@@ -12,9 +12,11 @@ from torch import nn
 
 from .constants import _LOG_2PI, AMORTIZED_CHANNELS, ASINH_SOFTENING, LOG_SCALE_BOUNDS
 from .features import (
+    APERTURE_WINDOWS,
     CENTROID_WINDOWS,
     _out_size,
     _soft_clamp,
+    aperture_features,
     band_features,
     centroid_features,
     cutout_input,
@@ -39,6 +41,9 @@ class AmortizedEncoder(nn.Module):
     ``offset_loc``, ``offset_log_scale`` ``(N, 2)``. The flux head predicts
     ``log(flux_b / sigma_b)``, to which ``log(sigma_b)`` is added, so the flux scales with the
     image (scale equivariance). Log scales are softly bounded to :data:`LOG_SCALE_BOUNDS`.
+
+    With ``aperture=True`` the head inputs also hold :func:`aperture_features` (windowed S/N of
+    the cutout centre per band), which the flux head needs to add up bright fluxes.
     """
 
     def __init__(
@@ -51,9 +56,11 @@ class AmortizedEncoder(nn.Module):
         softening: float = ASINH_SOFTENING,
         shape_head: bool = False,
         rank: int = 0,
+        aperture: bool = False,
     ):
         super().__init__()
         self.shape_head, self.rank = bool(shape_head), int(rank)
+        self.aperture = bool(aperture)
         channels = tuple(int(c) for c in channels)
         if not channels:
             raise ValueError("channels must hold at least one width")
@@ -77,6 +84,8 @@ class AmortizedEncoder(nn.Module):
         self.convs = nn.Sequential(*layers)
         s = _out_size(self.stamp_size, len(channels))
         n_in = c_in * s * s + 2 * self.n_bands + self.n_centroid
+        if self.aperture:
+            n_in += self.n_bands * len(APERTURE_WINDOWS)
         # one MLP head per target group, so that the many latent dimensions do not drown the
         # gradients of the two offset outputs (observed: a shared head never learned offsets)
         self.heads = nn.ModuleDict(
@@ -124,7 +133,7 @@ class AmortizedEncoder(nn.Module):
         return cls(arch["n_bands"], arch["stamp_size"], arch["latent_dim"],
                    tuple(arch["channels"]), arch.get("hidden", 256),
                    arch.get("softening", ASINH_SOFTENING), arch.get("shape_head", False),
-                   arch.get("rank", 0))
+                   arch.get("rank", 0), arch.get("aperture", False))
 
     def config(self) -> dict:
         return {
@@ -136,12 +145,14 @@ class AmortizedEncoder(nn.Module):
             "softening": self.softening,
             "shape_head": self.shape_head,
             "rank": self.rank,
+            "aperture": self.aperture,
         }
 
     def forward_raw(
         self, x: torch.Tensor, feats: torch.Tensor, centroids: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Outputs from ``x = cutout_input(...)``, ``feats = band_features(...)`` and
+        """Outputs from ``x = cutout_input(...)``, ``feats = band_features(...)`` (followed by
+        ``aperture_features(...)`` when :attr:`aperture`) and
         ``centroids = centroid_features(...)``.
 
         The flux location is the *relative* ``log(flux_b / sigma_b)`` (key ``log_flux_rel``);
@@ -177,7 +188,10 @@ class AmortizedEncoder(nn.Module):
         if self.convs[0].weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         cen = centroid_features(images, s, valid)
-        out = self.forward_raw(x, band_features(s, psf_fwhm), cen)
+        feats = band_features(s, psf_fwhm)
+        if self.aperture:
+            feats = torch.cat([feats, aperture_features(images, s, valid, self.softening)], -1)
+        out = self.forward_raw(x, feats, cen)
         out["log_flux_loc"] = out.pop("log_flux_rel") + torch.log(s)
         return out
 

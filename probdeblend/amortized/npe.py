@@ -21,6 +21,14 @@ decoded, PSF-free image measured by :func:`probdeblend.measure.shape_torch` (so 
 gives ellipticity draws without decoding every draw). The loss is q's negative log-density
 (:func:`probdeblend.amortized.q.q_nll`): minimising it over the simulated joint distribution
 is neural posterior estimation, whose optimum is the true posterior within q's family.
+
+Galaxies the prior did not make: with ``analytic_fraction > 0`` that fraction of all sources
+(targets and neighbours) are analytic bulge + disk galaxies of the GalSim population
+(:mod:`probdeblend.amortized.analytic`) with their own fluxes and *true* intrinsic shear as
+targets. They have no latent ``z``, so their loss is the negative log-density of q's marginal
+over ``(log_flux, offset, e)`` (exact for the low-rank Gaussian: the rows of the other groups).
+With ``faint_fraction > 0`` that fraction of targets is dimmed by ``U(0, faint_mags)``
+magnitudes, down to below the detection limit, so that q learns to widen towards zero flux.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch
 from ..measure import shape_torch
 from ..render import render
 from ..training import atomic_save
+from .analytic import AnalyticGalaxies, population_table
 from .network import AmortizedEncoder
 from .q import q_nll
 
@@ -63,12 +72,17 @@ class NPEConfig:
         sub-pixel part (a detector's position error).
     depth_log_range : (float, float)
         log of the factor applied to the sky variance (a range of depths).
-    channels, hidden, rank : encoder architecture (:class:`AmortizedEncoder`).
+    channels, hidden, rank, aperture : encoder architecture (:class:`AmortizedEncoder`).
     pool_size, pool_refresh : int, float
         0: decode fresh prior draws for every scene (GPU). Otherwise keep a pool of
         ``pool_size`` decoded draws (with their measured e) and replace a fraction
         ``pool_refresh`` of it at every step: each decoded galaxy then serves several scenes
         with other fluxes, neighbours, PSFs and noise, which makes CPU training ~10x cheaper.
+    analytic_fraction : float
+        Fraction of sources drawn from the analytic bulge + disk population (module
+        docstring; needs a bank with a ``population`` table).
+    faint_fraction, faint_mags : float, float
+        Fraction of targets dimmed by ``U(0, faint_mags)`` magnitudes.
     seed : int
     """
 
@@ -87,6 +101,10 @@ class NPEConfig:
     rank: int = 8
     pool_size: int = 0
     pool_refresh: float = 0.05
+    analytic_fraction: float = 0.0
+    faint_fraction: float = 0.0
+    faint_mags: float = 4.0
+    aperture: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -111,10 +129,12 @@ def flux_table(n: int, survey_name: str = "LSST", mag_range=(18.5, 26.5), seed: 
 
 
 def simulator_bank(prior, survey_name: str = "LSST", psf_scales=None, n_flux: int = 200_000,
-                   psf_size: int = 25, seed: int = 0) -> dict:
+                   psf_size: int = 25, seed: int = 0, n_population: int = 100_000) -> dict:
     """Everything :class:`BlendSimulator` needs besides the prior's networks, as numpy arrays
     (so a GPU machine without GalSim can train): difference kernels of a PSF bank, their FWHMs,
-    the sky variance per band and a flux table. Uses GalSim (run it where GalSim is)."""
+    the sky variance per band, a flux table and (``n_population > 0``) the analytic galaxy
+    table of :func:`probdeblend.amortized.analytic.population_table` under keys
+    ``pop_<name>``. Uses GalSim (run it where GalSim is)."""
     from ..amortized.features import psf_fwhm_pixels
     from ..render import SceneRenderer
     from ..survey import get_survey
@@ -137,6 +157,9 @@ def simulator_bank(prior, survey_name: str = "LSST", psf_scales=None, n_flux: in
                                                                 for b in prior.bands]],
         "psf_scales": scales.astype(np.float32), "pixel_scale": np.float32(frame.pixel_scale),
         "model_psf_sigma": np.float32(r.model_psf_sigma), "stamp_size": np.int64(n),
+        **({f"pop_{k}": v for k, v in population_table(
+            n_population, survey_name, prior.bands, seed=seed + 1).items()}
+           if n_population else {}),
     }
 
 
@@ -169,6 +192,12 @@ class BlendSimulator:
         self.pixel_scale = float(bank["pixel_scale"])
         self.n = int(bank["stamp_size"])
         self.latent_dim = int(decoder.latent_dim)
+        pop = {k[4:]: v for k, v in bank.items() if k.startswith("pop_")}
+        self.analytic = (AnalyticGalaxies(pop, self.n, self.pixel_scale, self.model_psf_sigma,
+                                          self.device) if pop else None)
+        if config.analytic_fraction > 0 and self.analytic is None:
+            raise ValueError("analytic_fraction > 0 needs a bank with a population table "
+                             "(simulator_bank(..., n_population > 0))")
 
     @torch.no_grad()
     def draw_galaxies(self, n: int, gen: torch.Generator):
@@ -198,7 +227,8 @@ class BlendSimulator:
     @torch.no_grad()
     def sample(self, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """``batch`` scenes: ``images (N, B, n, n)``, ``sigmas``, ``psf_fwhm`` ``(N, B)``,
-        ``target (N, D + B + 4)`` (z, log_flux, offset, e) and ``ok (N,)`` (shape measured)."""
+        ``target (N, D + B + 4)`` (z, log_flux, offset, e), ``ok (N,)`` (shape measured) and
+        ``z_known (N,)`` (False for analytic targets, whose z is 0 and not used)."""
         cfg, dev, n, D = self.config, self.device, self.n, self.latent_dim
         K = 1 + cfg.max_neighbours
 
@@ -214,7 +244,27 @@ class BlendSimulator:
         stamps = stamps.view(batch, K, -1, n, n)
         e, ok = e.view(batch, K, 2)[:, 0], ok.view(batch, K)[:, 0]
         rows = torch.randint(0, self.flux.shape[0], (batch, K), generator=gen, device=dev)
-        flux = self.flux[rows] * present[..., None]
+        flux = self.flux[rows]
+        z = z.view(batch, K, D)
+        e_all = torch.zeros(batch, K, 2, device=dev)
+        e_all[:, 0] = e
+        z_known = torch.ones(batch, K, dtype=torch.bool, device=dev)
+        if cfg.analytic_fraction > 0:
+            sel = rand(batch, K) < cfg.analytic_fraction
+            k = int(sel.sum())
+            if k:
+                a_st, a_flux, a_g = self.analytic.sample(k, gen)
+                stamps, flux, z = stamps.clone(), flux.clone(), z.clone()
+                stamps[sel], flux[sel], e_all[sel] = a_st, a_flux, a_g
+                z[sel] = 0.0
+                z_known = ~sel
+                ok = ok | sel[:, 0]
+        if cfg.faint_fraction > 0:
+            dim = torch.where(rand(batch) < cfg.faint_fraction,
+                              10 ** (-0.4 * cfg.faint_mags * rand(batch)),
+                              torch.ones(batch, device=dev))
+            flux = torch.cat([flux[:, :1] * dim[:, None, None], flux[:, 1:]], 1)
+        flux = flux * present[..., None]
         c = (n - 1) / 2.0
         off = (rand(batch, 2) - 0.5) + cfg.target_jitter * randn(batch, 2)
         off = off.clamp(-1.5, 1.5)
@@ -229,9 +279,10 @@ class BlendSimulator:
         var_sky = self.sky[None] * torch.exp(lo + (hi - lo) * rand(batch, 1))  # (N, B)
         var = var_sky[..., None, None] + model.clamp(min=0.0)
         images = model + var.sqrt() * randn(*model.shape)
-        target = torch.cat([z.view(batch, K, D)[:, 0], torch.log(flux[:, 0]), off, e], -1)
+        target = torch.cat([z[:, 0], torch.log(flux[:, 0]), off, e_all[:, 0]], -1)
         return {"images": images, "sigmas": var_sky.sqrt(), "psf_fwhm": self.psf_fwhm[p],
-                "target": target, "ok": ok & torch.isfinite(target).all(-1)}
+                "target": target, "ok": ok & torch.isfinite(target).all(-1),
+                "z_known": z_known[:, 0]}
 
 
 def _q_params(model: AmortizedEncoder, out: dict) -> tuple[torch.Tensor, ...]:
@@ -240,11 +291,24 @@ def _q_params(model: AmortizedEncoder, out: dict) -> tuple[torch.Tensor, ...]:
     return loc, ls, out.get("factor")
 
 
+def _nll(model, target, loc, ls, fac, z_known=None) -> torch.Tensor:
+    """Per-row q negative log-density: the full one where ``z_known``, else that of q's
+    marginal over the groups after ``z`` (analytic galaxies have no latent)."""
+    full = q_nll(target, loc, ls, fac)
+    if z_known is None or bool(z_known.all()):
+        return full
+    D = model.latent_dim
+    marg = q_nll(target[:, D:], loc[:, D:], ls[:, D:], None if fac is None else fac[:, D:])
+    return torch.where(z_known, full, marg)
+
+
 def _loss(model, batch) -> torch.Tensor:
     keep = batch["ok"]
     out = model(batch["images"][keep], batch["sigmas"][keep], batch["psf_fwhm"][keep])
     loc, ls, fac = _q_params(model, out)
-    return q_nll(batch["target"][keep], loc, ls, fac).mean()
+    zk = batch.get("z_known")
+    return _nll(model, batch["target"][keep], loc, ls, fac,
+                None if zk is None else zk[keep]).mean()
 
 
 @torch.no_grad()
@@ -258,7 +322,8 @@ def evaluate_npe(model, batch, bands, metric_band: str = "r") -> dict:
     out = model(batch["images"][keep], batch["sigmas"][keep], batch["psf_fwhm"][keep])
     loc, ls, fac = _q_params(model, out)
     tgt = batch["target"][keep]
-    res = {"nll": float(q_nll(tgt, loc, ls, fac).mean())}
+    zk = batch.get("z_known")
+    res = {"nll": float(_nll(model, tgt, loc, ls, fac, None if zk is None else zk[keep]).mean())}
     r = 0 if fac is None else fac.shape[-1]
     q = AmortizedQ(loc.double().cpu().numpy(), ls.exp().double().cpu().numpy(),
                    (fac if r else torch.zeros(*loc.shape, 0)).double().cpu().numpy(),
@@ -284,12 +349,14 @@ def evaluate_npe(model, batch, bands, metric_band: str = "r") -> dict:
 def train_npe(model: AmortizedEncoder, simulator: BlendSimulator, config: NPEConfig,
               checkpoint: str | os.PathLike | None = None, time_budget_s: float | None = None,
               log_every: int = 200, eval_every: int = 2000, bands=("u", "g", "r", "i", "z", "y"),
-              progress: bool | None = None) -> dict:
+              progress: bool | None = None, export: str | os.PathLike | None = None) -> dict:
     """Train ``model`` by NPE on ``simulator``; resumable from ``checkpoint``.
 
     Stops after ``config.steps`` or when ``time_budget_s`` runs out (the checkpoint is then
     saved, and a later call continues the same schedule). Returns the history dict (step,
-    loss, lr, scenes/s, held-out metrics of :func:`evaluate_npe`).
+    loss, lr, scenes/s, held-out metrics of :func:`evaluate_npe`). ``export``: also write the
+    weights, history and config alone (no optimiser state; a third of the checkpoint's size)
+    at every save, e.g. to bring the result back from a machine with a file-size limit.
     """
     from tqdm.auto import tqdm
 
@@ -345,6 +412,9 @@ def train_npe(model: AmortizedEncoder, simulator: BlendSimulator, config: NPECon
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
                           "gen": gen.get_state(), "hist": hist, "step": done,
                           "config": config.to_dict()}, ckpt)
+        if export is not None:
+            atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                         "hist": hist, "step": done, "config": config.to_dict()}, export)
 
     for step in range(start, config.steps):
         if time_budget_s is not None and wall() > time_budget_s:

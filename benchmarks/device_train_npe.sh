@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# NPE training of the lsst-vae and lsst-vaegan encoders on one lent GPU, concurrently
+# (one process each; the H200 is far from saturated by one). Needs the bank built here:
+#   python benchmarks/train_npe.py bank --prior lsst-vae --out .npe/bank2-lsst-vae.npz
+# and is run through the `device` tool with carry [".npe/bank2-lsst-vae.npz"]; the weights come
+# back as $OUT/npe-<prior>.pt (no optimiser state, < 16 MB), then:
+#   python benchmarks/train_npe.py save --prior <prior> --checkpoint npe-<prior>.pt \
+#       --out priors/<prior>-amortized --trained-on "1x H200"
+set -u
+BUDGET=${BUDGET:-400}
+OUT=${OUT:-/tmp/npe-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+for prior in lsst-vae lsst-vaegan; do
+  timeout $((BUDGET + 80)) python benchmarks/train_npe.py train --prior $prior \
+    --bank .npe/bank2-lsst-vae.npz --checkpoint /tmp/ck-$prior.pt --export "$OUT/npe-$prior.pt" \
+    --steps 1000000 --batch-size 1024 --lr 1.5e-3 --time-budget "$BUDGET" --log-every 50 \
+    --eval-every 100 --throughput --history-out "$OUT/hist-$prior.json" \
+    > "$OUT/log-$prior.txt" 2>&1 &
+done
+wait
+for prior in lsst-vae lsst-vaegan; do echo "== $prior"; tail -c 1500 "$OUT/log-$prior.txt"; done
