@@ -281,11 +281,20 @@ class ScenePosterior:
         self.init = {"latent_base": np.asarray(u), "log_flux": self.q.mean("log_flux"),
                      "offset": np.zeros_like(self.positions0)}
 
-    def q_mean_model(self) -> np.ndarray:
-        """Noiseless model image (band, y, x) of every source at q's mean."""
+    def q_mean_model(self, photometry: bool = True) -> np.ndarray:
+        """Noiseless model image (band, y, x) of every source at q's mean morphology and
+        position, with the closed-form photometric fluxes of that morphology
+        (:meth:`photometry`, clipped at 1e-3; ``photometry=False``: q's mean fluxes). The
+        residual then measures how well q's *morphology* explains the data (the ``auto``
+        ladder's check, the residual detection pass)."""
+        log_flux = self.q.mean("log_flux")
+        if photometry:
+            mean = self.photometry(1, n_morph=1, flux_sys=0.0,
+                                   rng=np.random.default_rng(0))["mean"][0].T
+            log_flux = np.log(np.clip(mean, 1e-3, None))
         return np.asarray(self.problem.fn("model_image")(
             np.asarray(self.q.mean("z"), np.float32)[None],
-            np.asarray(self.q.mean("log_flux"), np.float32)[None],
+            np.asarray(log_flux, np.float32)[None],
             np.asarray(self.positions0, np.float32)[None], self.spec)[0])
 
     def _residual_pass(self):
