@@ -186,13 +186,24 @@ def cmd_save(a):
                              rank=cfg["rank"], aperture=cfg.get("aperture", False))
     model.load_state_dict(state["model"])
     hist = state["hist"]
+    # earlier stages this run was initialised from (--init), oldest first
+    stages = []
+    for path in [*a.previous, a.checkpoint]:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        c = st["config"]
+        stages.append({"file": Path(path).name, "steps": st["step"],
+                       "batch_size": c["batch_size"], "lr": c["lr"],
+                       "scenes": st["step"] * c["batch_size"],
+                       "wall_time_s": round(st["hist"]["wall_s"], 1)})
     card = {
         "name": Path(a.out).name, "prior": {"name": prior.name, "sha256": prior.card["sha256"]},
         "frame": prior.frame.to_dict(),
         "training": {**cfg, "method": "neural posterior estimation on blends simulated by the "
                                       "model's own forward model (probdeblend.amortized.npe)",
-                     "steps_done": state["step"], "scenes_seen": state["step"] * cfg["batch_size"],
-                     "wall_time_s": hist["wall_s"], "device": a.trained_on,
+                     "steps_done": sum(x["steps"] for x in stages),
+                     "scenes_seen": sum(x["scenes"] for x in stages),
+                     "wall_time_s": round(sum(x["wall_time_s"] for x in stages), 1),
+                     "stages": stages, "device": a.trained_on,
                      "loss": "q negative log-density (low-rank + diagonal Gaussian)",
                      "history": {k: hist[k] for k in ("step", "loss", "lr", "scenes_per_s")}},
         "validation": hist["eval"][-1] if hist["eval"] else {},
@@ -246,6 +257,8 @@ def main(argv=None):
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--trained-on", default="unknown")
+    s.add_argument("--previous", nargs="*", default=[],
+                   help="exports of earlier stages this run was --init'ed from (oldest first)")
     a = ap.parse_args(argv)
     {"bank": cmd_bank, "train": cmd_train, "save": cmd_save}[a.cmd](a)
 
