@@ -10,7 +10,9 @@
 ``method``:
 
 * ``"amortized"``: q's own draws (the encoder trained by neural posterior estimation on the
-  model's own simulations; no reweighting, no decode per draw for flux and e).
+  model's own simulations; no reweighting, no decode per draw for e and positions), with
+  fluxes from the closed-form photometry given q's morphology
+  (:meth:`ScenePosterior.photometry`; they can be consistent with zero).
 * ``"laplace"``: whole-scene MAP from q, Laplace covariance, Pareto-smoothed importance
   sampling with a Student-t proposal; the scene's k-hat in ``attrs["pareto_k"]``.
 * ``"nuts"``: NUTS over all sources jointly (NumPyro), dense mass from the Laplace covariance.
