@@ -296,11 +296,11 @@ def report(out: Path, args):
             n_sep = sum(r["method"] in ("sep", "sep_missed") for r in fr)
             lines += ["", f"sep separated the target in {n_sep - miss} of {n_sep} scenes "
                           f"(its rows cover those only)."]
-        auto = [r for r in fr if r["method"].startswith("auto")]
-        if auto:
+        for am in sorted({r["method"] for r in fr if r["method"].startswith("auto")}):
+            auto = [r for r in fr if r["method"] == am]
             n_l = sum(r["path"] == "laplace" for r in auto)
             n_n = sum(r.get("wants_nuts", False) for r in auto)
-            lines += ["", f"auto ladder: {len(auto) - n_l} of {len(auto)} scenes kept q; "
+            lines += ["", f"{am} ladder: {len(auto) - n_l} of {len(auto)} scenes kept q; "
                           f"{n_l} moved to laplace; {n_n} had Laplace+PSIS k-hat > 0.7 (NUTS "
                           f"wanted; not run here, their laplace rows are counted)."]
         if fam == "b":
