@@ -4,9 +4,9 @@ The closed-form flux posterior of :meth:`probdeblend.ScenePosterior.photometry` 
 the morphology; q's morphology is not exact, and the flux error that follows is not in the
 per-morphology covariance. This script measures it on simulated blends of the project's own
 scene family (a) **held out from the benchmark** (scenes 500.. of the family, the benchmark uses
-0..499), and finds the fractional error ``flux_sys``, added in quadrature, that makes the 68 %
-interval of the r-band flux hold the truth 68 % of the time (Gaussian approximation of the
-mixture). With ``--write-card`` it stores ``calibration.flux_sys`` in the encoder's model card,
+0..499), and finds the fractional error ``flux_sys``, added in quadrature (times the
+source's footprint chi^2, as the photometry does), that makes the 68 % interval of the r-band
+flux hold the truth 68 % of the time (Gaussian approximation of the mixture). With ``--write-card`` it stores ``calibration.flux_sys`` in the encoder's model card,
 where ``photometry`` reads it.
 
     python benchmarks/calibrate_photometry.py --encoder priors/lsst-vae-amortized.json \
@@ -49,6 +49,7 @@ def collect(args) -> list[dict]:
         f = ph["flux"][:, 0, r]
         rows.append({"scene": i, "truth": float(sim.truth[0]["flux_r"]), "mean": float(f.mean()),
                      "sd": float(f.std()), "snr": float(sim.truth[0]["snr"]),
+                     "inflation": float(ph["inflation"][0, r]),
                      "seconds": time.perf_counter() - t0})
     return rows
 
@@ -57,9 +58,10 @@ def fit_sys(rows, grid=np.linspace(0.0, 0.3, 301)) -> tuple[float, dict]:
     t = np.array([r["truth"] for r in rows])
     m = np.array([r["mean"] for r in rows])
     sd = np.array([r["sd"] for r in rows])
+    infl = np.array([r.get("inflation", 1.0) for r in rows])
     cov = {}
-    for eps in grid:
-        s = np.sqrt(sd**2 + (eps * np.clip(m, 0, None)) ** 2)
+    for eps in grid:  # as ScenePosterior.photometry: scaled by the footprint chi^2 (>= 1)
+        s = np.sqrt(sd**2 + (eps * np.clip(m, 0, None)) ** 2 * infl)
         cov[float(eps)] = (float(np.mean(np.abs(m - t) < s)), float(np.mean(np.abs(m - t) < 1.96 * s)))
     best = min(cov, key=lambda e: abs(cov[e][0] - 0.68))
     return best, cov

@@ -375,7 +375,8 @@ class ScenePosterior:
         a mixture over the morphology draws.
 
         ``flux_sys``: a fractional flux error added in quadrature, ``sd^2 += (flux_sys *
-        flux)^2``, for the error of q's morphology that the draws do not cover. ``None`` takes
+        flux)^2 * inflation``, for the error of q's morphology that the draws do not cover
+        (larger where the footprint chi^2 says the morphology fits worse). ``None`` takes
         the encoder card's ``calibration.flux_sys`` (fitted on simulated scenes held out from
         the benchmark by ``benchmarks/calibrate_photometry.py``), else 0.
 
@@ -418,7 +419,8 @@ class ScenePosterior:
             card = getattr(self.encoder, "card", None) or {}
             flux_sys = float((card.get("calibration") or {}).get("flux_sys", 0.0))
         if flux_sys > 0:
-            sys_var = (flux_sys * np.clip(mean, 0.0, None)) ** 2  # (M, B, S)
+            # scaled by the footprint misfit: a worse-fitting morphology, a larger error
+            sys_var = (flux_sys * np.clip(mean, 0.0, None)) ** 2 * infl.T[None]  # (M, B, S)
             cov_d = cov_d + sys_var[..., None] * np.eye(n_src)
         chol = np.linalg.cholesky(cov_d)
         eps = rng.standard_normal((num_samples, n_b, n_src))

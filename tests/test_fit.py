@@ -127,7 +127,8 @@ def test_photometry_is_the_exact_linear_flux_posterior(tiny_prior, tiny_encoder,
     # a systematic term widens every interval
     wide = post.photometry(10, n_morph=1, flux_sys=0.1, rng=rng)
     added = np.einsum("bss->bs", wide["cov"][0] - ph["cov"][0])
-    np.testing.assert_allclose(added, (0.1 * np.clip(ph["mean"][0], 0, None)) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(added, (0.1 * np.clip(ph["mean"][0], 0, None)) ** 2
+                               * ph["inflation"].T, rtol=1e-6)
     # pure noise at a given position: the 95% interval of the flux includes 0
     noise = pb.Scene(rng.normal(size=var.shape) * np.sqrt(var), var, small_scene.psf,
                      small_scene.bands, small_scene.pixel_scale, positions=[[20.0, 20.0]])
