@@ -26,11 +26,11 @@ import numpy as np
 import probdeblend as pb
 from probdeblend.atomic import write_text
 from probdeblend.scene_posterior import ScenePosterior
+from probdeblend.simulate import BlendConfig, Frame, blend_scene
 
 #: ``amortized``: q + closed-form photometry (the default path); ``amortized_q``: q's own
 #: log-normal fluxes; ``laplace``: MAP + Laplace + PSIS.
 METHODS = ("amortized", "amortized_q", "laplace")
-from probdeblend.simulate import BlendConfig, Frame, blend_scene
 
 
 def nmad(x):

@@ -20,7 +20,7 @@ def test_fit_sys_recovers_a_known_fractional_error():
     stat = 0.01 * truth  # stated statistical error: 1%
     # actual errors: 1% statistical plus a 6% fractional systematic
     mean = truth * (1 + 0.06 * rng.standard_normal(n)) + stat * rng.standard_normal(n)
-    rows = [{"truth": t, "mean": m, "sd": s} for t, m, s in zip(truth, mean, stat)]
+    rows = [{"truth": t, "mean": m, "sd": s} for t, m, s in zip(truth, mean, stat, strict=True)]
     eps, cov = fit_sys(rows)
     assert abs(eps - 0.06) < 0.006
     assert abs(cov[eps][0] - 0.68) < 0.02 and abs(cov[eps][1] - 0.95) < 0.02
