@@ -240,25 +240,28 @@ class BlendSimulator:
 
         n_nb = torch.randint(0, cfg.max_neighbours + 1, (batch,), generator=gen, device=dev)
         present = torch.arange(K, device=dev)[None] <= n_nb[:, None]  # (N, K); target always
-        z, stamps, e, ok = self._galaxies(batch * K, gen)
-        stamps = stamps.view(batch, K, -1, n, n)
-        e, ok = e.view(batch, K, 2)[:, 0], ok.view(batch, K)[:, 0]
+        # decode only the slots that hold a decoded galaxy: present and not analytic
+        # (absent neighbours and analytic galaxies cost no decode)
+        sel = (rand(batch, K) < cfg.analytic_fraction if cfg.analytic_fraction > 0
+               else torch.zeros(batch, K, dtype=torch.bool, device=dev))
+        need, sel = present & ~sel, present & sel
+        nb_ = self.flux.shape[1]
+        stamps = torch.zeros(batch, K, nb_, n, n, device=dev)
+        z = torch.zeros(batch, K, D, device=dev)
+        e_all = torch.zeros(batch, K, 2, device=dev)
+        ok_all = torch.ones(batch, K, dtype=torch.bool, device=dev)
+        n_dec = int(need.sum())
+        if n_dec:
+            z_d, st_d, e_d, ok_d = self._galaxies(n_dec, gen)
+            stamps[need], z[need], e_all[need], ok_all[need] = st_d, z_d, e_d, ok_d
         rows = torch.randint(0, self.flux.shape[0], (batch, K), generator=gen, device=dev)
         flux = self.flux[rows]
-        z = z.view(batch, K, D)
-        e_all = torch.zeros(batch, K, 2, device=dev)
-        e_all[:, 0] = e
-        z_known = torch.ones(batch, K, dtype=torch.bool, device=dev)
-        if cfg.analytic_fraction > 0:
-            sel = rand(batch, K) < cfg.analytic_fraction
-            k = int(sel.sum())
-            if k:
-                a_st, a_flux, a_g = self.analytic.sample(k, gen)
-                stamps, flux, z = stamps.clone(), flux.clone(), z.clone()
-                stamps[sel], flux[sel], e_all[sel] = a_st, a_flux, a_g
-                z[sel] = 0.0
-                z_known = ~sel
-                ok = ok | sel[:, 0]
+        k = int(sel.sum())
+        if k:
+            a_st, a_flux, a_g = self.analytic.sample(k, gen)
+            stamps[sel], flux[sel], e_all[sel] = a_st, a_flux, a_g
+        z_known = ~sel
+        ok = ok_all[:, 0]
         if cfg.faint_fraction > 0:
             dim = torch.where(rand(batch) < cfg.faint_fraction,
                               10 ** (-0.4 * cfg.faint_mags * rand(batch)),
