@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _resumable import load_rows
 
 import probdeblend as pb
 from probdeblend.atomic import write_text
@@ -74,9 +75,7 @@ def run(args):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     old = out / "rows.jsonl"
     # rows of the methods not rerun are kept (e.g. a slow laplace run)
-    rows = [json.loads(x) for x in old.read_text().splitlines() if x.strip()] \
-        if old.exists() else []
-    rows = [r for r in rows if r["method"] not in methods]
+    rows = [r for r in load_rows(old) if r["method"] not in methods]
 
     def engines_of(post, i):
         eng = {"amortized": post.amortized,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import arviz as az
 import numpy as np
+from _resumable import load_rows
 
 import probdeblend as pb
 from probdeblend.atomic import write_text
@@ -69,7 +70,7 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "rows.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    rows = load_rows(path)
     done = {r["scene"] for r in rows}
     prior = pb.load_prior(a.prior)
     for i in range(a.n):

@@ -92,11 +92,19 @@ def _config(a):
                      aperture=a.aperture)
 
 
+def _encoder(cfg: dict, n_bands: int, stamp_size: int, latent_dim: int):
+    """The NPE encoder of a recipe (``NPEConfig.to_dict()``, as stored in checkpoints)."""
+    from probdeblend.amortized.network import AmortizedEncoder
+
+    return AmortizedEncoder(n_bands, stamp_size, latent_dim, tuple(cfg["channels"]),
+                            cfg["hidden"], shape_head=True, rank=cfg["rank"],
+                            aperture=cfg.get("aperture", False))
+
+
 def cmd_train(a):
     _light_import()
     import torch
 
-    from probdeblend.amortized.network import AmortizedEncoder
     from probdeblend.amortized.npe import BlendSimulator, train_npe
 
     dev = torch.device(a.device if a.device != "auto" else
@@ -112,8 +120,7 @@ def cmd_train(a):
     cfg = _config(a)
     sim = BlendSimulator(dec, flow, bank, cfg, dev)
     bands = tuple(card["frame"]["bands"])
-    model = AmortizedEncoder(len(bands), int(bank["stamp_size"]), dec.latent_dim, cfg.channels,
-                             cfg.hidden, shape_head=True, rank=cfg.rank, aperture=cfg.aperture)
+    model = _encoder(cfg.to_dict(), len(bands), int(bank["stamp_size"]), dec.latent_dim)
     if a.init:  # warm start from weights of the same architecture (e.g. a CPU run)
         init = torch.load(a.init, map_location="cpu", weights_only=False)
         model.load_state_dict(init["model"])
@@ -175,21 +182,19 @@ def cmd_save(a):
 
     import probdeblend as pb
     from probdeblend.amortized import save_amortized
-    from probdeblend.amortized.network import AmortizedEncoder
     from probdeblend.priors.io import machine_description
 
     prior = pb.load_prior(a.prior)
     state = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
     cfg = state["config"]
-    model = AmortizedEncoder(prior.frame.n_bands, prior.frame.stamp_size, prior.latent_dim,
-                             tuple(cfg["channels"]), cfg["hidden"], shape_head=True,
-                             rank=cfg["rank"], aperture=cfg.get("aperture", False))
+    model = _encoder(cfg, prior.frame.n_bands, prior.frame.stamp_size, prior.latent_dim)
     model.load_state_dict(state["model"])
     hist = state["hist"]
     # earlier stages this run was initialised from (--init), oldest first
     stages = []
     for path in [*a.previous, a.checkpoint]:
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        st = state if path == a.checkpoint else torch.load(path, map_location="cpu",
+                                                            weights_only=False)
         c = st["config"]
         stages.append({"file": Path(path).name, "steps": st["step"],
                        "batch_size": c["batch_size"], "lr": c["lr"],

@@ -265,6 +265,7 @@ class ScenePosterior:
         from .render import SceneRenderer
 
         self.renderer = SceneRenderer.from_scene(self.scene, self.prior.frame)
+        self._q_mean_templates = None  # unit-flux images at q's mean, rendered once per build
         if self.encoder is not None:
             self.q = self.encoder.predict_q(self.scene, positions)
         else:
@@ -287,15 +288,20 @@ class ScenePosterior:
         (:meth:`photometry`, clipped at 1e-3; ``photometry=False``: q's mean fluxes). The
         residual then measures how well q's *morphology* explains the data (the ``auto``
         ladder's check, the residual detection pass)."""
-        log_flux = self.q.mean("log_flux")
+        t0 = self.q_mean_templates()
         if photometry:
-            mean = self.photometry(1, n_morph=1, flux_sys=0.0,
-                                   rng=np.random.default_rng(0))["mean"][0].T
-            log_flux = np.log(np.clip(mean, 1e-3, None))
-        return np.asarray(self.problem.fn("model_image")(
-            np.asarray(self.q.mean("z"), np.float32)[None],
-            np.asarray(log_flux, np.float32)[None],
-            np.asarray(self.positions0, np.float32)[None], self.spec)[0])
+            flux = np.clip(self._linear_fluxes(t0[None])[0][0].T, 1e-3, None)
+        else:
+            flux = np.exp(self.q.mean("log_flux"))
+        return np.einsum("sb,sbyx->byx", flux, t0)
+
+    def q_mean_templates(self) -> np.ndarray:
+        """Unit-flux model images ``(S, band, y, x)`` of every source at q's mean latent and
+        position (:meth:`flux_templates`), rendered once and kept until the sources change."""
+        if self._q_mean_templates is None:
+            self._q_mean_templates = self.flux_templates(self.q.mean("z")[None],
+                                                         self.positions0[None])[0]
+        return self._q_mean_templates
 
     def _residual_pass(self):
         from .detection import detect_residual
@@ -387,29 +393,14 @@ class ScenePosterior:
         """
         rng = np.random.default_rng(0) if rng is None else rng
         n_morph = max(1, int(n_morph))
-        if q_draws is None or len(q_draws["z"]) < n_morph - 1:
-            q_draws = self.q.sample(max(n_morph - 1, 1), rng)
-        z = np.concatenate([self.q.mean("z")[None], q_draws["z"][: n_morph - 1]])
-        pos = np.concatenate([self.positions0[None], q_draws["position"][: n_morph - 1]])
-        tmpl = self.flux_templates(z, pos)  # (M, S, B, y, x)
+        tmpl = self.q_mean_templates()[None]  # (M, S, B, y, x); morphology 0 is q's mean
+        if n_morph > 1:
+            if q_draws is None or len(q_draws["z"]) < n_morph - 1:
+                q_draws = self.q.sample(n_morph - 1, rng)
+            tmpl = np.concatenate([tmpl, self.flux_templates(q_draws["z"][: n_morph - 1],
+                                                             q_draws["position"][: n_morph - 1])])
         m, n_src, n_b = tmpl.shape[:3]
-        img = np.asarray(self.scene.image, np.float64)
-        w = np.asarray(self.scene.weight, np.float64)
-        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
-        t = tmpl.reshape(m, n_src, n_b, -1)
-        y, wf = img.reshape(n_b, -1), w.reshape(n_b, -1)
-        gram = np.einsum("msbp,bp,mtbp->mbst", t, wf, t)
-        rhs = np.einsum("msbp,bp,bp->mbs", t, wf, y)
-        eye = np.eye(n_src) * 1e-12 * np.maximum(np.einsum("mbss->mbs", gram).max(-1), 1e-30)[
-            ..., None, None]
-        cov = np.linalg.inv(gram + eye)  # (M, B, S, S)
-        mean = np.einsum("mbst,mbt->mbs", cov, rhs)
-        # footprint chi^2 of the fit at q's mean morphology
-        resid = (y - np.einsum("bs,sbp->bp", mean[0], t[0])) ** 2 * wf  # (B, P)
-        foot = t[0] > 0.05 * t[0].max(-1, keepdims=True)  # (S, B, P)
-        foot &= (wf > 0)[None]
-        npix = np.maximum(foot.sum(-1), 1)
-        chi2 = np.einsum("sbp,bp->sb", foot, resid) / npix
+        mean, cov, chi2 = self._linear_fluxes(tmpl)
         infl = np.maximum(chi2, 1.0)
         # draws: a morphology draw, then f ~ N(mean, cov * inflation) in every band
         k = rng.integers(0, m, size=num_samples)
@@ -427,6 +418,27 @@ class ScenePosterior:
         f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)
         return {"flux": np.transpose(f, (0, 2, 1)), "chi2": chi2, "inflation": infl,
                 "mean": mean, "cov": cov_d, "flux_sys": flux_sys}
+
+    def _linear_fluxes(self, tmpl):
+        """Weighted least-squares fluxes of unit-flux templates ``tmpl (M, S, B, y, x)``:
+        ``mean (M, B, S)``, covariance ``(M, B, S, S)`` and the reduced chi^2 ``(S, B)`` of the
+        first morphology's fit in each source's footprint (template above 5 % of its peak)."""
+        m, n_src, n_b = tmpl.shape[:3]
+        img = np.asarray(self.scene.image, np.float64)
+        w = np.asarray(self.scene.weight, np.float64)
+        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+        t = tmpl.reshape(m, n_src, n_b, -1)
+        y, wf = img.reshape(n_b, -1), w.reshape(n_b, -1)
+        gram = np.einsum("msbp,bp,mtbp->mbst", t, wf, t)
+        rhs = np.einsum("msbp,bp,bp->mbs", t, wf, y)
+        eye = np.eye(n_src) * 1e-12 * np.maximum(np.einsum("mbss->mbs", gram).max(-1), 1e-30)[
+            ..., None, None]
+        cov = np.linalg.inv(gram + eye)  # (M, B, S, S)
+        mean = np.einsum("mbst,mbt->mbs", cov, rhs)
+        resid = (y - np.einsum("bs,sbp->bp", mean[0], t[0])) ** 2 * wf  # (B, P)
+        foot = (t[0] > 0.05 * t[0].max(-1, keepdims=True)) & (wf > 0)[None]  # (S, B, P)
+        chi2 = np.einsum("sbp,bp->sb", foot, resid) / np.maximum(foot.sum(-1), 1)
+        return mean, cov, chi2
 
     def map(self, max_iter: int = 500):
         """MAP of the whole scene (L-BFGS from q's mean): ``(flat, info)``, cached."""
