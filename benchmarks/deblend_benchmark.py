@@ -310,7 +310,7 @@ def report(out: Path, args):
                     rs = [r for r in fr if r["method"] == m and r["kind"] == kind]
                     if rs:
                         lines.append(f"| {m} ({kind}) " + _fmt(summarize(rs)))
-        lines += ["", "Per SNR bin (r-flux NMAD, 68% coverage flux / e1):", "",
+        lines += ["", "Per SNR bin (r-flux NMAD; 68/95% coverage of flux, e1, e2):", "",
                   "| method | " + " | ".join(f"SNR {lo}-{hi if hi < 1e8 else 'inf'}"
                                             for lo, hi in SNR_BINS) + " |",
                   "|---|" + "---|" * len(SNR_BINS)]
@@ -318,10 +318,12 @@ def report(out: Path, args):
             cells = []
             for lo, hi in SNR_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["snr"] < hi]
+                cov = "; ".join(
+                    f"{k} {np.nanmean([r[f'cov68_{k}'] for r in rs]):.2f}/"
+                    f"{np.nanmean([r[f'cov95_{k}'] for r in rs]):.2f}"
+                    for k in ("flux", "e1", "e2"))
                 cells.append("-" if len(rs) < 3 else
-                             f"{nmad([r['flux_rel'] for r in rs]):.3f}, "
-                             f"{np.nanmean([r['cov68_flux'] for r in rs]):.2f} / "
-                             f"{np.nanmean([r['cov68_e1'] for r in rs]):.2f} (n={len(rs)})")
+                             f"{nmad([r['flux_rel'] for r in rs]):.3f}; {cov} (n={len(rs)})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "Per blendedness bin (r-flux NMAD):", "",
                   "| method | " + " | ".join(f"B {lo}-{hi}" for lo, hi in B_BINS) + " |",
