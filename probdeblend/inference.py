@@ -139,6 +139,13 @@ class SceneProblem:
             out[i:i + batch] = np.asarray(fn(chunk, self.spec))[: batch - pad]
         return out
 
+    def log_prior_batch(self, flats) -> np.ndarray:
+        """log prior (the model's sites, no likelihood) of flat vectors (n, dim): add the
+        pixel log-likelihood (:func:`probdeblend.likelihood.chi2_loglike`) to get
+        :meth:`logp_batch`."""
+        fn = self._fns["log_prior_batch"]
+        return np.asarray(fn(np.asarray(flats, np.float32), self.spec), np.float64)
+
     def deterministic(self, flats) -> dict:
         """``latent`` (…, S, D) and ``position`` (…, S, 2) of flat vectors (…, dim)."""
         import jax
@@ -174,6 +181,14 @@ def _compile(backend, template) -> dict:
         return log_density(lambda: scene_model(backend, spec, shear=theta[:2]), (), {},
                            unravel(theta[2:]))[0]
 
+    def log_prior(flat, spec):
+        """log p of the sites alone (the pixel likelihood factor hidden; its render is dead
+        code that XLA drops)."""
+        from numpyro import handlers
+
+        model = handlers.block(lambda: scene_model(backend, spec), hide=["obs"])
+        return log_density(model, (), {}, unravel(flat))[0]
+
     xp = backend.xp
 
     def model_image(z, log_flux, positions, spec):
@@ -194,6 +209,7 @@ def _compile(backend, template) -> dict:
         "logp_shear": jax.jit(logp_shear),
         "hessian_shear": jax.jit(jax.hessian(logp_shear)),
         "logp_batch": jax.jit(jax.vmap(logp, (0, None))),
+        "log_prior_batch": jax.jit(jax.vmap(log_prior, (0, None))),
         "from_base": jax.jit(backend.from_base),
     }
 

@@ -87,7 +87,13 @@ class Draws:
         Diagnostics: ``pareto_k`` per scene or source, ESS of the weights, MAP log p, ...
     timings : dict name -> seconds
     extra : dict name -> (chain, draw, ...)
-        Quantities an engine gives directly (the amortized ``e`` draws, ``flux``, positions).
+        Quantities an engine gives directly (the amortized ``e`` draws, ``flux``, positions;
+        ``morph``: the index into ``templates`` that each draw's flux was solved with).
+    templates : ndarray (M, S, band, y, x) or None
+        Unit-flux model images of every source for ``M`` morphology draws, when the fluxes
+        were solved by :meth:`ScenePosterior.photometry`. Then a draw's model image is
+        linear, ``sum_s flux_s * templates[morph, s]``, and the predictive images, deblended
+        images and log-likelihoods of every draw cost no render.
     """
 
     flat: np.ndarray | None
@@ -97,6 +103,7 @@ class Draws:
     info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    templates: np.ndarray | None = None
 
 
 class PriorCache:
@@ -336,10 +343,12 @@ class ScenePosterior:
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         d = self.q.sample(num_samples, rng)
-        extra, info = {}, {"encoder": self.encoder.name}
+        extra, info, templates = {}, {"encoder": self.encoder.name}, None
         if photometry:
             ph = self.photometry(num_samples, n_morph=n_morph, rng=rng, q_draws=d)
             extra["flux"] = ph["flux"][None]
+            extra["morph"] = ph["morph"][None]
+            templates = ph["templates"]
             d["log_flux"] = np.log(np.clip(ph["flux"], 1e-3, None))
             info.update(photometry_chi2=ph["chi2"], photometry_inflation=ph["inflation"])
         u = np.asarray(self.np_prior.twin.flow_inverse(
@@ -351,20 +360,30 @@ class ScenePosterior:
             extra.update(e1=d["e"][None, ..., 0], e2=d["e"][None, ..., 1])
         return Draws(flat[None], "amortized+photometry" if photometry else "amortized",
                      "probdeblend", info=info, timings={"draws_s": time.perf_counter() - t0},
-                     extra=extra)
+                     extra=extra, templates=templates)
 
-    def flux_templates(self, z, positions) -> np.ndarray:
+    def flux_templates(self, z, positions, chunk: int = 16) -> np.ndarray:
         """Unit-flux model images ``(M, S, band, y, x)`` of every source for ``M`` morphology
-        draws: latents ``z (M, S, D)`` and scene positions ``(M, S, 2)`` (pixels)."""
-        import jax.numpy as jnp
-
+        draws: latents ``z (M, S, D)`` and scene positions ``(M, S, 2)`` (pixels). Decoded and
+        rendered in one compiled call per ``chunk`` stamps (padded), so a new number of
+        sources or draws compiles nothing new."""
         z = np.asarray(z, np.float32)
         m, s = z.shape[:2]
-        stamps = self.np_prior.twin.decode(jnp.asarray(z.reshape(m * s, 1, -1)))
-        ones = jnp.ones((m * s, 1, self.spec.n_bands), jnp.float32)
-        img = self.renderer(stamps, ones, jnp.asarray(np.asarray(positions, np.float32)
-                                                         .reshape(m * s, 1, 2)))
-        return np.asarray(img, np.float64).reshape(m, s, *img.shape[1:])
+        zf = z.reshape(m * s, -1)
+        pf = np.asarray(positions, np.float32).reshape(m * s, 2)
+        fn = _template_fn(self.np_prior.twin, self.renderer.image_shape)
+        args = (self.renderer.kernel_ft.astype(np.complex64),
+                *(f.astype(np.float32) for f in self.renderer.freqs))
+        out = []
+        for i in range(0, len(zf), chunk):
+            zc, pc = zf[i:i + chunk], pf[i:i + chunk]
+            n = len(zc)
+            if n < chunk:  # one compiled shape
+                zc = np.concatenate([zc, np.repeat(zc[-1:], chunk - n, 0)])
+                pc = np.concatenate([pc, np.repeat(pc[-1:], chunk - n, 0)])
+            out.append(np.asarray(fn(zc, pc, *args), np.float64)[:n])
+        img = np.concatenate(out)
+        return img.reshape(m, s, *img.shape[1:])
 
     def photometry(self, num_samples: int = 1000, n_morph: int = 8, rng=None,
                    q_draws: dict | None = None, flux_sys: float | None = None) -> dict:
@@ -389,7 +408,8 @@ class ScenePosterior:
         Returns a dict: ``flux`` (num_samples, S, band) in image units, ``chi2`` (S, band)
         footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band), ``mean``
         and ``cov`` (M, band, S[, S]) of each morphology draw (inflated, with ``flux_sys``),
-        ``flux_sys`` as used.
+        ``flux_sys`` as used, ``morph`` (num_samples,) the morphology draw of each flux draw,
+        ``templates`` (M, S, band, y, x) the unit-flux images of the morphology draws.
         """
         rng = np.random.default_rng(0) if rng is None else rng
         n_morph = max(1, int(n_morph))
@@ -417,7 +437,8 @@ class ScenePosterior:
         eps = rng.standard_normal((num_samples, n_b, n_src))
         f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)
         return {"flux": np.transpose(f, (0, 2, 1)), "chi2": chi2, "inflation": infl,
-                "mean": mean, "cov": cov_d, "flux_sys": flux_sys}
+                "mean": mean, "cov": cov_d, "flux_sys": flux_sys, "morph": k,
+                "templates": tmpl}
 
     def _linear_fluxes(self, tmpl):
         """Weighted least-squares fluxes of unit-flux templates ``tmpl (M, S, B, y, x)``:
@@ -528,42 +549,78 @@ class ScenePosterior:
     def source_images(self, draws: Draws, max_draws: int = 64, batch: int = 16):
         """Deblended image of every source: posterior mean and pixel std over (up to
         ``max_draws`` evenly spaced) draws of its PSF-convolved model in the scene frame,
-        each ``(source, band, y, x)`` in image units."""
-        det = self.problem.deterministic(draws.flat)
-        z, lf, pos = (det[k].reshape((-1,) + det[k].shape[2:])
-                      for k in ("latent", "log_flux", "position"))
-        idx = np.linspace(0, len(z) - 1, min(max_draws, len(z))).astype(int)
-        fn = self.problem.fn("model_image")
-        S = self.n_sources
-        s1 = s2 = 0.0
-        for i in range(0, len(idx), batch):
-            j = idx[i:i + batch]
-            # one source at a time: the scene model of a single source is its deblended image
-            imgs = []
-            for s in range(S):
-                lf_s = np.full_like(lf[j], -60.0)
-                lf_s[:, s] = lf[j][:, s]
-                imgs.append(np.asarray(fn(z[j].astype(np.float32), lf_s.astype(np.float32),
-                                          pos[j].astype(np.float32), self.spec), np.float64))
-            imgs = np.stack(imgs, 1)  # (n, S, B, y, x)
-            s1 = s1 + imgs.sum(0)
-            s2 = s2 + (imgs**2).sum(0)
-        mean = s1 / len(idx)
-        std = np.sqrt(np.clip(s2 / len(idx) - mean**2, 0.0, None))
+        each ``(source, band, y, x)`` in image units. Draws with ``templates`` (photometry)
+        use every draw: their images are ``flux * template`` of the draw's morphology."""
+        if draws.templates is not None:
+            t = draws.templates
+            f = draws.extra["flux"].reshape((-1,) + draws.extra["flux"].shape[2:])  # (n, S, B)
+            k = draws.extra["morph"].reshape(-1)
+            s1 = np.zeros(t.shape[1:])
+            s2 = np.zeros(t.shape[1:])
+            for m in np.unique(k):
+                fm = f[k == m]
+                s1 += fm.sum(0)[..., None, None] * t[m]
+                s2 += (fm**2).sum(0)[..., None, None] * t[m] ** 2
+            n = len(f)
+        else:
+            det = self.problem.deterministic(draws.flat)
+            z, lf, pos = (det[k].reshape((-1,) + det[k].shape[2:])
+                          for k in ("latent", "log_flux", "position"))
+            idx = np.linspace(0, len(z) - 1, min(max_draws, len(z))).astype(int)
+            fn = self.problem.fn("model_image")
+            S = self.n_sources
+            s1 = s2 = 0.0
+            for i in range(0, len(idx), batch):
+                j = idx[i:i + batch]
+                # one source at a time: the scene model of one source is its deblended image
+                imgs = []
+                for s in range(S):
+                    lf_s = np.full_like(lf[j], -60.0)
+                    lf_s[:, s] = lf[j][:, s]
+                    imgs.append(np.asarray(fn(z[j].astype(np.float32), lf_s.astype(np.float32),
+                                              pos[j].astype(np.float32), self.spec), np.float64))
+                imgs = np.stack(imgs, 1)  # (n, S, B, y, x)
+                s1 = s1 + imgs.sum(0)
+                s2 = s2 + (imgs**2).sum(0)
+            n = len(idx)
+        mean = s1 / n
+        std = np.sqrt(np.clip(s2 / n - mean**2, 0.0, None))
         return mean.astype(np.float32), std.astype(np.float32)
+
+    def _linear_models(self, draws: Draws, c: int, idx) -> np.ndarray:
+        """Noiseless scenes (n, band, y, x) of draws ``idx`` of chain ``c`` from their
+        morphology templates and fluxes (draws with ``templates`` only)."""
+        f = draws.extra["flux"][c][idx]  # (n, S, B)
+        k = draws.extra["morph"][c][idx]
+        out = np.empty((len(idx),) + draws.templates.shape[2:])
+        for m in np.unique(k):
+            sel = k == m
+            out[sel] = np.einsum("nsb,sbyx->nbyx", f[sel], draws.templates[m])
+        return out
 
     def predictive(self, draws: Draws, n_predictive: int | None = None, seed: int = 0,
                    batch: int = 64):
         """Per-band log-likelihood of every draw (chain, draw, band) and noisy replicated images
-        (chain, n_pred, band, y, x) of ``n_predictive`` evenly spaced draws (default all)."""
-        det = self.problem.deterministic(draws.flat)
-        C, N = det["log_flux"].shape[:2]
+        (chain, n_pred, band, y, x) of ``n_predictive`` evenly spaced draws (default all).
+        Draws with ``templates`` (photometry) are linear in their fluxes: no render."""
+        from .likelihood import loglike_per_band
+
         spec, prob = self.spec, self.problem
+        linear = draws.templates is not None
+        det = None if linear else prob.deterministic(draws.flat)
+        C, N = (draws.extra["flux"] if linear else det["log_flux"]).shape[:2]
+        sigma, image = (np.asarray(a, np.float64) for a in (spec.sigma, spec.image))
+        good = np.asarray(spec.good, bool)
 
         def batched(name, idx, c):
             out = []
             for i in range(0, len(idx), batch):
                 j = idx[i:i + batch]
+                if linear:
+                    m = self._linear_models(draws, c, j)
+                    out.append(m if name == "model_image"
+                               else loglike_per_band(m, image, sigma, good, np))
+                    continue
                 out.append(np.asarray(prob.fn(name)(
                     det["latent"][c][j].astype(np.float32),
                     det["log_flux"][c][j].astype(np.float32),
@@ -578,7 +635,7 @@ class ScenePosterior:
         if n_pred:
             rng = np.random.default_rng(seed)
             models = np.stack([batched("model_image", idx, c) for c in range(C)])
-            ppc = (models + np.asarray(spec.sigma) * rng.standard_normal(models.shape))
+            ppc = (models + sigma * rng.standard_normal(models.shape))
             ppc = ppc.astype(np.float32)
         return ll.astype(np.float64), ppc, idx
 
@@ -596,7 +653,15 @@ class ScenePosterior:
         failed = np.mean(~np.isfinite(var["e1"]) | ~np.isfinite(var["e2"]), axis=(0, 1))
         stats = dict(draws.sample_stats)
         C, N = var["flux"].shape[:2]
-        if "lp" not in stats:
+        if "lp" not in stats and draws.templates is not None:
+            # log prior of the sites + the pixel term of each draw's linear model (what
+            # logp_batch gives where flux = exp(log_flux)); lp has no likelihood normalisation
+            sigma = np.asarray(self.spec.sigma, np.float64)
+            norm = np.where(np.asarray(self.spec.good, bool),
+                            -np.log(sigma) - 0.5 * np.log(2 * np.pi), 0.0).sum((-2, -1))
+            stats["lp"] = (self.problem.log_prior_batch(draws.flat.reshape(C * N, -1))
+                           .reshape(C, N) + (ll - norm).sum(-1))
+        elif "lp" not in stats:
             stats["lp"] = self.problem.logp_batch(draws.flat.reshape(C * N, -1)).reshape(C, N)
         timings = {**self.timings, **draws.timings, "measure_s": time.perf_counter() - t0}
         info = {k: v for k, v in draws.info.items()
@@ -615,6 +680,27 @@ class ScenePosterior:
             predictive_draws=idx if ppc is not None else None,
             source_images_mean=mean, source_images_std=std, positions_given=self.positions0,
             attrs=all_attrs)
+
+
+def _template_fn(twin, image_shape):
+    """Compiled ``(z (n, D), positions (n, 2), kernel_ft, freq_y, freq_x) -> (n, band, y, x)``:
+    unit-flux images of single sources in a scene of ``image_shape``, one per prior twin and
+    image shape (the PSF kernels are arguments, so every scene of that shape shares it)."""
+    cache = twin.__dict__.setdefault("_template_fns", {})
+    key = tuple(image_shape)
+    if key not in cache:
+        import jax
+        import jax.numpy as jnp
+
+        from .render import render
+
+        def fn(z, pos, kernel_ft, fy, fx):
+            stamps = twin.decode(z[:, None])  # (n, 1, band, h, w), each band sums to 1
+            ones = jnp.ones(stamps.shape[:3], stamps.dtype)
+            return render(stamps, ones, pos[:, None], kernel_ft, (fy, fx), key, jnp)
+
+        cache[key] = jax.jit(fn)
+    return cache[key]
 
 
 def _fallback_q(scene, prior, positions):
