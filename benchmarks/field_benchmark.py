@@ -497,14 +497,25 @@ def report(args, res):
     acc = res.get("accuracy")
     if acc:
         lines += ["## Catalogue vs truth (2048^2, matched sources)", "",
-                  "| band | median flux bias | robust scatter | median posterior rel. std | "
-                  "truth inside 16-84% |", "|---|---|---|---|---|"]
+                  "Fluxes: `photometry` is the catalogue's default (closed-form flux posterior "
+                  "given q's mean morphology, solved per blend group, calibrated systematic); "
+                  "`q` rows (where kept) are q's own log-normal fluxes: the catalogue before "
+                  "that change, run with the encoder shipped then (v0.2, no shape head), so "
+                  "they compare the catalogue as it was, not the two flux methods on one "
+                  "encoder.", "",
+                  "| band | fluxes | median flux bias | robust scatter | median posterior rel. "
+                  "std | truth inside 16-84% |", "|---|---|---|---|---|---|"]
+        before = res.get("accuracy_q_fluxes") or {}
         for b in ("g", "r", "i"):
-            r = acc[b]
-            lines.append(f"| {b} | {r['median_rel_bias']:+.3f} | {r['mad_rel']:.3f} | "
-                         f"{r['median_rel_err']:.3f} | {r['coverage_68']:.3f} |")
-        lines += ["", f"{acc['n_matched']} matched; e1 - g1 std {acc['e1_resid_std']:.3f} "
-                      f"(q-mean shapes, placeholder); position rms {acc['pos_resid_rms']:.2f} px "
+            for label, a in (("photometry", acc), ("q", before)):
+                if b not in a:
+                    continue
+                r = a[b]
+                lines.append(f"| {b} | {label} | {r['median_rel_bias']:+.3f} | "
+                             f"{r['mad_rel']:.3f} | {r['median_rel_err']:.3f} | "
+                             f"{r['coverage_68']:.3f} |")
+        lines += ["", f"{acc['n_matched']} matched; e1 - g1 std {acc['e1_resid_std']:.3f}; "
+                      f"position rms {acc['pos_resid_rms']:.2f} px "
                       f"(median posterior pos_err {acc['median_pos_err']:.2f} px).", "",
                   "![field](field.png)", ""]
     dk = res.get("dask")

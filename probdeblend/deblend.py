@@ -245,7 +245,7 @@ def _encoder(prior):
 
 
 def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_samples: int,
-                             seed: int) -> dict[str, Any]:
+                             seed: int, groups=None, photometry: bool = True) -> dict[str, Any]:
     """Posterior draws of every source at ``positions`` of ``scene``, in one batched pass.
 
     This is the single entry point of the catalogue to per-source inference; the rest of
@@ -258,6 +258,13 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     per draw. For an encoder without a shape head, e of the decoded q-mean latent is given to
     every draw (``e_draws_from = "q_mean"``, zero width, flagged).
 
+    Fluxes (``photometry=True``, default): the closed-form flux posterior given q's mean
+    morphology (:mod:`probdeblend.photometry`): every source's q-mean galaxy is decoded once
+    and rendered through the scene's PSFs in a local box, and the fluxes of each blend group
+    are solved jointly, with the encoder's calibrated systematic for one morphology draw
+    (``flux_sys_of(card, 1)``). Flux draws can be <= 0. ``photometry=False``: q's own
+    log-normal flux draws.
+
     Parameters
     ----------
     scene : Scene
@@ -268,6 +275,11 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     num_samples : int
         Draws per source.
     seed : int
+    groups : sequence of int arrays, optional
+        Blend groups (indices into ``positions``) whose fluxes are solved jointly; default:
+        sources whose rendering boxes overlap, linked.
+    photometry : bool
+        See above.
 
     Returns
     -------
@@ -293,7 +305,10 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     d = q.sample(S, rng)  # each (S, n, width): q's own joint draws, no decode
     # flux: q's bands are the encoder's; put them in the scene's band order
     band_idx = [list(post.bands).index(b) for b in scene.bands]
-    flux = np.exp(np.swapaxes(d["log_flux"], 0, 1))[..., band_idx]
+    if photometry:
+        flux = _catalog_photometry(scene, q, prior, post, band_idx, S, rng, groups)
+    else:
+        flux = np.exp(np.swapaxes(d["log_flux"], 0, 1))[..., band_idx]
     xy = np.swapaxes(d["position"], 0, 1)
     if "e" in d:  # the encoder's shape head: e draws from q's joint Gaussian
         e = np.swapaxes(d["e"], 0, 1)
@@ -330,6 +345,44 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
         "method": "amortized",
         "pareto_k": np.full(n, np.nan),
     }
+
+
+def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int, rng,
+                        groups=None) -> np.ndarray:
+    """Flux draws ``(n, num_samples, band)`` of the closed-form photometry given q's mean
+    morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
+    import torch
+
+    from .photometry import flux_sys_of, group_photometry, local_templates
+
+    z = np.asarray(q.mean("z"), np.float32)
+    pos = q.centres + q.mean("offset")
+    k = scene.psf.shape[-1]
+    mpsf = prior.frame.psf_image(k)
+    tmpl, origins = [], []
+    for i in range(0, len(z), 256):  # bounded: one batch of stamps at a time
+        with torch.inference_mode():
+            st = prior.decode(torch.as_tensor(z[i:i + 256]))[:, band_idx].numpy()
+        t, o = local_templates(st, pos[i:i + 256], scene.psf, mpsf)
+        tmpl.append(t)
+        origins.append(o)
+    tmpl, origins = np.concatenate(tmpl), np.concatenate(origins)
+    if groups is None:  # link sources whose boxes overlap
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        from scipy.spatial import cKDTree
+
+        pairs = np.asarray(sorted(cKDTree(origins).query_pairs(tmpl.shape[-1] - 1, p=np.inf)),
+                           np.int64).reshape(-1, 2)
+        adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                         shape=(len(z), len(z)))
+        _, lab = connected_components(adj, directed=False)
+        groups = [np.flatnonzero(lab == g) for g in range(lab.max() + 1)]
+    card = getattr(post, "card", None) or {}
+    ph = group_photometry(tmpl, origins, np.asarray(scene.image, np.float64),
+                          np.asarray(scene.weight, np.float64), groups, num_samples, rng,
+                          flux_sys_of(card, 1))
+    return ph["flux"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,8 +768,10 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         sub = _sub_scene(scene, (y0, y1, x0, x1))
         chunk_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
         try:
+            bounds = np.cumsum([0] + [g.size for g in chunk])
             d = _amortized_catalog_draws(sub, positions[members] - [x0, y0], prior, S,
-                                         chunk_seed)
+                                         chunk_seed, groups=[np.arange(a, b) for a, b in
+                                                             zip(bounds[:-1], bounds[1:])])
         except ProbdeblendError as err:
             rows = row_of[members]
             cols["flag_failed"][rows] = True

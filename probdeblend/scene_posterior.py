@@ -297,7 +297,10 @@ class ScenePosterior:
         ladder's check, the residual detection pass)."""
         t0 = self.q_mean_templates()
         if photometry:
-            flux = np.clip(self._linear_fluxes(t0[None])[0][0].T, 1e-3, None)
+            from .photometry import linear_fluxes
+
+            flux = linear_fluxes(t0[None], self.scene.image, self.scene.weight)[0][0].T
+            flux = np.clip(flux, 1e-3, None)
         else:
             flux = np.exp(self.q.mean("log_flux"))
         return np.einsum("sb,sbyx->byx", flux, t0)
@@ -402,8 +405,10 @@ class ScenePosterior:
         ``flux_sys``: a fractional flux error added in quadrature, ``sd^2 += (flux_sys *
         flux)^2 * inflation``, for the error of q's morphology that the draws do not cover
         (larger where the footprint chi^2 says the morphology fits worse). ``None`` takes
-        the encoder card's ``calibration.flux_sys`` (fitted on simulated scenes held out from
-        the benchmark by ``benchmarks/calibrate_photometry.py``), else 0.
+        the encoder card's calibration for this ``n_morph``
+        (:func:`probdeblend.photometry.flux_sys_of`; fitted on simulated scenes held out from
+        the benchmark by ``benchmarks/calibrate_photometry.py``), else 0. The algebra is
+        :mod:`probdeblend.photometry`.
 
         Returns a dict: ``flux`` (num_samples, S, band) in image units, ``chi2`` (S, band)
         footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band), ``mean``
@@ -411,6 +416,8 @@ class ScenePosterior:
         ``flux_sys`` as used, ``morph`` (num_samples,) the morphology draw of each flux draw,
         ``templates`` (M, S, band, y, x) the unit-flux images of the morphology draws.
         """
+        from .photometry import flux_draws, flux_sys_of, linear_fluxes
+
         rng = np.random.default_rng(0) if rng is None else rng
         n_morph = max(1, int(n_morph))
         tmpl = self.q_mean_templates()[None]  # (M, S, B, y, x); morphology 0 is q's mean
@@ -419,47 +426,12 @@ class ScenePosterior:
                 q_draws = self.q.sample(n_morph - 1, rng)
             tmpl = np.concatenate([tmpl, self.flux_templates(q_draws["z"][: n_morph - 1],
                                                              q_draws["position"][: n_morph - 1])])
-        m, n_src, n_b = tmpl.shape[:3]
-        mean, cov, chi2 = self._linear_fluxes(tmpl)
-        infl = np.maximum(chi2, 1.0)
-        # draws: a morphology draw, then f ~ N(mean, cov * inflation) in every band
-        k = rng.integers(0, m, size=num_samples)
-        sq = np.sqrt(infl).T  # (B, S)
-        cov_d = cov * sq[None, :, :, None] * sq[None, :, None, :]
+        mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight)
         if flux_sys is None:
-            card = getattr(self.encoder, "card", None) or {}
-            flux_sys = float((card.get("calibration") or {}).get("flux_sys", 0.0))
-        if flux_sys > 0:
-            # scaled by the footprint misfit: a worse-fitting morphology, a larger error
-            sys_var = (flux_sys * np.clip(mean, 0.0, None)) ** 2 * infl.T[None]  # (M, B, S)
-            cov_d = cov_d + sys_var[..., None] * np.eye(n_src)
-        chol = np.linalg.cholesky(cov_d)
-        eps = rng.standard_normal((num_samples, n_b, n_src))
-        f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)
-        return {"flux": np.transpose(f, (0, 2, 1)), "chi2": chi2, "inflation": infl,
-                "mean": mean, "cov": cov_d, "flux_sys": flux_sys, "morph": k,
-                "templates": tmpl}
-
-    def _linear_fluxes(self, tmpl):
-        """Weighted least-squares fluxes of unit-flux templates ``tmpl (M, S, B, y, x)``:
-        ``mean (M, B, S)``, covariance ``(M, B, S, S)`` and the reduced chi^2 ``(S, B)`` of the
-        first morphology's fit in each source's footprint (template above 5 % of its peak)."""
-        m, n_src, n_b = tmpl.shape[:3]
-        img = np.asarray(self.scene.image, np.float64)
-        w = np.asarray(self.scene.weight, np.float64)
-        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
-        t = tmpl.reshape(m, n_src, n_b, -1)
-        y, wf = img.reshape(n_b, -1), w.reshape(n_b, -1)
-        gram = np.einsum("msbp,bp,mtbp->mbst", t, wf, t)
-        rhs = np.einsum("msbp,bp,bp->mbs", t, wf, y)
-        eye = np.eye(n_src) * 1e-12 * np.maximum(np.einsum("mbss->mbs", gram).max(-1), 1e-30)[
-            ..., None, None]
-        cov = np.linalg.inv(gram + eye)  # (M, B, S, S)
-        mean = np.einsum("mbst,mbt->mbs", cov, rhs)
-        resid = (y - np.einsum("bs,sbp->bp", mean[0], t[0])) ** 2 * wf  # (B, P)
-        foot = (t[0] > 0.05 * t[0].max(-1, keepdims=True)) & (wf > 0)[None]  # (S, B, P)
-        chi2 = np.einsum("sbp,bp->sb", foot, resid) / np.maximum(foot.sum(-1), 1)
-        return mean, cov, chi2
+            flux_sys = flux_sys_of(getattr(self.encoder, "card", None), n_morph)
+        d = flux_draws(mean, cov, chi2, num_samples, rng, flux_sys)
+        return {"flux": d["flux"], "chi2": chi2, "inflation": d["inflation"], "mean": mean,
+                "cov": d["cov"], "flux_sys": flux_sys, "morph": d["morph"], "templates": tmpl}
 
     def map(self, max_iter: int = 500):
         """MAP of the whole scene (L-BFGS from q's mean): ``(flat, info)``, cached."""

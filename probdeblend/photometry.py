@@ -1,0 +1,215 @@
+"""Closed-form photometry: the flux posterior of sources whose morphology is given.
+
+Fluxes enter the scene model linearly. Given every source's unit-flux model image ``T_s``
+(its morphology and position, through the band's PSF), the pixel likelihood is Gaussian in the
+fluxes ``f`` of each band, and with a flat prior on ``f`` so is their posterior::
+
+    (T W T^T) f = T W d,        cov(f) = (T W T^T)^-1        (W = inverse variance)
+
+solved for all sources of a blend jointly. Negative fluxes are allowed, so a source on pure
+noise gets an interval that includes 0. Two terms cover what this exact-given-the-morphology
+posterior does not:
+
+* **footprint misfit**: where the fit leaves a residual larger than the noise in a source's
+  footprint (template above 5 % of its peak), that source's covariance is multiplied by the
+  footprint's reduced chi^2 (>= 1);
+* **morphology error**: a fractional systematic ``flux_sys`` added in quadrature,
+  ``sd^2 += (flux_sys * flux)^2 * inflation``, calibrated per encoder on held-out simulated
+  scenes (``benchmarks/calibrate_photometry.py``; the value depends on how many morphology
+  draws the mixture has, see :func:`flux_sys_of`).
+
+Used by :meth:`probdeblend.ScenePosterior.photometry` (one scene; morphology draws of q rendered
+by the scene renderer) and by the catalogue, :func:`probdeblend.deblend.deblend` (templates of
+q's mean rendered source by source in local boxes, solved blend group by blend group).
+Fluxes are in the image's units (total flux of the PSF-convolved source).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["linear_fluxes", "flux_draws", "flux_sys_of", "local_templates", "group_photometry"]
+
+
+def linear_fluxes(tmpl: np.ndarray, image: np.ndarray, weight: np.ndarray):
+    """Weighted least-squares fluxes of unit-flux templates.
+
+    Parameters
+    ----------
+    tmpl : array (M, S, band, y, x)
+        Unit-flux model images of ``S`` sources for ``M`` morphology draws.
+    image, weight : array (band, y, x)
+        Data and inverse variance (0 or non-finite: masked).
+
+    Returns
+    -------
+    mean : (M, band, S)
+    cov : (M, band, S, S)
+    chi2 : (S, band)
+        Reduced chi^2 of the first morphology's fit in each source's footprint (template above
+        5 % of its peak); 0 where a footprint has no unmasked pixel.
+    """
+    m, n_src, n_b = tmpl.shape[:3]
+    img = np.asarray(image, np.float64)
+    w = np.asarray(weight, np.float64)
+    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    t = np.asarray(tmpl, np.float64).reshape(m, n_src, n_b, -1)
+    y, wf = img.reshape(n_b, -1), w.reshape(n_b, -1)
+    gram = np.einsum("msbp,bp,mtbp->mbst", t, wf, t)
+    rhs = np.einsum("msbp,bp,bp->mbs", t, wf, y)
+    eye = np.eye(n_src) * 1e-12 * np.maximum(np.einsum("mbss->mbs", gram).max(-1), 1e-30)[
+        ..., None, None]
+    cov = np.linalg.inv(gram + eye)
+    mean = np.einsum("mbst,mbt->mbs", cov, rhs)
+    resid = (y - np.einsum("bs,sbp->bp", mean[0], t[0])) ** 2 * wf  # (B, P)
+    foot = (t[0] > 0.05 * t[0].max(-1, keepdims=True)) & (wf > 0)[None]  # (S, B, P)
+    chi2 = np.einsum("sbp,bp->sb", foot, resid) / np.maximum(foot.sum(-1), 1)
+    return mean, cov, chi2
+
+
+def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples: int,
+               rng: np.random.Generator, flux_sys: float = 0.0) -> dict:
+    """Draws of the flux posterior: a mixture over the ``M`` morphology draws, each Gaussian.
+
+    Parameters
+    ----------
+    mean, cov, chi2
+        As :func:`linear_fluxes` returns them.
+    num_samples : int
+    rng : numpy Generator
+    flux_sys : float
+        Fractional systematic (see the module docstring); 0: none.
+
+    Returns
+    -------
+    dict: ``flux`` (num_samples, S, band), ``morph`` (num_samples,) the morphology draw of each
+    flux draw, ``inflation`` (S, band) = max(chi2, 1), ``cov`` (M, band, S, S) as used.
+    """
+    m, n_b, n_src = mean.shape
+    infl = np.maximum(chi2, 1.0)
+    sq = np.sqrt(infl).T  # (B, S)
+    cov_d = cov * sq[None, :, :, None] * sq[None, :, None, :]
+    if flux_sys > 0:  # scaled by the footprint misfit: a worse-fitting morphology, larger error
+        sys_var = (flux_sys * np.clip(mean, 0.0, None)) ** 2 * infl.T[None]  # (M, B, S)
+        cov_d = cov_d + sys_var[..., None] * np.eye(n_src)
+    chol = np.linalg.cholesky(cov_d)
+    k = rng.integers(0, m, size=int(num_samples))
+    eps = rng.standard_normal((int(num_samples), n_b, n_src))
+    f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)
+    return {"flux": np.transpose(f, (0, 2, 1)), "morph": k, "inflation": infl, "cov": cov_d}
+
+
+def flux_sys_of(card: dict | None, n_morph: int) -> float:
+    """The calibrated ``flux_sys`` of an encoder card for a mixture of ``n_morph`` morphology
+    draws: ``calibration.flux_sys_by_n_morph[str(n_morph)]``, else ``calibration.flux_sys``
+    when it was fitted at that ``n_morph`` (or says nothing about it), else the value of the
+    nearest calibrated ``n_morph``; 0 without a calibration."""
+    cal = (card or {}).get("calibration") or {}
+    by = {int(k): float(v) for k, v in (cal.get("flux_sys_by_n_morph") or {}).items()}
+    if "flux_sys" in cal:
+        by.setdefault(int(cal.get("n_morph", n_morph)), float(cal["flux_sys"]))
+    if not by:
+        return 0.0
+    return by[min(by, key=lambda k: (abs(k - int(n_morph)), k))]
+
+
+def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
+                    model_psf: np.ndarray):
+    """Unit-flux images of single sources in local boxes of the scene, through its PSFs.
+
+    The same forward model as :class:`probdeblend.render.SceneRenderer`: each model-frame
+    stamp is shifted by its sub-pixel offset (Fourier phase) and convolved with the difference
+    kernel ``PSF_band / PSF_model``, on a box large enough that the kernel does not wrap.
+
+    Parameters
+    ----------
+    stamps : array (n, band, N, N)
+        Flux-normalised model-frame images (each band sums to 1).
+    positions : array (n, 2)
+        ``(x, y)`` pixel position of each source's centre in the scene.
+    psf : array (band, k, k)
+        The scene's PSF images.
+    model_psf : array (k', k')
+        The prior's model PSF on the scene's grid.
+
+    Returns
+    -------
+    templates : float32 array (n, band, L, L)
+    origins : int array (n, 2)
+        Scene ``(x, y)`` of each box's pixel ``[0, 0]``.
+    """
+    import torch
+
+    from .render import difference_kernel_ft, fft_size
+
+    st = torch.as_tensor(np.asarray(stamps, np.float32))
+    n, nb, ns = st.shape[0], st.shape[1], st.shape[-1]
+    k = max(np.asarray(psf).shape[-1], np.asarray(model_psf).shape[-1])
+    size = fft_size(ns + k)
+    p0 = (size - ns) // 2
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    corner = pos - (ns - 1) / 2.0  # scene coordinate of stamp pixel [0, 0]
+    i0 = np.floor(corner).astype(np.int64)
+    frac = torch.as_tensor((corner - i0).astype(np.float32))
+    kern = torch.as_tensor(difference_kernel_ft(psf, model_psf, (size, size)).astype(np.complex64))
+    fy = torch.as_tensor(np.fft.fftfreq(size)[:, None].astype(np.float32))
+    fx = torch.as_tensor(np.fft.rfftfreq(size)[None, :].astype(np.float32))
+    phase = torch.exp(-2j * np.pi * (fx * frac[:, 0, None, None] + fy * frac[:, 1, None, None]))
+    pad = torch.zeros((n, nb, size, size), dtype=torch.float32)
+    pad[..., p0:p0 + ns, p0:p0 + ns] = st
+    with torch.inference_mode():
+        out = torch.fft.irfft2(torch.fft.rfft2(pad) * phase[:, None] * kern[None], s=(size, size))
+    return out.numpy(), i0 - p0
+
+
+def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarray,
+                     weight: np.ndarray, groups, num_samples: int, rng: np.random.Generator,
+                     flux_sys: float = 0.0) -> dict:
+    """Flux posterior draws of every source, solved jointly within each blend group.
+
+    Parameters
+    ----------
+    templates, origins
+        From :func:`local_templates` (one morphology per source).
+    image, weight : array (band, ny, nx)
+        The scene (or a cutout of it holding the sources' boxes, in the same coordinates).
+    groups : sequence of int arrays
+        Indices of the sources of each blend group (every source in exactly one).
+    num_samples : int
+    rng : numpy Generator
+    flux_sys : float
+        See :func:`flux_draws`.
+
+    Returns
+    -------
+    dict: ``flux`` (n, num_samples, band), ``mean`` (n, band), ``sd`` (n, band) (with the
+    inflation and ``flux_sys``), ``chi2`` (n, band).
+    """
+    n, nb, size = templates.shape[0], templates.shape[1], templates.shape[-1]
+    ny, nx = image.shape[-2:]
+    flux = np.empty((n, int(num_samples), nb))
+    mean = np.empty((n, nb))
+    sd = np.empty((n, nb))
+    chi2 = np.empty((n, nb))
+    for members in groups:
+        members = np.asarray(members, np.int64)
+        o = origins[members]
+        x0, y0 = max(int(o[:, 0].min()), 0), max(int(o[:, 1].min()), 0)
+        x1, y1 = min(int(o[:, 0].max()) + size, nx), min(int(o[:, 1].max()) + size, ny)
+        if x1 <= x0 or y1 <= y0:  # every box outside the image: nothing measured
+            flux[members], mean[members], sd[members], chi2[members] = np.nan, np.nan, np.nan, 0
+            continue
+        tm = np.zeros((1, len(members), nb, y1 - y0, x1 - x0))
+        for j, (ox, oy) in enumerate(o):  # paste each box, clipped to the group's
+            ax, ay = max(ox, x0), max(oy, y0)
+            bx, by = min(ox + size, x1), min(oy + size, y1)
+            if bx > ax and by > ay:
+                tm[0, j, :, ay - y0:by - y0, ax - x0:bx - x0] = templates[
+                    members[j], :, ay - oy:by - oy, ax - ox:bx - ox]
+        mu, cov, c2 = linear_fluxes(tm, image[:, y0:y1, x0:x1], weight[:, y0:y1, x0:x1])
+        d = flux_draws(mu, cov, c2, num_samples, rng, flux_sys)
+        flux[members] = np.swapaxes(d["flux"], 0, 1)
+        mean[members] = mu[0].T
+        sd[members] = np.sqrt(np.einsum("bss->bs", d["cov"][0])).T
+        chi2[members] = c2
+    return {"flux": flux, "mean": mean, "sd": sd, "chi2": chi2}
