@@ -262,7 +262,7 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     morphology (:mod:`probdeblend.photometry`): every source's q-mean galaxy is decoded once
     and rendered through the scene's PSFs in a local box, and the fluxes of each blend group
     are solved jointly, with the encoder's calibrated systematic for one morphology draw
-    (``flux_sys_of(card, 1)``). Flux draws can be <= 0. ``photometry=False``: q's own
+    (``systematic_of(card, 1)``). Flux draws can be <= 0. ``photometry=False``: q's own
     log-normal flux draws.
 
     Parameters
@@ -353,7 +353,7 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
     morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
     import torch
 
-    from .photometry import flux_sys_of, group_photometry, local_templates
+    from .photometry import group_photometry, local_templates, systematic_of
 
     z = np.asarray(q.mean("z"), np.float32)
     pos = q.centres + q.mean("offset")
@@ -381,7 +381,7 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
     card = getattr(post, "card", None) or {}
     ph = group_photometry(tmpl, origins, np.asarray(scene.image, np.float64),
                           np.asarray(scene.weight, np.float64), groups, num_samples, rng,
-                          flux_sys_of(card, 1))
+                          *systematic_of(card, 1))
     return ph["flux"]
 
 

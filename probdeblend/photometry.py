@@ -14,9 +14,12 @@ posterior does not:
   footprint (template above 5 % of its peak), that source's covariance is multiplied by the
   footprint's reduced chi^2 (>= 1);
 * **morphology error**: a fractional systematic ``flux_sys`` added in quadrature,
-  ``sd^2 += (flux_sys * flux)^2 * inflation``, calibrated per encoder on held-out simulated
-  scenes (``benchmarks/calibrate_photometry.py``; the value depends on how many morphology
-  draws the mixture has, see :func:`flux_sys_of`).
+  ``sd^2 += (flux_sys * flux)^2 * inflation ** power``, calibrated per encoder on held-out
+  simulated scenes (``benchmarks/calibrate_photometry.py``; the values depend on how many
+  morphology draws the mixture has, see :func:`systematic_of`). ``power`` < 1 lets the
+  systematic grow more slowly than the footprint misfit, which is large for bright sources.
+  The systematic is one fractional error per source shared by all bands (colours stay sharp)
+  and Student-t with ``df`` degrees of freedom (a morphology can be badly off: heavy tails).
 
 Used by :meth:`probdeblend.ScenePosterior.photometry` (one scene; morphology draws of q rendered
 by the scene renderer) and by the catalogue, :func:`probdeblend.deblend.deblend` (templates of
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["linear_fluxes", "flux_draws", "flux_sys_of", "local_templates", "group_photometry"]
+__all__ = ["linear_fluxes", "flux_draws", "systematic_of", "local_templates", "group_photometry"]
 
 
 def linear_fluxes(tmpl: np.ndarray, image: np.ndarray, weight: np.ndarray):
@@ -68,8 +71,15 @@ def linear_fluxes(tmpl: np.ndarray, image: np.ndarray, weight: np.ndarray):
 
 
 def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples: int,
-               rng: np.random.Generator, flux_sys: float = 0.0) -> dict:
-    """Draws of the flux posterior: a mixture over the ``M`` morphology draws, each Gaussian.
+               rng: np.random.Generator, flux_sys: float = 0.0, power: float = 1.0,
+               df: float = np.inf) -> dict:
+    """Draws of the flux posterior: a mixture over the ``M`` morphology draws.
+
+    Each morphology draw contributes its Gaussian (``cov`` times the footprint inflation)
+    plus the systematic: per source, one fractional error shared by every band (a wrong
+    morphology moves all bands' fluxes together, so colours stay sharp), of scale
+    ``flux_sys * flux * inflation ** (power / 2)`` per band, Student-t with ``df`` degrees of
+    freedom (heavy tails: a morphology that is badly off; ``inf`` = Gaussian).
 
     Parameters
     ----------
@@ -77,39 +87,56 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
         As :func:`linear_fluxes` returns them.
     num_samples : int
     rng : numpy Generator
-    flux_sys : float
-        Fractional systematic (see the module docstring); 0: none.
+    flux_sys, power, df : float
+        Fractional systematic, the power of the inflation that scales it, and its tail (see
+        the module docstring); ``flux_sys`` 0: none.
 
     Returns
     -------
     dict: ``flux`` (num_samples, S, band), ``morph`` (num_samples,) the morphology draw of each
-    flux draw, ``inflation`` (S, band) = max(chi2, 1), ``cov`` (M, band, S, S) as used.
+    flux draw, ``inflation`` (S, band) = max(chi2, 1), ``cov`` (M, band, S, S): the inflated
+    statistical covariance plus the systematic's scale squared on the diagonal.
     """
     m, n_b, n_src = mean.shape
+    n = int(num_samples)
     infl = np.maximum(chi2, 1.0)
     sq = np.sqrt(infl).T  # (B, S)
     cov_d = cov * sq[None, :, :, None] * sq[None, :, None, :]
-    if flux_sys > 0:  # scaled by the footprint misfit: a worse-fitting morphology, larger error
-        sys_var = (flux_sys * np.clip(mean, 0.0, None)) ** 2 * infl.T[None]  # (M, B, S)
-        cov_d = cov_d + sys_var[..., None] * np.eye(n_src)
     chol = np.linalg.cholesky(cov_d)
-    k = rng.integers(0, m, size=int(num_samples))
-    eps = rng.standard_normal((int(num_samples), n_b, n_src))
+    k = rng.integers(0, m, size=n)
+    eps = rng.standard_normal((n, n_b, n_src))
     f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)
+    sys_sd = flux_sys * np.clip(mean, 0.0, None) * infl.T[None] ** (0.5 * power)  # (M, B, S)
+    if flux_sys > 0:  # scaled by the footprint misfit: a worse-fitting morphology, larger error
+        u = rng.standard_normal((n, 1, n_src))
+        if np.isfinite(df):
+            u = u * np.sqrt(df / rng.chisquare(df, size=(n, 1, n_src)))
+        f = f + sys_sd[k] * u
+        cov_d = cov_d + sys_sd[..., None] ** 2 * np.eye(n_src)
     return {"flux": np.transpose(f, (0, 2, 1)), "morph": k, "inflation": infl, "cov": cov_d}
 
 
-def flux_sys_of(card: dict | None, n_morph: int) -> float:
-    """The calibrated ``flux_sys`` of an encoder card for a mixture of ``n_morph`` morphology
-    draws: ``calibration.flux_sys_by_n_morph[str(n_morph)]``, else ``calibration.flux_sys``
-    when it was fitted at that ``n_morph`` (or says nothing about it), else the value of the
-    nearest calibrated ``n_morph``; 0 without a calibration."""
+def systematic_of(card: dict | None, n_morph: int) -> tuple[float, float, float]:
+    """The calibrated systematic ``(flux_sys, power, df)`` of an encoder card for a mixture
+    of ``n_morph`` morphology draws (see :func:`flux_draws`).
+
+    Looks up ``calibration.by_n_morph[str(n_morph)]`` (``{"flux_sys", "power", "df"}``; the
+    nearest calibrated ``n_morph`` when that one is missing, ties to fewer draws), then the
+    top-level ``calibration.flux_sys`` / ``power`` / ``df`` (fitted at
+    ``calibration.n_morph``). ``power`` defaults to 1 and ``df`` to infinity (Gaussian);
+    ``(0, 1, inf)`` without a calibration.
+    """
+    def entry(d):
+        df = d.get("df")
+        return (float(d["flux_sys"]), float(d.get("power", 1.0)),
+                np.inf if df is None else float(df))
+
     cal = (card or {}).get("calibration") or {}
-    by = {int(k): float(v) for k, v in (cal.get("flux_sys_by_n_morph") or {}).items()}
+    by = {int(k): entry(v) for k, v in (cal.get("by_n_morph") or {}).items()}
     if "flux_sys" in cal:
-        by.setdefault(int(cal.get("n_morph", n_morph)), float(cal["flux_sys"]))
+        by.setdefault(int(cal.get("n_morph", n_morph)), entry(cal))
     if not by:
-        return 0.0
+        return 0.0, 1.0, np.inf
     return by[min(by, key=lambda k: (abs(k - int(n_morph)), k))]
 
 
@@ -164,7 +191,7 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
 
 def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarray,
                      weight: np.ndarray, groups, num_samples: int, rng: np.random.Generator,
-                     flux_sys: float = 0.0) -> dict:
+                     flux_sys: float = 0.0, power: float = 1.0, df: float = np.inf) -> dict:
     """Flux posterior draws of every source, solved jointly within each blend group.
 
     Parameters
@@ -177,7 +204,7 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
         Indices of the sources of each blend group (every source in exactly one).
     num_samples : int
     rng : numpy Generator
-    flux_sys : float
+    flux_sys, power, df : float
         See :func:`flux_draws`.
 
     Returns
@@ -207,7 +234,7 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
                 tm[0, j, :, ay - y0:by - y0, ax - x0:bx - x0] = templates[
                     members[j], :, ay - oy:by - oy, ax - ox:bx - ox]
         mu, cov, c2 = linear_fluxes(tm, image[:, y0:y1, x0:x1], weight[:, y0:y1, x0:x1])
-        d = flux_draws(mu, cov, c2, num_samples, rng, flux_sys)
+        d = flux_draws(mu, cov, c2, num_samples, rng, flux_sys, power, df)
         flux[members] = np.swapaxes(d["flux"], 0, 1)
         mean[members] = mu[0].T
         sd[members] = np.sqrt(np.einsum("bss->bs", d["cov"][0])).T

@@ -403,20 +403,20 @@ class ScenePosterior:
         a mixture over the morphology draws.
 
         ``flux_sys``: a fractional flux error added in quadrature, ``sd^2 += (flux_sys *
-        flux)^2 * inflation``, for the error of q's morphology that the draws do not cover
+        flux)^2 * inflation ** power``, shared by the bands, Student-t with ``df``, for the error of q's morphology that the draws do not cover
         (larger where the footprint chi^2 says the morphology fits worse). ``None`` takes
         the encoder card's calibration for this ``n_morph``
-        (:func:`probdeblend.photometry.flux_sys_of`; fitted on simulated scenes held out from
+        (``flux_sys``, ``power``, ``df``: :func:`probdeblend.photometry.systematic_of`; fitted on simulated scenes held out from
         the benchmark by ``benchmarks/calibrate_photometry.py``), else 0. The algebra is
         :mod:`probdeblend.photometry`.
 
         Returns a dict: ``flux`` (num_samples, S, band) in image units, ``chi2`` (S, band)
         footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band), ``mean``
         and ``cov`` (M, band, S[, S]) of each morphology draw (inflated, with ``flux_sys``),
-        ``flux_sys`` as used, ``morph`` (num_samples,) the morphology draw of each flux draw,
+        ``flux_sys``, ``power`` and ``df`` as used, ``morph`` (num_samples,) the morphology draw of each flux draw,
         ``templates`` (M, S, band, y, x) the unit-flux images of the morphology draws.
         """
-        from .photometry import flux_draws, flux_sys_of, linear_fluxes
+        from .photometry import flux_draws, linear_fluxes, systematic_of
 
         rng = np.random.default_rng(0) if rng is None else rng
         n_morph = max(1, int(n_morph))
@@ -427,11 +427,12 @@ class ScenePosterior:
             tmpl = np.concatenate([tmpl, self.flux_templates(q_draws["z"][: n_morph - 1],
                                                              q_draws["position"][: n_morph - 1])])
         mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight)
+        power, df = 1.0, np.inf
         if flux_sys is None:
-            flux_sys = flux_sys_of(getattr(self.encoder, "card", None), n_morph)
-        d = flux_draws(mean, cov, chi2, num_samples, rng, flux_sys)
+            flux_sys, power, df = systematic_of(getattr(self.encoder, "card", None), n_morph)
+        d = flux_draws(mean, cov, chi2, num_samples, rng, flux_sys, power, df)
         return {"flux": d["flux"], "chi2": chi2, "inflation": d["inflation"], "mean": mean,
-                "cov": d["cov"], "flux_sys": flux_sys, "morph": d["morph"], "templates": tmpl}
+                "cov": d["cov"], "flux_sys": flux_sys, "power": power, "df": df, "morph": d["morph"], "templates": tmpl}
 
     def map(self, max_iter: int = 500):
         """MAP of the whole scene (L-BFGS from q's mean): ``(flat, info)``, cached."""

@@ -10,7 +10,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from calibrate_photometry import fit_sys  # noqa: E402
+from calibrate_photometry import fit_sys, per_bin  # noqa: E402
 
 
 def test_fit_sys_recovers_a_known_fractional_error():
@@ -21,7 +21,28 @@ def test_fit_sys_recovers_a_known_fractional_error():
     # actual errors: 1% statistical plus a 6% fractional systematic
     mean = truth * (1 + 0.06 * rng.standard_normal(n)) + stat * rng.standard_normal(n)
     rows = [{"truth": t, "mean": m, "sd": s} for t, m, s in zip(truth, mean, stat, strict=True)]
-    eps, cov = fit_sys(rows)
-    assert abs(eps - 0.06) < 0.006
-    assert abs(cov[eps][0] - 0.68) < 0.02 and abs(cov[eps][1] - 0.95) < 0.02
-    assert cov[0.0][0] < 0.3  # the stated errors alone under-cover
+    (eps, power), cov = fit_sys(rows)
+    assert abs(eps - 0.06) < 0.006 and power == 1.0
+    assert abs(cov[(eps, power)][0] - 0.68) < 0.02 and abs(cov[(eps, power)][1] - 0.95) < 0.02
+    assert cov[(0.0, 1.0)][0] < 0.3  # the stated errors alone under-cover
+
+
+def test_fit_sys_power_holds_coverage_in_every_snr_bin():
+    """A systematic that grows more slowly than the inflation (power 0.5): fitting the power
+    per S/N bin recovers it; power 1 over-covers the bin with large inflation."""
+    rng = np.random.default_rng(1)
+    n = 6000
+    truth = rng.uniform(1e3, 1e5, n)
+    snr = rng.choice([20.0, 45.0, 100.0, 400.0], n)
+    infl = np.where(snr > 150, 9.0, 1.0)  # bright sources: large footprint chi^2
+    stat = truth / snr
+    mean = truth * (1 + 0.05 * np.sqrt(infl) ** 0.5 * rng.standard_normal(n)) \
+        + stat * rng.standard_normal(n)
+    rows = [{"truth": t, "mean": m, "sd": s, "snr": q, "inflation": i}
+            for t, m, s, q, i in zip(truth, mean, stat, snr, infl, strict=True)]
+    (eps, power), _ = fit_sys(rows, powers=np.round(np.linspace(0, 1.5, 16), 3))
+    assert abs(power - 0.5) <= 0.1 and abs(eps - 0.05) < 0.008
+    bins = per_bin(rows, eps, power)
+    assert all(abs(b[3] - 0.68) < 0.04 for b in bins)
+    (e1, _), _ = fit_sys(rows)
+    assert per_bin(rows, e1, 1.0)[-1][3] > 0.75  # power 1: the bright bin over-covers

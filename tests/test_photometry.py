@@ -8,7 +8,7 @@ import pytest
 
 import probdeblend as pb
 from probdeblend.amortized import AmortizedEncoder, AmortizedPosterior
-from probdeblend.photometry import flux_sys_of, group_photometry, linear_fluxes, local_templates
+from probdeblend.photometry import group_photometry, linear_fluxes, local_templates, systematic_of
 from probdeblend.priors.frame import ModelFrame
 from probdeblend.priors.train import build_tiny_prior
 from probdeblend.scene_posterior import PriorCache, ScenePosterior
@@ -86,11 +86,31 @@ def test_group_solve_equals_scene_solve(post):
     assert not np.allclose(alone["mean"], ph["mean"], rtol=1e-3)
 
 
-def test_flux_sys_lookup():
-    cal = {"calibration": {"flux_sys": 0.07, "n_morph": 8,
-                           "flux_sys_by_n_morph": {"1": 0.11}}}
-    assert flux_sys_of(cal, 8) == 0.07
-    assert flux_sys_of(cal, 1) == 0.11
-    assert flux_sys_of(cal, 4) == 0.11  # nearest calibrated n_morph (ties: fewer draws)
-    assert flux_sys_of({"calibration": {"flux_sys": 0.05}}, 3) == 0.05
-    assert flux_sys_of(None, 8) == 0.0 and flux_sys_of({}, 1) == 0.0
+def test_systematic_lookup():
+    cal = {"calibration": {"flux_sys": 0.07, "power": 0.6, "n_morph": 8,
+                           "by_n_morph": {"1": {"flux_sys": 0.11, "power": 0.5}}}}
+    cal["calibration"]["by_n_morph"]["1"]["df"] = 4
+    assert systematic_of(cal, 8) == (0.07, 0.6, np.inf)
+    assert systematic_of(cal, 1) == (0.11, 0.5, 4.0)
+    assert systematic_of(cal, 4) == (0.11, 0.5, 4.0)  # nearest calibrated n_morph (ties: fewer)
+    assert systematic_of({"calibration": {"flux_sys": 0.05}}, 3) == (0.05, 1.0, np.inf)
+    assert systematic_of(None, 8) == (0.0, 1.0, np.inf) == systematic_of({}, 1)
+
+
+def test_systematic_is_shared_by_bands_and_heavy_tailed():
+    """The morphology systematic moves all bands of a source together (colours stay sharp)
+    and has Student-t tails; its scale follows flux_sys * flux * inflation ** (power / 2)."""
+    from probdeblend.photometry import flux_draws
+
+    mean = np.array([[[1e4], [3e4]]])  # (M=1, B=2, S=1)
+    cov = np.full((1, 2, 1, 1), 1e-6)  # negligible statistical error
+    chi2 = np.array([[4.0, 4.0]])  # (S, B)
+    rng = np.random.default_rng(0)
+    d = flux_draws(mean, cov, chi2, 200_000, rng, flux_sys=0.1, power=0.5, df=np.inf)
+    f = d["flux"][:, 0]  # (n, B)
+    rel = f / mean[0, :, 0] - 1
+    np.testing.assert_allclose(rel[:, 0], rel[:, 1], atol=1e-6)  # one error for all bands
+    np.testing.assert_allclose(rel[:, 0].std(), 0.1 * 4**0.25, rtol=0.02)
+    t = flux_draws(mean, cov, chi2, 200_000, rng, flux_sys=0.1, power=0.5, df=3.0)["flux"]
+    z = np.abs(t[:, 0, 0] / 1e4 - 1) / (0.1 * 4**0.25)
+    assert np.mean(z > 3) > 5 * np.mean(np.abs(rel[:, 0]) / (0.1 * 4**0.25) > 3)
