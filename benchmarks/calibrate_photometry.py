@@ -91,7 +91,7 @@ def fit_sys(rows, grid=None, powers=(1.0,)) -> tuple[tuple[float, float], dict]:
     every grid point, keyed ``(eps, power)``."""
     grid = np.linspace(0.0, 0.3, 301) if grid is None else grid
     snr = np.array([r.get("snr", np.nan) for r in rows])
-    bins = [(snr > lo) & (snr <= hi) for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:])]
+    bins = [(snr > lo) & (snr <= hi) for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:], strict=True)]
     bins = [b for b in bins if b.sum() >= 10]
     cov, loss = {}, {}
     arr = _arrays(rows)
@@ -136,7 +136,7 @@ def fit_tail(rows, power: float, grid=None, dfs=(3.0, 4.0, 6.0, 10.0, np.inf)):
     std columns stay meaningful. Returns ``((eps, df), {(eps, df): (cov68, cov95)})``."""
     grid = np.round(np.arange(0.02, 0.2001, 0.004), 4) if grid is None else grid
     snr = np.array([r.get("snr", np.nan) for r in rows])
-    bins = [(snr > lo) & (snr <= hi) for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:])]
+    bins = [(snr > lo) & (snr <= hi) for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:], strict=True)]
     bins = [b for b in bins if b.sum() >= 10] or [np.ones(len(rows), bool)]
     arr = _arrays(rows)
     cov, loss = {}, {}
@@ -156,7 +156,7 @@ def per_bin(rows, eps, power, df=None) -> list:
     """``[lo, hi, n, cov68, cov95]`` per S/N bin (``df`` given: simulated with the t tail)."""
     snr = np.array([r.get("snr", np.nan) for r in rows])
     out = []
-    for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:]):
+    for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:], strict=True):
         sel = (snr > lo) & (snr <= hi)
         if sel.any():
             c = (coverage(rows, eps, power, sel) if df is None

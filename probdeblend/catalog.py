@@ -15,7 +15,12 @@ Identity and position
     input position).
 Fluxes (per band ``b``) [scene units, e.g. electron]
     ``flux_b`` (posterior mean of the total flux), ``flux_b_err`` (posterior std),
-    ``flux_b_q16``, ``flux_b_q50``, ``flux_b_q84`` (posterior quantiles).
+    ``flux_b_q16``, ``flux_b_q50``, ``flux_b_q84`` (posterior quantiles). The amortized
+    catalogue's flux posterior has heavy tails (its morphology systematic is Student-t with
+    3 degrees of freedom, :mod:`probdeblend.photometry`), so ``flux_b_err`` is wider than
+    the 16-84 % half-width (about 1.5x when the systematic dominates): use the quantiles for
+    intervals and ``flux_b_q50`` as the robust point estimate. Fluxes can be <= 0 (a source
+    consistent with zero flux).
 Ellipticity (GalSim reduced shear of the PSF-free galaxy, :mod:`probdeblend.measure`)
     ``e1``, ``e2`` (mean), ``e1_err``, ``e2_err`` (std), ``e1_q16`` ... ``e2_q84``.
     ``e_draws_from`` says where the ellipticity draws come from: ``"q"`` (the amortized q's

@@ -768,10 +768,10 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         sub = _sub_scene(scene, (y0, y1, x0, x1))
         chunk_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
         try:
-            bounds = np.cumsum([0] + [g.size for g in chunk])
+            bounds = np.cumsum([0] + [g.size for g in chunk])  # groups are contiguous
+            local = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             d = _amortized_catalog_draws(sub, positions[members] - [x0, y0], prior, S,
-                                         chunk_seed, groups=[np.arange(a, b) for a, b in
-                                                             zip(bounds[:-1], bounds[1:])])
+                                         chunk_seed, groups=local)
         except ProbdeblendError as err:
             rows = row_of[members]
             cols["flag_failed"][rows] = True

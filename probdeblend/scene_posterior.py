@@ -402,19 +402,22 @@ class ScenePosterior:
         source's covariance is multiplied by the footprint's reduced chi^2 (>= 1). Draws are
         a mixture over the morphology draws.
 
-        ``flux_sys``: a fractional flux error added in quadrature, ``sd^2 += (flux_sys *
-        flux)^2 * inflation ** power``, shared by the bands, Student-t with ``df``, for the error of q's morphology that the draws do not cover
-        (larger where the footprint chi^2 says the morphology fits worse). ``None`` takes
-        the encoder card's calibration for this ``n_morph``
-        (``flux_sys``, ``power``, ``df``: :func:`probdeblend.photometry.systematic_of`; fitted on simulated scenes held out from
-        the benchmark by ``benchmarks/calibrate_photometry.py``), else 0. The algebra is
+        ``flux_sys``: the fractional error of q's morphology that the draws do not cover, one
+        relative error per source shared by its bands, of scale ``flux_sys * flux *
+        inflation ** (power / 2)`` (larger where the footprint chi^2 says the morphology fits
+        worse), Student-t with ``df`` degrees of freedom. ``None`` takes the encoder card's
+        calibration for this ``n_morph`` (``flux_sys``, ``power``, ``df``:
+        :func:`probdeblend.photometry.systematic_of`; fitted on simulated scenes held out from
+        the benchmark by ``benchmarks/calibrate_photometry.py``), else 0; a number given here
+        is used with ``power`` 1 and a Gaussian tail. The algebra is
         :mod:`probdeblend.photometry`.
 
         Returns a dict: ``flux`` (num_samples, S, band) in image units, ``chi2`` (S, band)
         footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band), ``mean``
-        and ``cov`` (M, band, S[, S]) of each morphology draw (inflated, with ``flux_sys``),
-        ``flux_sys``, ``power`` and ``df`` as used, ``morph`` (num_samples,) the morphology draw of each flux draw,
-        ``templates`` (M, S, band, y, x) the unit-flux images of the morphology draws.
+        and ``cov`` (M, band, S[, S]) of each morphology draw (inflated, plus the
+        systematic's scale squared), ``flux_sys``, ``power`` and ``df`` as used, ``morph``
+        (num_samples,) the morphology draw of each flux draw, ``templates`` (M, S, band, y, x)
+        the unit-flux images of the morphology draws.
         """
         from .photometry import flux_draws, linear_fluxes, systematic_of
 
@@ -432,7 +435,8 @@ class ScenePosterior:
             flux_sys, power, df = systematic_of(getattr(self.encoder, "card", None), n_morph)
         d = flux_draws(mean, cov, chi2, num_samples, rng, flux_sys, power, df)
         return {"flux": d["flux"], "chi2": chi2, "inflation": d["inflation"], "mean": mean,
-                "cov": d["cov"], "flux_sys": flux_sys, "power": power, "df": df, "morph": d["morph"], "templates": tmpl}
+                "cov": d["cov"], "flux_sys": flux_sys, "power": power, "df": df,
+                "morph": d["morph"], "templates": tmpl}
 
     def map(self, max_iter: int = 500):
         """MAP of the whole scene (L-BFGS from q's mean): ``(flat, info)``, cached."""

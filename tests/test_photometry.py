@@ -41,17 +41,21 @@ def _paste(tmpl, origins, shape):
     return out
 
 
-def test_local_templates_equal_scene_renderer(post):
-    """The catalogue's per-source boxes render what the scene renderer renders."""
+def _local(post):
+    """Local templates of every source at q's mean (the catalogue's rendering)."""
     import torch
 
-    z = post.q.mean("z")
-    full = post.flux_templates(z[None], post.positions0[None])[0]  # (S, B, y, x)
     with torch.inference_mode():
-        st = post.prior.decode(torch.as_tensor(np.asarray(z, np.float32))).numpy()
+        st = post.prior.decode(torch.as_tensor(np.asarray(post.q.mean("z"), np.float32)))
     k = post.scene.psf.shape[-1]
-    tmpl, origins = local_templates(st, post.positions0, post.scene.psf,
-                                    post.prior.frame.psf_image(k))
+    return local_templates(st.numpy(), post.positions0, post.scene.psf,
+                           post.prior.frame.psf_image(k))
+
+
+def test_local_templates_equal_scene_renderer(post):
+    """The catalogue's per-source boxes render what the scene renderer renders."""
+    full = post.flux_templates(post.q.mean("z")[None], post.positions0[None])[0]  # S,B,y,x
+    tmpl, origins = _local(post)
     local = _paste(tmpl, origins, post.scene.shape)
     np.testing.assert_allclose(local, full, atol=2e-3 * full.max())
     # unit flux: what falls in the scene sums to <= 1, and nearly all of it for central sources
@@ -61,14 +65,7 @@ def test_local_templates_equal_scene_renderer(post):
 def test_group_solve_equals_scene_solve(post):
     """Solving each blend group in its own box gives the scene-wide joint solution, and on an
     image made of the templates the fluxes come back within their errors."""
-    import torch
-
-    z = post.q.mean("z")
-    with torch.inference_mode():
-        st = post.prior.decode(torch.as_tensor(np.asarray(z, np.float32))).numpy()
-    k = post.scene.psf.shape[-1]
-    tmpl, origins = local_templates(st, post.positions0, post.scene.psf,
-                                    post.prior.frame.psf_image(k))
+    tmpl, origins = _local(post)
     full = _paste(tmpl, origins, post.scene.shape)
     f_true = np.array([[3e4, 5e4, 4e4], [8e3, 1.2e4, 1e4], [2e4, 2e4, 2e4]])
     var = np.asarray(post.scene.variance, float)
