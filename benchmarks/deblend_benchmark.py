@@ -281,7 +281,9 @@ def report(out: Path, args):
              "systematic, independent per band, scaled by the footprint inflation, fitted on "
              "100 held-out scenes for overall 68 % coverage) before the current one (one "
              "Student-t error per source shared by the bands, scaled by inflation ** power, "
-             "fitted on 400 held-out scenes for 68 and 95 % coverage per S/N bin). "
+             "fitted on 400 held-out scenes for 68 and 95 % coverage per S/N bin); `_rawq` = "
+             "the same before q's e and position widths were recalibrated "
+             "(`calibration.q_widths`, `benchmarks/calibrate_q.py`). "
              "`laplace` rows were measured with the v0.2 encoder's q as the MAP's starting "
              "point.", ""]
     for fam, title in (("a", "Family (a): the project's own simulator"),

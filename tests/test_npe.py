@@ -161,3 +161,28 @@ def test_train_npe_resumes_and_exports(tiny, tmp_path):
                      progress=False, export=ex)
     assert hist["steps_done"] == 6 and [e["step"] for e in hist["eval"]] == [3, 6]
     assert np.isfinite(hist["eval"][-1]["nll"])
+
+
+def test_rescaled_q_maps_marginal_widths_and_keeps_correlations():
+    """calibration.q_widths: each marginal sd s of a group becomes c * s ** gamma; other groups
+    and all correlations are unchanged; draws follow the new covariance."""
+    from probdeblend.amortized.q import AmortizedQ
+
+    rng = np.random.default_rng(0)
+    S, P = 3, 6
+    groups = {"z": 2, "log_flux": 1, "offset": 2, "e": 1}
+    q = AmortizedQ(rng.normal(size=(S, P)), rng.uniform(0.05, 0.5, (S, P)),
+                   rng.normal(size=(S, P, 2)) * 0.5, groups, np.zeros((S, 2)))
+    r = q.rescaled({"e": (0.7, 1.2), "offset": (1.5, 1.0), "nope": (9.0, 1.0)})
+    np.testing.assert_allclose(r.sd("e"), 0.7 * q.sd("e") ** 1.2)
+    np.testing.assert_allclose(r.sd("offset"), 1.5 * q.sd("offset"))
+    np.testing.assert_allclose(r.sd("z"), q.sd("z"))
+    np.testing.assert_allclose(r.loc, q.loc)
+
+    def corr(c):
+        d = np.sqrt(np.einsum("spp->sp", c))
+        return c / d[:, :, None] / d[:, None, :]
+
+    np.testing.assert_allclose(corr(r.covariance()), corr(q.covariance()), atol=1e-12)
+    d = r.sample(40000, rng)
+    np.testing.assert_allclose(d["e"].std(0), r.sd("e"), rtol=0.03)

@@ -272,10 +272,15 @@ class AmortizedPosterior:
             res[f"{k}_scale"] = np.exp(out[f"{k}_log_scale"])
         return res
 
-    def predict_q(self, scene, positions=None, batch_size: int = 256) -> AmortizedQ:
+    def predict_q(self, scene, positions=None, batch_size: int = 256,
+                  calibrated: bool = True) -> AmortizedQ:
         """q of every source of ``scene`` as an :class:`~probdeblend.amortized.q.AmortizedQ`
         (joint low-rank Gaussian over ``z``, ``log_flux``, ``offset`` and, with a shape head,
-        ``e``); offsets refer to the cutout centres (``q.centres``)."""
+        ``e``); offsets refer to the cutout centres (``q.centres``).
+
+        ``calibrated``: apply the card's ``calibration.q_widths`` (``{group: [c, gamma]}``,
+        :meth:`AmortizedQ.rescaled`, fitted on held-out simulations by
+        ``benchmarks/calibrate_q.py``) when there is one; ``False``: the network's raw q."""
         c = self.cutouts(scene, positions)
         out = self.forward_batch(c["images"], c["sigmas"], c["psf_fwhm"], c["valid"],
                                  batch_size)
@@ -284,7 +289,9 @@ class AmortizedPosterior:
         scale = np.exp(np.concatenate([out[f"{g}_log_scale"] for g in groups], -1)
                        .astype(np.float64))
         factor = out.get("factor", np.zeros(loc.shape + (0,))).astype(np.float64)
-        return AmortizedQ(loc, scale, factor, groups, c["centres"])
+        q = AmortizedQ(loc, scale, factor, groups, c["centres"])
+        widths = (self.card.get("calibration") or {}).get("q_widths")
+        return q.rescaled(widths) if calibrated and widths else q
 
     def forward_batch(self, cutouts, sigmas, psf_fwhm, valid=None, batch_size: int = 256):
         """Raw network outputs (numpy) of prepared cutouts, in batches: ``{group}_loc``,
