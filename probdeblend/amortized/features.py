@@ -93,7 +93,7 @@ def noise_sigma(variance, valid=None) -> np.ndarray:
     bad = ~np.isfinite(v) | (v <= 0)
     if valid is not None:
         bad |= np.broadcast_to(np.asarray(valid) <= 0, v.shape)
-    v = v.reshape(v.shape[:-2] + (-1,))
+    v = v.reshape(v.shape[:-2] + (v.shape[-2] * v.shape[-1],))  # explicit: may be empty
     bad = bad.reshape(v.shape)
     out = np.empty(v.shape[:-1])
     clean = ~bad.any(-1)  # the usual case: np.median (partition) instead of nanmedian's loop
