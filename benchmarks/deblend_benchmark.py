@@ -140,7 +140,7 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
     q_row = None
     if set(methods) & {"amortized", "auto"}:
         t0 = time.perf_counter()
-        d = post.amortized(n, seed=i)
+        d = post.amortized(n, seed=i, refine=args.refine)
         v = post.measure(d)  # flux / e straight from q (no decode per draw)
         t_q = t_ctx + time.perf_counter() - t0
         img = image_metrics(post.source_images(d, max_draws=8)[0][0], sim.noiseless[0])
@@ -284,6 +284,8 @@ def report(out: Path, args):
              "fitted on 400 held-out scenes for 68 and 95 % coverage per S/N bin); `_rawq` = "
              "the same before q's e and position widths were recalibrated "
              "(`calibration.q_widths`, `benchmarks/calibrate_q.py`). "
+             "`_refine40` = `amortized(refine=40)`: 40 L-BFGS iterations of the scene from "
+             "q's mean, q re-centred there, photometry with the refined calibration. "
              "`laplace` rows were measured with the v0.2 encoder's q as the MAP's starting "
              "point.", ""]
     for fam, title in (("a", "Family (a): the project's own simulator"),
@@ -400,6 +402,9 @@ def main(argv=None):
     ap.add_argument("--model-error", type=float, default=0.0,
                     help="fractional model error of the likelihood (laplace / auto rows)")
     ap.add_argument("--tag", default="", help="suffix of the method names in the rows")
+    ap.add_argument("--refine", type=int, default=0,
+                    help="amortized: L-BFGS iterations from q's mean first (tag the rows, "
+                         "e.g. --tag _refine40)")
     ap.add_argument("--encoder", default="auto",
                     help="amortized encoder card path (default: the one shipped for the prior)")
     ap.add_argument("--prior", default="lsst-vae")

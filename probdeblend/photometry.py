@@ -116,22 +116,31 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     return {"flux": np.transpose(f, (0, 2, 1)), "morph": k, "inflation": infl, "cov": cov_d}
 
 
-def systematic_of(card: dict | None, n_morph: int) -> tuple[float, float, float]:
+def systematic_of(card: dict | None, n_morph: int,
+                  refined: bool = False) -> tuple[float, float, float]:
     """The calibrated systematic ``(flux_sys, power, df)`` of an encoder card for a mixture
     of ``n_morph`` morphology draws (see :func:`flux_draws`).
 
     Looks up ``calibration.by_n_morph[str(n_morph)]`` (``{"flux_sys", "power", "df"}``; the
     nearest calibrated ``n_morph`` when that one is missing, ties to fewer draws), then the
     top-level ``calibration.flux_sys`` / ``power`` / ``df`` (fitted at
-    ``calibration.n_morph``). ``power`` defaults to 1 and ``df`` to infinity (Gaussian);
-    ``(0, 1, inf)`` without a calibration.
+    ``calibration.n_morph``). ``refined``: the morphology draws are centred on a refined
+    morphology (``ScenePosterior.amortized(refine=...)``), whose error is smaller; looks up
+    ``calibration.by_n_morph_refined`` first. ``power`` defaults to 1 and ``df`` to infinity
+    (Gaussian); ``(0, 1, inf)`` without a calibration.
     """
     def entry(d):
         df = d.get("df")
         return (float(d["flux_sys"]), float(d.get("power", 1.0)),
                 np.inf if df is None else float(df))
 
+    def nearest(table):
+        by = {int(k): entry(v) for k, v in (table or {}).items()}
+        return by[min(by, key=lambda k: (abs(k - int(n_morph)), k))] if by else None
+
     cal = (card or {}).get("calibration") or {}
+    if refined and (hit := nearest(cal.get("by_n_morph_refined"))) is not None:
+        return hit
     by = {int(k): entry(v) for k, v in (cal.get("by_n_morph") or {}).items()}
     if "flux_sys" in cal:
         by.setdefault(int(cal.get("n_morph", n_morph)), entry(cal))

@@ -173,6 +173,25 @@ def test_linear_products_equal_rendered_ones(tiny_prior, tiny_encoder, small_sce
     assert np.all(np.isfinite(idata.sample_stats["lp"].values))
 
 
+def test_refined_amortized_moves_q_to_higher_density(tiny_prior, tiny_encoder, small_scene):
+    """amortized(refine=K): a few L-BFGS iterations from q's mean, q re-centred there (widths
+    kept), then q's draws with photometry; fit validates ``refine``."""
+    post = ScenePosterior(small_scene, tiny_prior, encoder=tiny_encoder, cache=PriorCache())
+    q, info = post.refined(10)
+    assert info["refine_logp"][1] >= info["refine_logp"][0]
+    assert 1 <= info["refine_iter"] <= 10
+    np.testing.assert_allclose(q.scale, post.q.scale)
+    assert not np.allclose(q.mean("z"), post.q.mean("z"))
+    assert post.refined(10)[0] is q  # cached
+    d = post.amortized(100, seed=0, refine=10)
+    assert d.method == "amortized+refine+photometry" and d.info["refine_iter"] == info[
+        "refine_iter"]
+    assert len(np.unique(d.extra["flux"][0].reshape(100, -1), axis=0)) == 100
+    for bad in (-1, 2.5):  # validated before any work
+        with pytest.raises((ArgumentError, ArgumentTypeError), match="refine"):
+            fit(small_scene, prior=tiny_prior, method="amortized", refine=bad)
+
+
 def test_auto_ladder_without_encoder_starts_at_laplace(tiny_prior, small_scene):
     idata = _fit(small_scene, tiny_prior, method="auto", num_samples=30, n_predictive=2,
                  nuts=NutsConfig(num_warmup=20, num_chains=1))

@@ -136,6 +136,14 @@ class AmortizedQ:
             scale[:, sl] *= float(c) * sd ** (float(gamma) - 1.0)
         return AmortizedQ(self.loc, scale, self.factor, self.groups, self.centres)
 
+    def recentred(self, **locs) -> AmortizedQ:
+        """q moved to new means of some groups (``name=array (S, width)``), widths and
+        correlations unchanged: e.g. centred on a refined morphology."""
+        loc = self.loc.copy()
+        for name, value in locs.items():
+            loc[:, self.slice(name)] = np.asarray(value, np.float64).reshape(len(loc), -1)
+        return AmortizedQ(loc, self.scale, self.factor, self.groups, self.centres)
+
     def log_prob(self, values: np.ndarray) -> np.ndarray:
         """log q of joint vectors ``values`` (..., S, P) -> (..., S)."""
         t = torch.as_tensor(np.asarray(values, np.float64))
