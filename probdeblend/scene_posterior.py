@@ -391,7 +391,9 @@ class ScenePosterior:
         of q's mean morphology. The result's latent and offset become q's means; q's e mean
         moves by the change in the PSF-corrected adaptive-moment shape
         (:func:`probdeblend.measure.psf_corrected_shape_fast`) between the decoded refined and
-        q-mean galaxies (the shape head predicts that measurement). Info: ``refine_iter``,
+        q-mean galaxies (the shape head predicts that measurement). The encoder card's
+        ``calibration.q_widths_refined`` (``benchmarks/calibrate_q.py --refine``), when
+        present, rescales the re-centred q's widths. Info: ``refine_iter``,
         ``refine_logp`` (before, after) and ``refine_s``.
         """
         from .inference import find_map
@@ -419,7 +421,12 @@ class ScenePosterior:
             shift = np.where(np.isfinite(de[1] - de[0]), de[1] - de[0], 0.0)
             locs["e"] = self.q.mean("e") + shift
         logp0 = float(self.problem.logp(x0.astype(np.float32)))
-        out = (self.q.recentred(**locs),
+        q = self.q.recentred(**locs)
+        card = getattr(self.encoder, "card", None) or {}
+        widths = (card.get("calibration") or {}).get("q_widths_refined")
+        if widths:  # refined centres are closer to the truth than q's: their own widths
+            q = q.rescaled(widths)
+        out = (q,
                {"refine_iter": info["map_iterations"], "refine_logp": [logp0, info["map_logp"]],
                 "refine_s": time.perf_counter() - t0})
         self._refined[key] = out

@@ -187,6 +187,13 @@ def test_refined_amortized_moves_q_to_higher_density(tiny_prior, tiny_encoder, s
     assert d.method == "amortized+refine+photometry" and d.info["refine_iter"] == info[
         "refine_iter"]
     assert len(np.unique(d.extra["flux"][0].reshape(100, -1), axis=0)) == 100
+    # an encoder card with calibration.q_widths_refined rescales the refined q's widths
+    import copy
+
+    enc = copy.copy(tiny_encoder)
+    enc.card = {**tiny_encoder.card, "calibration": {"q_widths_refined": {"e": [0.5, 1.0]}}}
+    post2 = ScenePosterior(small_scene, tiny_prior, encoder=enc, cache=PriorCache())
+    np.testing.assert_allclose(post2.refined(10)[0].sd("e"), 0.5 * q.sd("e"), rtol=1e-6)
     for bad in (-1, 2.5):  # validated before any work
         with pytest.raises((ArgumentError, ArgumentTypeError), match="refine"):
             fit(small_scene, prior=tiny_prior, method="amortized", refine=bad)
