@@ -1,10 +1,12 @@
 """End-to-end time of the user path ``probdeblend.fit`` on the deblend benchmark's scenes.
 
     python benchmarks/fit_timing.py --method amortized --n 10
+    python benchmarks/fit_timing.py --method amortized --refine 40 --n 20 --warmup 3
 
 Times ``fit(scene, method=..., num_samples=200)`` (true positions given; the default result
 with posterior predictive, log-likelihood of every draw and deblended images) on family (a)
-scenes 1..n after one warm-up fit (JIT), and the two stages of one scene separately: the
+scenes after ``--warmup`` warm-up fits (JIT; one compile per number of sources), and the two
+stages of one scene separately: the
 posterior (``ScenePosterior`` + draws) and ``to_inference_data``. Prints the figures.
 """
 
@@ -32,23 +34,29 @@ def main(argv=None):
     ap.add_argument("--method", default="amortized")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--prior", default="lsst-vae")
+    ap.add_argument("--refine", type=int, default=0, help="fit(..., refine=K)")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up scenes (0..warmup-1)")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     prior = pb.load_prior(a.prior)
-    pb.fit(scene_of("a", 0)[0].to_scene(), prior=prior, method=a.method, num_samples=200)
+    kw = {"refine": a.refine} if a.refine else {}
+    for i in range(a.warmup):
+        pb.fit(scene_of("a", i)[0].to_scene(), prior=prior, method=a.method, num_samples=200,
+               **kw)
     ts, ns = [], []
-    for i in range(1, a.n + 1):
+    for i in range(a.warmup, a.warmup + a.n):
         scene = scene_of("a", i)[0].to_scene()
         t0 = time.perf_counter()
-        idata = pb.fit(scene, prior=prior, method=a.method, num_samples=200)
+        idata = pb.fit(scene, prior=prior, method=a.method, num_samples=200, **kw)
         ts.append(time.perf_counter() - t0)
         ns.append(idata.posterior.sizes["source"])
-    print(f"fit(method={a.method!r}, 200 draws): median {np.median(ts):.2f} s/scene, "
+    print(f"fit(method={a.method!r}, 200 draws{', refine=' + str(a.refine) if a.refine else ''}): "
+          f"median {np.median(ts):.2f} s/scene, "
           f"{sum(ns) / sum(ts):.2f} sources/s over {len(ts)} scenes")
     scene = scene_of("a", 1)[0].to_scene()
     t0 = time.perf_counter()
     post = ScenePosterior(scene, prior)
-    draws = post.amortized(200, 0) if a.method == "amortized" else None
+    draws = post.amortized(200, 0, refine=a.refine) if a.method == "amortized" else None
     t1 = time.perf_counter()
     if draws is not None:
         post.to_inference_data(draws)
