@@ -367,17 +367,11 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
         tmpl.append(t)
         origins.append(o)
     tmpl, origins = np.concatenate(tmpl), np.concatenate(origins)
-    if groups is None:  # link sources whose boxes overlap
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-        from scipy.spatial import cKDTree
-
-        pairs = np.asarray(sorted(cKDTree(origins).query_pairs(tmpl.shape[-1] - 1, p=np.inf)),
-                           np.int64).reshape(-1, 2)
-        adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
-                         shape=(len(z), len(z)))
-        _, lab = connected_components(adj, directed=False)
-        groups = [np.flatnonzero(lab == g) for g in range(lab.max() + 1)]
+    if groups is None:  # link sources whose boxes can overlap (friends-of-friends)
+        size = tmpl.shape[-1]
+        found, _ = blend_groups(origins, scene.shape, grouping="linkage",
+                                link_length=size * math.sqrt(2), margin=0)
+        groups = [g.members for g in found]
     card = getattr(post, "card", None) or {}
     ph = group_photometry(tmpl, origins, np.asarray(scene.image, np.float64),
                           np.asarray(scene.weight, np.float64), groups, num_samples, rng,

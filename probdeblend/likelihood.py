@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["chi2_loglike", "loglike_per_band"]
+__all__ = ["chi2_loglike", "log_normalisation", "loglike_per_band"]
 
 
 def chi2_loglike(model, image, sigma, good, xp):
@@ -23,8 +23,13 @@ def chi2_loglike(model, image, sigma, good, xp):
     return -0.5 * (resid**2).sum((-3, -2, -1))
 
 
+def log_normalisation(sigma, good, xp):
+    """``sum(-log sigma - 0.5 log 2 pi)`` over unmasked pixels, per band (band,): what
+    :func:`loglike_per_band` adds to the chi^2 term of :func:`chi2_loglike`."""
+    return xp.where(good, -xp.log(sigma) - 0.5 * np.log(2 * np.pi), 0.0).sum((-2, -1))
+
+
 def loglike_per_band(model, image, sigma, good, xp):
     """Normalised Gaussian log-likelihood per band, shape (..., band)."""
     resid = xp.where(good, (image - model) / sigma, 0.0)
-    norm = xp.where(good, -xp.log(sigma) - 0.5 * np.log(2 * np.pi), 0.0)
-    return (-0.5 * resid**2 + norm).sum((-2, -1))
+    return (-0.5 * resid**2).sum((-2, -1)) + log_normalisation(sigma, good, xp)

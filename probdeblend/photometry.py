@@ -141,21 +141,20 @@ def systematic_of(card: dict | None, n_morph: int,
     cal = (card or {}).get("calibration") or {}
     if refined and (hit := nearest(cal.get("by_n_morph_refined"))) is not None:
         return hit
-    by = {int(k): entry(v) for k, v in (cal.get("by_n_morph") or {}).items()}
+    by = dict(cal.get("by_n_morph") or {})
     if "flux_sys" in cal:
-        by.setdefault(int(cal.get("n_morph", n_morph)), entry(cal))
-    if not by:
-        return 0.0, 1.0, np.inf
-    return by[min(by, key=lambda k: (abs(k - int(n_morph)), k))]
+        by.setdefault(str(cal.get("n_morph", n_morph)), cal)
+    return nearest(by) or (0.0, 1.0, np.inf)
 
 
 def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
                     model_psf: np.ndarray):
     """Unit-flux images of single sources in local boxes of the scene, through its PSFs.
 
-    The same forward model as :class:`probdeblend.render.SceneRenderer`: each model-frame
-    stamp is shifted by its sub-pixel offset (Fourier phase) and convolved with the difference
-    kernel ``PSF_band / PSF_model``, on a box large enough that the kernel does not wrap.
+    The scene renderer's forward model (:func:`probdeblend.render.render`, one source per
+    box): each model-frame stamp is shifted to its position (Fourier phase) and convolved with
+    the difference kernel ``PSF_band / PSF_model``, on a box large enough that the kernel does
+    not wrap.
 
     Parameters
     ----------
@@ -176,7 +175,7 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
     """
     import torch
 
-    from .render import difference_kernel_ft, fft_size
+    from .render import difference_kernel_ft, fft_size, render
 
     st = torch.as_tensor(np.asarray(stamps, np.float32))
     n, nb, ns = st.shape[0], st.shape[1], st.shape[-1]
@@ -184,18 +183,15 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
     size = fft_size(ns + k)
     p0 = (size - ns) // 2
     pos = np.asarray(positions, np.float64).reshape(-1, 2)
-    corner = pos - (ns - 1) / 2.0  # scene coordinate of stamp pixel [0, 0]
-    i0 = np.floor(corner).astype(np.int64)
-    frac = torch.as_tensor((corner - i0).astype(np.float32))
+    origins = np.floor(pos - (ns - 1) / 2.0).astype(np.int64) - p0  # box pixel [0, 0]
     kern = torch.as_tensor(difference_kernel_ft(psf, model_psf, (size, size)).astype(np.complex64))
-    fy = torch.as_tensor(np.fft.fftfreq(size)[:, None].astype(np.float32))
-    fx = torch.as_tensor(np.fft.rfftfreq(size)[None, :].astype(np.float32))
-    phase = torch.exp(-2j * np.pi * (fx * frac[:, 0, None, None] + fy * frac[:, 1, None, None]))
-    pad = torch.zeros((n, nb, size, size), dtype=torch.float32)
-    pad[..., p0:p0 + ns, p0:p0 + ns] = st
-    with torch.inference_mode():
-        out = torch.fft.irfft2(torch.fft.rfft2(pad) * phase[:, None] * kern[None], s=(size, size))
-    return out.numpy(), i0 - p0
+    freqs = (torch.as_tensor(np.fft.fftfreq(size)[:, None].astype(np.float32)),
+             torch.as_tensor(np.fft.rfftfreq(size)[None, :].astype(np.float32)))
+    local = torch.as_tensor((pos - origins)[:, None].astype(np.float32))  # (n, 1, 2) in the box
+    with torch.inference_mode():  # the scene renderer's forward model, one source per box
+        out = render(st[:, None], torch.ones((n, 1, nb)), local, kern, freqs, (size, size),
+                     torch)
+    return out.numpy(), origins
 
 
 def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarray,

@@ -296,15 +296,32 @@ class ScenePosterior:
         (:meth:`photometry`, clipped at 1e-3; ``photometry=False``: q's mean fluxes). The
         residual then measures how well q's *morphology* explains the data (the ``auto``
         ladder's check, the residual detection pass)."""
-        t0 = self.q_mean_templates()
-        if photometry:
-            from .photometry import linear_fluxes
+        flux = self._q_mean_flux() if photometry else np.exp(self.q.mean("log_flux"))
+        return np.einsum("sb,sbyx->byx", flux, self.q_mean_templates())
 
-            flux = linear_fluxes(t0[None], self.scene.image, self.scene.weight)[0][0].T
-            flux = np.clip(flux, 1e-3, None)
-        else:
-            flux = np.exp(self.q.mean("log_flux"))
-        return np.einsum("sb,sbyx->byx", flux, t0)
+    def _q_mean_flux(self) -> np.ndarray:
+        """Photometric fluxes ``(S, band)`` of q's mean morphology, clipped at 1e-3."""
+        from .photometry import linear_fluxes
+
+        flux = linear_fluxes(self.q_mean_templates()[None], self.scene.image,
+                             self.scene.weight)[0][0].T
+        return np.clip(flux, 1e-3, None)
+
+    def _decoded_shapes(self, z, batch: int = 1024):
+        """PSF-corrected adaptive-moment shapes ``(e1, e2)`` of decoded latents ``z (..., D)``
+        (band-averaged stamps, :func:`probdeblend.measure.psf_corrected_shape_fast`), each
+        shaped like ``z[..., 0]``; NaN where the measurement fails."""
+        from .measure import model_psf_sigma_pix, psf_corrected_shape_fast
+
+        z = np.asarray(z, np.float32)
+        flat = z.reshape(-1, z.shape[-1])
+        decode = self.problem.fn("decode")
+        sig = model_psf_sigma_pix(self.prior.frame)
+        e1, e2 = np.empty(len(flat)), np.empty(len(flat))
+        for i in range(0, len(flat), batch):
+            stamps = np.asarray(decode(flat[i:i + batch])).mean(-3)
+            e1[i:i + batch], e2[i:i + batch] = psf_corrected_shape_fast(stamps, sig)
+        return e1.reshape(z.shape[:-1]), e2.reshape(z.shape[:-1])
 
     def q_mean_templates(self) -> np.ndarray:
         """Unit-flux model images ``(S, band, y, x)`` of every source at q's mean latent and
@@ -397,27 +414,19 @@ class ScenePosterior:
         ``refine_logp`` (before, after) and ``refine_s``.
         """
         from .inference import find_map
-        from .measure import model_psf_sigma_pix, psf_corrected_shape_fast
-        from .photometry import linear_fluxes
 
         key = int(max_iter)
         if key in self._refined:
             return self._refined[key]
         t0 = time.perf_counter()
-        flux = linear_fluxes(self.q_mean_templates()[None], self.scene.image,
-                             self.scene.weight)[0][0].T
         init = dict(self.init)
-        init["log_flux"] = np.log(np.clip(flux, 1e-3, None))
+        init["log_flux"] = np.log(self._q_mean_flux())
         x0 = self.problem.flatten(init)
         flat, info = find_map(self.problem, None, max_iter=key, x0=x0)
         det = self.problem.deterministic(np.stack([x0, flat]))
         locs = {"z": det["latent"][1], "offset": det["position"][1] - self.q.centres}
-        if "e" in self.q.groups:
-            decode = self.problem.fn("decode")
-            stamps = np.asarray(decode(det["latent"].astype(np.float32))).mean(-3)  # (2, S, ..)
-            sig = model_psf_sigma_pix(self.prior.frame)
-            e1, e2 = psf_corrected_shape_fast(stamps.reshape((-1,) + stamps.shape[2:]), sig)
-            de = np.stack([e1, e2], -1).reshape(2, -1, 2)
+        if "e" in self.q.groups:  # before (q's mean) and after the refinement: (2, S, 2)
+            de = np.stack(self._decoded_shapes(det["latent"]), -1)
             shift = np.where(np.isfinite(de[1] - de[0]), de[1] - de[0], 0.0)
             locs["e"] = self.q.mean("e") + shift
         logp0 = float(self.problem.logp(x0.astype(np.float32)))
@@ -577,8 +586,6 @@ class ScenePosterior:
         ``e2``, ``x_pix``, ``y_pix`` (source), ``latent``, ``log_flux``; plus
         ``e_failed`` (source): the fraction of draws whose shape could not be measured (their
         e1 / e2 are NaN and summaries skip them)."""
-        from .measure import model_psf_sigma_pix, psf_corrected_shape_fast
-
         det = self.problem.deterministic(draws.flat)
         flux = draws.extra["flux"] if "flux" in draws.extra else np.exp(det["log_flux"])
         out = {"flux": flux, "x_pix": det["position"][..., 0],
@@ -587,16 +594,7 @@ class ScenePosterior:
         if "e1" in draws.extra:
             out["e1"], out["e2"] = draws.extra["e1"], draws.extra["e2"]
         else:
-            z = det["latent"].astype(np.float32)
-            flat = z.reshape(-1, z.shape[-1])
-            decode = self.problem.fn("decode")
-            sig = model_psf_sigma_pix(self.prior.frame)
-            e1 = np.empty(len(flat))
-            e2 = np.empty(len(flat))
-            for i in range(0, len(flat), batch):
-                stamps = np.asarray(decode(flat[i:i + batch])).mean(-3)
-                e1[i:i + batch], e2[i:i + batch] = psf_corrected_shape_fast(stamps, sig)
-            out["e1"], out["e2"] = e1.reshape(z.shape[:-1]), e2.reshape(z.shape[:-1])
+            out["e1"], out["e2"] = self._decoded_shapes(det["latent"], batch)
         return out
 
     def source_images(self, draws: Draws, max_draws: int = 64, batch: int = 16):
@@ -709,9 +707,10 @@ class ScenePosterior:
         if "lp" not in stats and draws.templates is not None:
             # log prior of the sites + the pixel term of each draw's linear model (what
             # logp_batch gives where flux = exp(log_flux)); lp has no likelihood normalisation
-            sigma = np.asarray(self.spec.sigma, np.float64)
-            norm = np.where(np.asarray(self.spec.good, bool),
-                            -np.log(sigma) - 0.5 * np.log(2 * np.pi), 0.0).sum((-2, -1))
+            from .likelihood import log_normalisation
+
+            norm = log_normalisation(np.asarray(self.spec.sigma, np.float64),
+                                     np.asarray(self.spec.good, bool), np)
             stats["lp"] = (self.problem.log_prior_batch(draws.flat.reshape(C * N, -1))
                            .reshape(C, N) + (ll - norm).sum(-1))
         elif "lp" not in stats:
