@@ -85,8 +85,9 @@ def cmd_bank(a):
 def _config(a):
     from probdeblend.amortized.npe import NPEConfig
 
+    warmup = a.warmup if a.warmup is not None else min(500, max(1, a.steps // 20))
     return NPEConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, rank=a.rank,
-                     seed=a.seed, warmup_steps=min(500, max(1, a.steps // 20)),
+                     seed=a.seed, warmup_steps=warmup,
                      pool_size=a.pool_size, pool_refresh=a.pool_refresh,
                      analytic_fraction=a.analytic_fraction, faint_fraction=a.faint_fraction,
                      aperture=a.aperture)
@@ -122,8 +123,7 @@ def cmd_train(a):
     bands = tuple(card["frame"]["bands"])
     model = _encoder(cfg.to_dict(), len(bands), int(bank["stamp_size"]), dec.latent_dim)
     if a.init:  # warm start from weights of the same architecture (e.g. a CPU run)
-        init = torch.load(a.init, map_location="cpu", weights_only=False)
-        model.load_state_dict(init["model"])
+        model.load_state_dict(_init_weights(a.init))
     hist = train_npe(model, sim, cfg, a.checkpoint, a.time_budget, log_every=a.log_every,
                      eval_every=a.eval_every, bands=bands, progress=False, export=a.export)
     if a.throughput:
@@ -137,44 +137,93 @@ def cmd_train(a):
                       "last_eval": hist["eval"][-1] if hist["eval"] else None}, indent=1))
 
 
-def _throughput(model, sim, dev, n: int = 32768, draws: int = 200, batch: int = 8192) -> dict:
-    """Sources/s of the fast path on ``dev``: encoder forward pass on simulated cutouts plus
-    ``draws`` joint draws per source of q's flux and e groups (no decode)."""
+def _init_weights(path: str) -> dict:
+    """Encoder weights to start from: an export or checkpoint of :func:`train_npe` (``.pt``)
+    or a shipped encoder (``priors/<name>-amortized.safetensors``, keys ``model.*``)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return {k[6:]: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def _throughput(model, sim, dev, n: int = 32768, draws: int = 200, batch: int = 8192,
+                flux_sys: float = 0.06, df: float = 3.0) -> dict:
+    """Sources/s of the fast path on ``dev``, on simulated cutouts, two ways.
+
+    ``sources_per_s``: encoder forward pass plus ``draws`` joint draws per source of q's
+    flux, offset and e groups (no decode). ``sources_per_s_photometry``: the fast path as
+    ``deblend`` runs it per source: encoder, one decode of q's mean latent, its template
+    rendered through the scene's PSF at q's mean offset, the closed-form flux per band
+    (inverse-variance weighted), then ``draws`` flux draws (statistical Gaussian plus one
+    Student-t relative systematic per source, ``flux_sys``, ``df``) and ``draws`` e draws
+    from q. Neighbours are not solved jointly here (one source per cutout), detection and
+    I/O are not included.
+    """
     import time
 
     import torch
+
+    from probdeblend.render import render
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(123)
     data = [sim.sample(batch, gen) for _ in range(n // batch)]
     model.eval()
+    D, n_pix = model.latent_dim, sim.n
+    c = (n_pix - 1) / 2.0
+    student = torch.distributions.StudentT(torch.tensor(df, device=dev))
 
-    def run():
+    def q_draws(out):
+        loc = torch.cat([out[f"{g}_loc"] for g in model.groups], -1)
+        sd = torch.cat([out[f"{g}_log_scale"] for g in model.groups], -1).exp()
+        w = out["factor"]
+        eps = torch.randn(draws, *loc.shape, device=dev)
+        xi = torch.randn(draws, loc.shape[0], w.shape[-1], device=dev)
+        return loc, loc + sd * (eps + torch.einsum("spr,nsr->nsp", w, xi))
+
+    def run(photometry: bool):
         total = 0.0
         for d in data:
             out = model(d["images"], d["sigmas"], d["psf_fwhm"])
-            loc = torch.cat([out[f"{g}_loc"] for g in model.groups], -1)
-            sd = torch.cat([out[f"{g}_log_scale"] for g in model.groups], -1).exp()
-            w = out["factor"]
-            eps = torch.randn(draws, *loc.shape, device=dev)
-            xi = torch.randn(draws, loc.shape[0], w.shape[-1], device=dev)
-            v = loc + sd * (eps + torch.einsum("spr,nsr->nsp", w, xi))
-            # flux, offset and e draws (exp: flux; the sum keeps the work from being skipped)
-            total += float(v[..., model.latent_dim:].exp().sum())
+            loc, v = q_draws(out)
+            if not photometry:
+                # flux, offset and e draws (exp: flux; the sum keeps the work from being skipped)
+                total += float(v[..., D:].exp().sum())
+                continue
+            nb = d["images"].shape[1]
+            stamps = sim.decoder(loc[:, :D])[:, None]                 # (N, 1, B, s, s)
+            pos = (c + loc[:, D + nb:D + nb + 2])[:, None]           # (N, 1, 2)
+            ones = torch.ones(loc.shape[0], 1, nb, device=dev)
+            t = render(stamps, ones, pos, sim.kernel_ft[d["psf_index"]], sim.freqs,
+                       (n_pix, n_pix), torch)                         # (N, B, n, n)
+            w = 1.0 / d["sigmas"] ** 2                                 # (N, B)
+            tt = (t * t).sum((-2, -1)) * w
+            flux = (t * d["images"]).sum((-2, -1)) * w / tt            # (N, B)
+            sd_stat = tt.rsqrt()
+            sys = flux_sys * student.sample((draws, loc.shape[0], 1))
+            f = flux * (1 + sys) + sd_stat * torch.randn(draws, *flux.shape, device=dev)
+            e = v[..., -2:]
+            total += float(f.sum() + e.sum())
         return total
 
+    res = {"sources": n, "draws_per_source": draws,
+           "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     with torch.inference_mode():
-        run()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        for key, phot in (("sources_per_s", False), ("sources_per_s_photometry", True)):
+            run(phot)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(phot)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            res[key], res[key.replace("sources_per_s", "seconds")] = n / dt, dt
     model.train()
-    return {"sources": n, "draws_per_source": draws, "seconds": dt, "sources_per_s": n / dt,
-            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
+    return res
 
 
 def cmd_save(a):
@@ -238,6 +287,9 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps (default min(500, steps/20)); keep it short with "
+                        "--time-budget on a warm start, or the budget ends inside the warm-up")
     t.add_argument("--pool-size", type=int, default=0,
                    help="decoded-galaxy pool (0: fresh draws per scene; CPU: ~8192)")
     t.add_argument("--pool-refresh", type=float, default=0.05)
@@ -247,7 +299,9 @@ def main(argv=None):
                    help="fraction of targets dimmed by up to 4 mag")
     t.add_argument("--no-aperture", dest="aperture", action="store_false",
                    help="encoder without the aperture S/N features (v0.2 architecture)")
-    t.add_argument("--init", default=None, help="start from these weights (export file)")
+    t.add_argument("--init", default=None,
+                   help="start from these weights (an export .pt, or a shipped encoder's "
+                        ".safetensors)")
     t.add_argument("--export", default=None,
                    help="also write weights + history alone here at every eval")
     t.add_argument("--device", default="auto")

@@ -228,7 +228,8 @@ class BlendSimulator:
     def sample(self, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """``batch`` scenes: ``images (N, B, n, n)``, ``sigmas``, ``psf_fwhm`` ``(N, B)``,
         ``target (N, D + B + 4)`` (z, log_flux, offset, e), ``ok (N,)`` (shape measured) and
-        ``z_known (N,)`` (False for analytic targets, whose z is 0 and not used)."""
+        ``z_known (N,)`` (False for analytic targets, whose z is 0 and not used) and
+        ``psf_index (N,)`` (the row of the bank's PSF kernels each scene was rendered with)."""
         cfg, dev, n, D = self.config, self.device, self.n, self.latent_dim
         K = 1 + cfg.max_neighbours
 
@@ -285,7 +286,7 @@ class BlendSimulator:
         target = torch.cat([z[:, 0], torch.log(flux[:, 0]), off, e_all[:, 0]], -1)
         return {"images": images, "sigmas": var_sky.sqrt(), "psf_fwhm": self.psf_fwhm[p],
                 "target": target, "ok": ok & torch.isfinite(target).all(-1),
-                "z_known": z_known[:, 0]}
+                "z_known": z_known[:, 0], "psf_index": p}
 
 
 def _q_params(model: AmortizedEncoder, out: dict) -> tuple[torch.Tensor, ...]:
