@@ -247,7 +247,8 @@ def cmd_save(a):
         c = st["config"]
         stages.append({"file": Path(path).name, "steps": st["step"],
                        "batch_size": c["batch_size"], "lr": c["lr"],
-                       "scenes": st["step"] * c["batch_size"],
+                       "scenes": st["step"] * c["batch_size"], "seed": c.get("seed"),
+                       "warmup_steps": c.get("warmup_steps"),
                        "wall_time_s": round(st["hist"]["wall_s"], 1)})
     card = {
         "name": Path(a.out).name, "prior": {"name": prior.name, "sha256": prior.card["sha256"]},

@@ -353,7 +353,7 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
     morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
     import torch
 
-    from .photometry import group_photometry, local_templates, systematic_of
+    from .photometry import REDISTRIBUTE, group_photometry, local_templates, systematic_of
 
     z = np.asarray(q.mean("z"), np.float32)
     pos = q.centres + q.mean("offset")
@@ -375,7 +375,7 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
     card = getattr(post, "card", None) or {}
     ph = group_photometry(tmpl, origins, np.asarray(scene.image, np.float64),
                           np.asarray(scene.weight, np.float64), groups, num_samples, rng,
-                          *systematic_of(card, 1))
+                          *systematic_of(card, 1), redistribute=REDISTRIBUTE)
     return ph["flux"]
 
 

@@ -419,9 +419,7 @@ class ScenePosterior:
         if key in self._refined:
             return self._refined[key]
         t0 = time.perf_counter()
-        init = dict(self.init)
-        init["log_flux"] = np.log(self._q_mean_flux())
-        x0 = self.problem.flatten(init)
+        x0 = self._photometric_start()
         flat, info = find_map(self.problem, None, max_iter=key, x0=x0)
         det = self.problem.deterministic(np.stack([x0, flat]))
         locs = {"z": det["latent"][1], "offset": det["position"][1] - self.q.centres}
@@ -466,7 +464,7 @@ class ScenePosterior:
 
     def photometry(self, num_samples: int = 1000, n_morph: int = 8, rng=None,
                    q_draws: dict | None = None, flux_sys: float | None = None,
-                   q=None) -> dict:
+                   q=None, redistribute: float | str | None = "auto") -> dict:
         """Flux posterior of every source given the morphology, in closed form.
 
         For each of ``n_morph`` morphology draws from q (the first is q's mean; latent and
@@ -491,6 +489,14 @@ class ScenePosterior:
         is used with ``power`` 1 and a Gaussian tail. The algebra is
         :mod:`probdeblend.photometry`.
 
+        ``redistribute``: each source also gets its share of the fit's residual in its
+        footprint (template above this fraction of its peak), in proportion to the sources'
+        fitted model images (flux conservation, :func:`probdeblend.photometry.linear_fluxes`):
+        a template that misses part of the galaxy's light (q's mean morphology is a few per
+        cent too compact on average) then no longer biases its flux low. ``"auto"``:
+        :data:`probdeblend.photometry.REDISTRIBUTE` for q's own morphologies, ``None`` (the
+        least-squares fluxes alone) for a refined ``q``, whose morphology fits the data.
+
         Returns a dict: ``flux`` (num_samples, S, band) in image units, ``chi2`` (S, band)
         footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band), ``mean``
         and ``cov`` (M, band, S[, S]) of each morphology draw (inflated, plus the
@@ -498,7 +504,7 @@ class ScenePosterior:
         (num_samples,) the morphology draw of each flux draw, ``templates`` (M, S, band, y, x)
         the unit-flux images of the morphology draws.
         """
-        from .photometry import flux_draws, linear_fluxes, systematic_of
+        from .photometry import REDISTRIBUTE, flux_draws, linear_fluxes, systematic_of
 
         rng = np.random.default_rng(0) if rng is None else rng
         n_morph = max(1, int(n_morph))
@@ -513,7 +519,13 @@ class ScenePosterior:
                 q_draws = q.sample(n_morph - 1, rng)
             tmpl = np.concatenate([tmpl, self.flux_templates(q_draws["z"][: n_morph - 1],
                                                              q_draws["position"][: n_morph - 1])])
-        mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight)
+        if isinstance(redistribute, str):
+            if redistribute != "auto":
+                raise ProbdeblendError(f"redistribute={redistribute!r}: give 'auto', None or "
+                                       "a footprint fraction such as 0.003")
+            redistribute = None if refined else REDISTRIBUTE
+        mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight,
+                                        redistribute)
         power, df = 1.0, np.inf
         if flux_sys is None:
             flux_sys, power, df = systematic_of(getattr(self.encoder, "card", None), n_morph,
@@ -521,15 +533,25 @@ class ScenePosterior:
         d = flux_draws(mean, cov, chi2, num_samples, rng, flux_sys, power, df)
         return {"flux": d["flux"], "chi2": chi2, "inflation": d["inflation"], "mean": mean,
                 "cov": d["cov"], "flux_sys": flux_sys, "power": power, "df": df,
-                "morph": d["morph"], "templates": tmpl}
+                "morph": d["morph"], "templates": tmpl, "redistribute": redistribute}
 
     def map(self, max_iter: int = 500):
-        """MAP of the whole scene (L-BFGS from q's mean): ``(flat, info)``, cached."""
+        """MAP of the whole scene: ``(flat, info)``, cached. L-BFGS from q's mean latent and
+        position with the photometric fluxes of q's mean morphology (:meth:`refined`'s
+        start; q's own fluxes start up to 10^3-10^5 nats lower on bright scenes)."""
         if self._map is None:
             from .inference import find_map
 
-            self._map = find_map(self.problem, self.init, max_iter=max_iter)
+            self._map = find_map(self.problem, None, max_iter=max_iter,
+                                 x0=self._photometric_start())
         return self._map
+
+    def _photometric_start(self) -> np.ndarray:
+        """Flat vector at q's mean latent and position with :meth:`_q_mean_flux`'s fluxes."""
+        init = dict(self.init)
+        if self.encoder is not None:
+            init["log_flux"] = np.log(self._q_mean_flux())
+        return self.problem.flatten(init)
 
     def laplace(self, num_samples: int = 1000, seed: int = 0,
                 config: LaplaceConfig | None = None) -> Draws:
@@ -540,7 +562,7 @@ class ScenePosterior:
         flat_map, map_info = self.map(cfg.map_max_iter)
         post = run_laplace(self.problem, flat_map, num_samples=num_samples, seed=seed,
                            proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals,
-                           k_max=cfg.k_max)
+                           k_max=cfg.k_max, compute_lp=False)
         return Draws(post.samples["flat"][None], post.method, "probdeblend",
                      {k: v[None] for k, v in post.sample_stats.items()},
                      {**map_info, **post.info}, post.timings)
@@ -704,17 +726,16 @@ class ScenePosterior:
         failed = np.mean(~np.isfinite(var["e1"]) | ~np.isfinite(var["e2"]), axis=(0, 1))
         stats = dict(draws.sample_stats)
         C, N = var["flux"].shape[:2]
-        if "lp" not in stats and draws.templates is not None:
-            # log prior of the sites + the pixel term of each draw's linear model (what
-            # logp_batch gives where flux = exp(log_flux)); lp has no likelihood normalisation
+        if "lp" not in stats:
+            # log prior of the sites + the pixel term of each draw's log-likelihood (computed
+            # above for every draw: rendered, or the linear model of photometric draws); what
+            # logp_batch gives where flux = exp(log_flux); lp has no likelihood normalisation
             from .likelihood import log_normalisation
 
             norm = log_normalisation(np.asarray(self.spec.sigma, np.float64),
                                      np.asarray(self.spec.good, bool), np)
             stats["lp"] = (self.problem.log_prior_batch(draws.flat.reshape(C * N, -1))
                            .reshape(C, N) + (ll - norm).sum(-1))
-        elif "lp" not in stats:
-            stats["lp"] = self.problem.logp_batch(draws.flat.reshape(C * N, -1)).reshape(C, N)
         timings = {**self.timings, **draws.timings, "measure_s": time.perf_counter() - t0}
         info = {k: v for k, v in draws.info.items()
                 if isinstance(v, (int, float, str, bool, np.integer, np.floating))}

@@ -165,6 +165,8 @@ def test_linear_products_equal_rendered_ones(tiny_prior, tiny_encoder, small_sce
     lp_r = post.to_inference_data(d, n_predictive=0).sample_stats["lp"].values
     lp_l = post.to_inference_data(lin, n_predictive=0).sample_stats["lp"].values
     np.testing.assert_allclose(lp_l, lp_r, rtol=1e-4)
+    # lp from the per-draw log-likelihood is the scene's log density
+    np.testing.assert_allclose(lp_r[0], post.problem.logp_batch(d.flat[0]), rtol=1e-4)
     # the default amortized draws take this path: every draw's flux with its template
     full = post.amortized(50, seed=0)
     assert full.templates is not None and full.extra["morph"].shape == (1, 50)

@@ -264,3 +264,35 @@ def test_simulation_based_calibration(tiny_prior):
         counts = np.histogram(r, bins=5, range=(0, 50))[0]
         p = stats.chisquare(counts).pvalue
         assert p > 1e-3, f"{name}: SBC ranks not uniform, counts {counts}, p={p:.2g}"
+
+
+class _GaussianTarget:
+    """A stand-in scene problem: ``logp_batch`` of N(0, scale^2 I), counting evaluations."""
+
+    def __init__(self, scale):
+        self.scale, self.evaluated = scale, 0
+
+    def logp_batch(self, x):
+        self.evaluated += len(x)
+        return -0.5 * np.sum((np.asarray(x) / self.scale) ** 2, -1)
+
+
+def test_laplace_psis_pilot_skips_hopeless_weights():
+    """The PSIS pilot: where the Laplace proposal matches the posterior every proposal is
+    weighted (k-hat < 0.7, 'laplace+psis'); where the posterior is far wider than the
+    Laplace curvature the pilot's k-hat is > 1 and the remaining proposals are never
+    evaluated (Laplace draws, flagged); ``compute_lp=False`` costs no further evaluation."""
+    from probdeblend.inference import run_laplace
+
+    d = 40
+    good = _GaussianTarget(1.0)
+    post = run_laplace(good, np.zeros(d), num_samples=200, cov=np.eye(d), n_proposals=800)
+    assert post.method == "laplace+psis" and post.info["pareto_k"] < 0.7
+    assert good.evaluated == 800 and post.info["n_proposals"] == 800
+    bad = _GaussianTarget(3.0)
+    post = run_laplace(bad, np.zeros(d), num_samples=200, cov=np.eye(d), n_proposals=800,
+                       proposal="gaussian", compute_lp=False)
+    assert post.info["pareto_k_pilot"] > 1.0 and post.info["n_proposals"] == 200
+    assert bad.evaluated == 200 and "lp" not in post.sample_stats
+    assert post.method.startswith("laplace (PSIS k-hat")
+    assert post.samples["flat"].shape == (200, d)
