@@ -103,17 +103,25 @@ def _redistribute(t, y, wf, mean, cov, tau: float):
     ``A = C T W + R (I - T^T C T W)`` (ratios held fixed), so their covariance is
     ``A V A^T`` with ``V`` the pixel variances.
     """
-    m_img = np.clip(mean, 0.0, None)[..., None] * np.swapaxes(t, 1, 2)  # (M, B, S, P)
+    tb = np.swapaxes(t, 1, 2)                                           # (M, B, S, P)
+    m_img = np.clip(mean, 0.0, None)[..., None] * tb
     total = m_img.sum(2, keepdims=True)
-    foot = np.swapaxes(t > tau * t.max(-1, keepdims=True), 1, 2) & (wf > 0)[None, :, None]
+    foot = (tb > tau * tb.max(-1, keepdims=True)) & (wf > 0)[None, :, None]
     ratio = np.where(foot & (total > 0), m_img / np.where(total > 0, total, 1.0), 0.0)
-    model = np.einsum("mbs,msbp->mbp", mean, t)
-    mean = mean + np.einsum("mbsp,mbp->mbs", ratio, y[None] - model)
-    ctw = np.einsum("mbst,mtbp->mbsp", cov, t * wf[None, None])       # C T W
-    rt = np.einsum("mbsp,mtbp->mbst", ratio, t)                         # R T^T
-    a = ctw + ratio - np.einsum("mbst,mbtp->mbsp", rt, ctw)             # (M, B, S, P)
+    model = (mean[..., None, :] @ tb)[..., 0, :]                        # (M, B, P)
+    mean = mean + (ratio @ (y[None] - model)[..., None])[..., 0]
+    # A = K C T W + R with K = I - R T^T; with V W = 1 on unmasked pixels (R is 0 on masked
+    # ones) A V A^T = K C G C K^T + K C rt^T + rt C K^T + R V R^T, G = T W T^T, rt = R T^T:
+    # only (S, S) contractions over the pixels
+    tbt = np.swapaxes(tb, -1, -2)
+    rt = ratio @ tbt
+    gram = (tb * wf[None, :, None]) @ tbt
     var = np.where(wf > 0, 1.0 / np.where(wf > 0, wf, 1.0), 0.0)
-    cov = np.einsum("mbsp,bp,mbtp->mbst", a, var, a)
+    k = np.eye(rt.shape[-1]) - rt
+    kc = k @ cov
+    cov = (kc @ gram @ np.swapaxes(kc, -1, -2) + kc @ np.swapaxes(rt, -1, -2)
+           + rt @ np.swapaxes(kc, -1, -2)
+           + (ratio * var[None, :, None]) @ np.swapaxes(ratio, -1, -2))
     return mean, cov
 
 
