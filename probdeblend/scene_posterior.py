@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ProbdeblendError, ProbdeblendWarning
+from .errors import ArgumentError, ProbdeblendError, ProbdeblendWarning
 from .scene import Scene
 
 __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
@@ -521,9 +521,13 @@ class ScenePosterior:
                                                              q_draws["position"][: n_morph - 1])])
         if isinstance(redistribute, str):
             if redistribute != "auto":
-                raise ProbdeblendError(f"redistribute={redistribute!r}: give 'auto', None or "
-                                       "a footprint fraction such as 0.003")
+                raise ArgumentError("redistribute", redistribute, "give 'auto', None or a "
+                                    "footprint fraction in [0, 1) such as 0.003")
             redistribute = None if refined else REDISTRIBUTE
+        elif redistribute is not None and not (isinstance(redistribute, (int, float))
+                                               and 0.0 <= float(redistribute) < 1.0):
+            raise ArgumentError("redistribute", redistribute, "give 'auto', None or a "
+                                "footprint fraction in [0, 1) such as 0.003")
         mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight,
                                         redistribute)
         power, df = 1.0, np.inf

@@ -166,5 +166,6 @@ def test_photometry_redistributes_q_morphologies_only(post):
     ph = post.photometry(50, n_morph=2)
     assert ph["redistribute"] == pytest.approx(0.003)
     assert post.photometry(50, n_morph=2, redistribute=None)["redistribute"] is None
-    with pytest.raises(pb.errors.ProbdeblendError, match="redistribute"):
-        post.photometry(50, redistribute="yes")
+    for bad in ("yes", -0.1, 1.5):
+        with pytest.raises(pb.errors.ArgumentError, match="redistribute"):
+            post.photometry(50, redistribute=bad)
