@@ -139,7 +139,9 @@ def cmd_train(a):
 
 def _init_weights(path: str) -> dict:
     """Encoder weights to start from: an export or checkpoint of :func:`train_npe` (``.pt``)
-    or a shipped encoder (``priors/<name>-amortized.safetensors``, keys ``model.*``)."""
+    or a shipped encoder (``priors/<name>-amortized.safetensors``, keys ``model.*``). Read
+    with safetensors alone, not ``read_amortized``: the GPU machine has no GalSim or Pyro,
+    which the package's loaders import (as :func:`_networks` does for the prior)."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 

@@ -431,13 +431,7 @@ def psis_resample(log_weights, num_samples: int, rng: np.random.Generator):
     weights (systematic resampling: the fewest duplicates for given weights), the Pareto shape
     ``k_hat`` and the effective sample size ``1 / sum(w^2)`` of the smoothed weights.
     """
-    import arviz as az
-
-    lw = np.asarray(log_weights, dtype=np.float64)
-    lw = np.where(np.isfinite(lw), lw, -np.inf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slw, k = az.psislw(lw - lw[np.isfinite(lw)].max())
+    slw, k = _psis(log_weights)
     w = np.exp(slw - slw.max())
     w /= w.sum()
     ess = 1.0 / np.sum(w**2)
@@ -507,7 +501,7 @@ def run_laplace(problem: SceneProblem, flat_map, num_samples: int = 1000, seed: 
     log_p = problem.logp_batch(x[:n_pilot])
     info = {"n_proposals": n, "proposal": proposal}
     if n_pilot < n:
-        _, k_pilot, _ = psis_resample(log_p - log_q[:n_pilot], 1, rng)
+        k_pilot = pareto_k(log_p - log_q[:n_pilot])
         info["pareto_k_pilot"] = k_pilot
         if k_pilot > pilot_k_max:  # hopeless weights: skip the rest of the proposals
             info["n_proposals"] = n_pilot
@@ -531,14 +525,19 @@ def pareto_k(log_weights) -> float:
 
     k < 0.5: reliable; 0.5-0.7: usable; > 0.7: the proposal misses the target.
     """
+    return _psis(log_weights)[1]
+
+
+def _psis(log_weights):
+    """ArviZ ``psislw`` of log weights (non-finite ones get weight 0): ``(smoothed, k_hat)``."""
     import arviz as az
 
     lw = np.asarray(log_weights, dtype=np.float64)
-    lw = lw - lw.max()
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, k = az.psislw(lw)
-    return float(np.asarray(k))
+        slw, k = az.psislw(lw - lw[np.isfinite(lw)].max())
+    return slw, float(np.asarray(k))
 
 
 def run_nuts_pyro(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,

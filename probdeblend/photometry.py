@@ -85,20 +85,27 @@ def linear_fluxes(tmpl: np.ndarray, image: np.ndarray, weight: np.ndarray,
     cov = np.linalg.inv(gram + eye)
     mean = np.einsum("mbst,mbt->mbs", cov, rhs)
     resid = (y - np.einsum("bs,sbp->bp", mean[0], t[0])) ** 2 * wf  # (B, P)
-    foot = (t[0] > 0.05 * t[0].max(-1, keepdims=True)) & (wf > 0)[None]  # (S, B, P)
+    foot = _footprint(t[0], wf, 0.05)  # (S, B, P)
     chi2 = np.einsum("sbp,bp->sb", foot, resid) / np.maximum(foot.sum(-1), 1)
     if redistribute is not None:
-        mean, cov = _redistribute(t, y, wf, mean, cov, float(redistribute))
+        mean, cov = _redistribute(t, y, wf, mean, cov, gram, float(redistribute))
     return mean, cov, chi2
 
 
-def _redistribute(t, y, wf, mean, cov, tau: float):
+def _footprint(t, wf, fraction: float):
+    """Unmasked pixels where each template ``t (..., S, B, P)`` exceeds ``fraction`` of its
+    peak (``wf (B, P)``: inverse variance, 0 = masked)."""
+    return (t > fraction * t.max(-1, keepdims=True)) & (wf > 0)
+
+
+def _redistribute(t, y, wf, mean, cov, gram, tau: float):
     """Least-squares fluxes plus each source's share of the residual, and their covariance.
 
-    ``t (M, S, B, P)`` templates, ``y, wf (B, P)`` data and inverse variance, ``mean (M, B, S)``
-    and ``cov (M, B, S, S)`` of the least-squares fit. Source ``s`` gets the residual of pixel
-    ``p`` in proportion ``r_sp = m_sp / sum_t m_tp`` of the (non-negative) fitted model
-    images ``m``, over its footprint (template above ``tau`` of its peak; unmasked pixels).
+    ``t (M, S, B, P)`` templates, ``y, wf (B, P)`` data and inverse variance, ``mean (M, B, S)``,
+    ``cov (M, B, S, S)`` and ``gram`` ``T W T^T (M, B, S, S)`` of the least-squares fit.
+    Source ``s`` gets the residual of pixel ``p`` in proportion ``r_sp = m_sp / sum_t m_tp``
+    of the (non-negative) fitted model images ``m``, over its footprint (template above
+    ``tau`` of its peak; unmasked pixels).
     The corrected fluxes are linear in the data, ``f' = A d`` with
     ``A = C T W + R (I - T^T C T W)`` (ratios held fixed), so their covariance is
     ``A V A^T`` with ``V`` the pixel variances.
@@ -106,7 +113,7 @@ def _redistribute(t, y, wf, mean, cov, tau: float):
     tb = np.swapaxes(t, 1, 2)                                           # (M, B, S, P)
     m_img = np.clip(mean, 0.0, None)[..., None] * tb
     total = m_img.sum(2, keepdims=True)
-    foot = (tb > tau * tb.max(-1, keepdims=True)) & (wf > 0)[None, :, None]
+    foot = np.swapaxes(_footprint(t, wf, tau), 1, 2)
     ratio = np.where(foot & (total > 0), m_img / np.where(total > 0, total, 1.0), 0.0)
     model = (mean[..., None, :] @ tb)[..., 0, :]                        # (M, B, P)
     mean = mean + (ratio @ (y[None] - model)[..., None])[..., 0]
@@ -115,7 +122,6 @@ def _redistribute(t, y, wf, mean, cov, tau: float):
     # only (S, S) contractions over the pixels
     tbt = np.swapaxes(tb, -1, -2)
     rt = ratio @ tbt
-    gram = (tb * wf[None, :, None]) @ tbt
     var = np.where(wf > 0, 1.0 / np.where(wf > 0, wf, 1.0), 0.0)
     k = np.eye(rt.shape[-1]) - rt
     kc = k @ cov

@@ -519,13 +519,10 @@ class ScenePosterior:
                 q_draws = q.sample(n_morph - 1, rng)
             tmpl = np.concatenate([tmpl, self.flux_templates(q_draws["z"][: n_morph - 1],
                                                              q_draws["position"][: n_morph - 1])])
-        if isinstance(redistribute, str):
-            if redistribute != "auto":
-                raise ArgumentError("redistribute", redistribute, "give 'auto', None or a "
-                                    "footprint fraction in [0, 1) such as 0.003")
+        if isinstance(redistribute, str) and redistribute == "auto":
             redistribute = None if refined else REDISTRIBUTE
-        elif redistribute is not None and not (isinstance(redistribute, (int, float))
-                                               and 0.0 <= float(redistribute) < 1.0):
+        if redistribute is not None and not (isinstance(redistribute, (int, float))
+                                             and 0.0 <= float(redistribute) < 1.0):
             raise ArgumentError("redistribute", redistribute, "give 'auto', None or a "
                                 "footprint fraction in [0, 1) such as 0.003")
         mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight,
