@@ -60,7 +60,10 @@ class LaplaceConfig:
     ``proposal`` ``"t"`` (multivariate Student-t with ``df`` degrees of freedom, heavier tails
     than the posterior: safer importance weights) or ``"gaussian"``; ``n_proposals`` draws
     (default ``max(num_samples, 400)``) are Pareto-smoothed and resampled; above ``k_max``
-    the plain Laplace draws are returned (flagged in ``method``).
+    the plain Laplace draws are returned (flagged in ``method``). ``hessian``
+    ``"gauss-newton"`` (default: ``J^T W J`` of the model image plus the prior's curvature,
+    PSD, 0.4-0.8 s for a 2-4 source scene on 2 cores) or ``"exact"`` (forward-over-reverse,
+    7-15 s); the MAP's L-BFGS is preconditioned with the same Gauss-Newton curvature.
     """
 
     proposal: str = "t"
@@ -68,6 +71,7 @@ class LaplaceConfig:
     n_proposals: int | None = None
     map_max_iter: int = 500
     k_max: float = 0.7
+    hessian: str = "gauss-newton"
 
 
 @dataclass
@@ -544,7 +548,7 @@ class ScenePosterior:
             from .inference import find_map
 
             self._map = find_map(self.problem, None, max_iter=max_iter,
-                                 x0=self._photometric_start())
+                                 x0=self._photometric_start(), precondition="gauss-newton")
         return self._map
 
     def _photometric_start(self) -> np.ndarray:
@@ -563,7 +567,7 @@ class ScenePosterior:
         flat_map, map_info = self.map(cfg.map_max_iter)
         post = run_laplace(self.problem, flat_map, num_samples=num_samples, seed=seed,
                            proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals,
-                           k_max=cfg.k_max, compute_lp=False)
+                           k_max=cfg.k_max, compute_lp=False, hessian=cfg.hessian)
         return Draws(post.samples["flat"][None], post.method, "probdeblend",
                      {k: v[None] for k, v in post.sample_stats.items()},
                      {**map_info, **post.info}, post.timings)

@@ -232,6 +232,94 @@ def test_map_and_laplace(tiny_prior):
     assert np.all(np.abs(m["offset"]) < 0.3)
 
 
+def _noisy_scene_problem(prior, rng):
+    """A 2-source scene of the tiny prior's own model at a random truth, with noise."""
+    scene, spec, backend, _ = _scene_for(prior, n_src=2)
+    prob = SceneProblem(backend, spec)
+    truth = {"latent_base": rng.normal(size=(2, 4)), "log_flux": np.full((2, 3), np.log(2e4)),
+             "offset": rng.normal(0, 0.2, (2, 2))}
+    model = np.asarray(prob.fn("model_image")(
+        prob.deterministic(prob.flatten(truth)[None])["latent"],
+        truth["log_flux"][None].astype(np.float32),
+        (np.asarray(spec.positions0) + truth["offset"])[None].astype(np.float32), spec))[0]
+    image = (model + rng.normal(0, 20, model.shape)).astype(np.float32)
+    scene2 = pb.Scene(image, scene.variance, scene.psf, scene.bands, SCALE,
+                      positions=scene.positions)
+    spec2 = SceneSpec.build(backend, scene2, SceneRenderer.from_scene(scene2, prior.frame),
+                            scene.positions, np.full((2, 3), 2e4), prior.latent_dim)
+    return SceneProblem(backend, spec2), truth
+
+
+def test_gauss_newton_is_jtwj_of_the_model_image(tiny_prior):
+    """The source-by-source Gauss-Newton Hessian equals J^T W J of the whole scene's model
+    image (J by jax.jacfwd through decoder and renderer) plus -Hessian of the log prior, and
+    is close to the exact Hessian at the MAP."""
+    import jax.numpy as jnp
+    from numpyro import handlers
+    from numpyro.infer.util import log_density
+
+    prob, truth = _noisy_scene_problem(tiny_prior, np.random.default_rng(3))
+    spec, be = prob.spec, prob.backend
+    x = prob.flatten(truth).astype(np.float32)
+
+    def image(flat):
+        p = prob.unravel(flat)
+        z = be.from_base(p["latent_base"])
+        return spec.render(be.decode(z), jnp.exp(p["log_flux"]), spec.positions0 + p["offset"],
+                           jnp).reshape(-1)
+
+    def log_prior(flat):
+        model = handlers.block(lambda: scene_model(be, spec), hide=["obs"])
+        return log_density(model, (), {}, prob.unravel(flat))[0]
+
+    J = np.asarray(jax.jacfwd(image)(x), np.float64)
+    w = np.where(np.asarray(spec.good), 1 / np.asarray(spec.sigma, np.float64) ** 2, 0).ravel()
+    ref = (J.T * w) @ J - np.asarray(jax.hessian(log_prior)(x), np.float64)
+    gn = prob.gauss_newton(x)
+    assert gn.shape == (prob.dim, prob.dim)
+    assert np.allclose(gn, gn.T, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+    assert np.allclose(gn, ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+    # at the MAP the exact Hessian differs only by the residual-curvature term
+    flat_map, _ = find_map(prob, None, x0=x)
+    sd_gn = np.sqrt(np.diag(laplace(prob, flat_map, hessian="gauss-newton")))
+    sd_ex = np.sqrt(np.diag(laplace(prob, flat_map, hessian="exact")))
+    assert np.median(np.abs(sd_gn / sd_ex - 1)) < 0.1
+    with pytest.raises(pb.errors.ArgumentError, match="hessian"):
+        laplace(prob, flat_map, hessian="newton")
+
+
+def test_preconditioned_map_reaches_the_same_optimum_in_fewer_iterations(tiny_prior):
+    prob, truth = _noisy_scene_problem(tiny_prior, np.random.default_rng(4))
+    x0 = prob.flatten({**truth, "latent_base": np.zeros((2, 4)),
+                       "log_flux": truth["log_flux"] - 0.3, "offset": np.zeros((2, 2))})
+    plain, info_p = find_map(prob, None, x0=x0)
+    pre, info_g = find_map(prob, None, x0=x0, precondition="gauss-newton")
+    assert info_g["map_logp"] == pytest.approx(info_p["map_logp"], abs=0.05)
+    assert info_g["map_iterations"] < info_p["map_iterations"]
+    assert info_g["map_restarts"] >= 0
+    with pytest.raises(pb.errors.ArgumentError, match="precondition"):
+        find_map(prob, None, x0=x0, precondition="bfgs")
+
+
+def test_batched_functions_match_one_at_a_time(tiny_prior):
+    """logp_batch / loglike_bands (lax.map in blocks on CPU) agree with single evaluations,
+    for batch sizes that do not divide the number of draws."""
+    prob, truth = _noisy_scene_problem(tiny_prior, np.random.default_rng(5))
+    x = prob.flatten(truth)[None] + 0.05 * np.random.default_rng(6).normal(size=(7, prob.dim))
+    single = np.array([float(prob.logp(v.astype(np.float32))) for v in x])
+    assert np.allclose(prob.logp_batch(x, batch=3), single, rtol=1e-5, atol=1e-2)
+    det = prob.deterministic(x)
+    ll = np.asarray(prob.fn("loglike_bands")(det["latent"].astype(np.float32),
+                                             det["log_flux"].astype(np.float32),
+                                             det["position"].astype(np.float32), prob.spec))
+    assert ll.shape == (7, 3)
+    ll0 = np.asarray(prob.fn("loglike_bands")(det["latent"][:1].astype(np.float32),
+                                              det["log_flux"][:1].astype(np.float32),
+                                              det["position"][:1].astype(np.float32),
+                                              prob.spec))
+    assert np.allclose(ll[:1], ll0, rtol=1e-5)
+
+
 def test_simulation_based_calibration(tiny_prior):
     """SBC (Talts et al. 2018) on scenes drawn from the model itself: the rank of each true
     parameter among posterior draws is uniform when inference is exact. NUTS on a 1-source

@@ -45,6 +45,9 @@ __all__ = ["JaxPrior", "LearnedPriorNumPyro"]
 _DN = ("NHWC", "HWIO", "NHWC")
 _LOG_2PI = math.log(2.0 * math.pi)
 
+#: latents per decoder block on CPU (see :meth:`JaxPrior._decode_flat`)
+CPU_DECODE_BLOCK = 4
+
 
 def _hwio(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
@@ -222,11 +225,26 @@ class JaxPrior:
             h = jax.nn.silu(c2(jax.nn.silu(c1(h))))
         return self._dec_out(h)
 
-    def _decode_flat(self, z):
+    def _decode_block(self, z):
         lg = self.decode_logits_nhwc(z)
         n, h, w_, b = lg.shape
         img = jax.nn.softmax(lg.reshape(n, h * w_, b), axis=1).reshape(n, h, w_, b)
         return jnp.transpose(img, (0, 3, 1, 2))
+
+    def _decode_flat(self, z):
+        """``z (N, D)`` -> stamps ``(N, band, y, x)``; on CPU in blocks of
+        :data:`CPU_DECODE_BLOCK` latents (``lax.map``) when ``N`` is larger.
+
+        On CPU the decoder's im2col activations of more than ~6 stamps at once fall out of
+        cache: a batch of 128 decodes at 3.6 ms per stamp, blocks of 4 at 1.6 ms (JAX 0.10,
+        2 cores). Accelerators keep the single large batch."""
+        n, blk = z.shape[0], CPU_DECODE_BLOCK
+        if n <= blk + 2 or jax.default_backend() != "cpu":
+            return self._decode_block(z)
+        pad = (-n) % blk
+        zp = jnp.concatenate([z, jnp.zeros((pad, z.shape[1]), z.dtype)]) if pad else z
+        out = lax.map(self._decode_block, zp.reshape(-1, blk, z.shape[1]))
+        return out.reshape((-1,) + out.shape[2:])[:n]
 
     def decode(self, z, flux=None):
         """``z (..., D)`` -> flux-normalised images ``(..., band, y, x)``, scaled by ``flux``."""
