@@ -282,9 +282,12 @@ def report(out: Path, args):
              "fluxes; its `auto` ladder checked q's mean fluxes). "
              "`_refine40` = `amortized(refine=40)`: 40 L-BFGS iterations of the scene from "
              "q's mean, q re-centred there, photometry (least squares) with the refined "
-             "calibration. `laplace` rows were measured with the v0.2 encoder's q as the MAP's "
-             "starting point. Rows of earlier calibration stages (`_gsys`, `_rawq`, `_sup`) "
-             "are kept in `rows_archive.jsonl`.", ""]
+             "calibration. `laplace` / `auto`: MAP from the v0.4 q with photometric fluxes, "
+             "L-BFGS preconditioned by the Gauss-Newton curvature, Gauss-Newton Laplace "
+             "covariance, PSIS with pilot; `_v04exact` the same with plain L-BFGS and the "
+             "exact Hessian (before the decoder ran in CPU blocks); `laplace_v02` with the "
+             "v0.2 encoder's q as the MAP's starting point. Rows of earlier calibration "
+             "stages (`_gsys`, `_rawq`, `_sup`) are kept in `rows_archive.jsonl`.", ""]
     for fam, title in (("a", "Family (a): the project's own simulator"),
                        ("b", "Family (b): shifted populations (never seen in training)")):
         fr = [r for r in rows if r["family"] == fam]

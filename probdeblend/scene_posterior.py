@@ -614,15 +614,82 @@ class ScenePosterior:
         ``e_failed`` (source): the fraction of draws whose shape could not be measured (their
         e1 / e2 are NaN and summaries skip them)."""
         det = self.problem.deterministic(draws.flat)
+        shapes = None if "e1" in draws.extra else self._decoded_shapes(det["latent"], batch)
+        return self._variables(draws, det, shapes)
+
+    @staticmethod
+    def _variables(draws: Draws, det: dict, shapes=None) -> dict:
+        """:meth:`measure`'s dict from the draws' deterministic sites and, for draws without
+        their own e1 / e2, the decoded shapes ``(e1, e2)``."""
         flux = draws.extra["flux"] if "flux" in draws.extra else np.exp(det["log_flux"])
         out = {"flux": flux, "x_pix": det["position"][..., 0],
                "y_pix": det["position"][..., 1], "latent": det["latent"],
                "log_flux": det["log_flux"]}
-        if "e1" in draws.extra:
-            out["e1"], out["e2"] = draws.extra["e1"], draws.extra["e2"]
-        else:
-            out["e1"], out["e2"] = self._decoded_shapes(det["latent"], batch)
+        out["e1"], out["e2"] = ((draws.extra["e1"], draws.extra["e2"]) if shapes is None
+                                else shapes)
         return out
+
+    def _source_renders(self, z, log_flux, positions):
+        """Per-source model images ``(n, S, band, y, x)`` (float64) and band-averaged
+        model-frame stamps ``(n, S, m, m)`` of ``n`` draws, one decode per draw."""
+        imgs, stamps = self.problem.fn("source_images")(
+            np.asarray(z, np.float32), np.asarray(log_flux, np.float32),
+            np.asarray(positions, np.float32), self.spec)
+        return np.asarray(imgs, np.float64), np.asarray(stamps)
+
+    def _draw_batch(self, batch: int | None = None) -> int:
+        """Draws rendered per batch: ``batch`` or ~20 M floats of per-source images."""
+        if batch:
+            return int(batch)
+        per = self.n_sources * self.spec.n_bands * int(np.prod(self.spec.image_shape))
+        return int(np.clip(2e7 // max(per, 1), 1, 64))
+
+    def _rendered_products(self, draws: Draws, n_predictive: int | None, seed: int):
+        """Everything :meth:`to_inference_data` needs from draws without ``templates``, in
+        one pass that decodes every draw once: the variables of :meth:`measure` (decoded
+        shapes unless the draws carry e1 / e2), the log-likelihood and replicated images of
+        :meth:`predictive`, and the mean / std of every source's image over *all* draws
+        (:meth:`source_images` averages up to ``max_draws``). Separately those decode each
+        draw two to three times, and :meth:`source_images` S times per draw."""
+        from .likelihood import loglike_per_band
+        from .measure import model_psf_sigma_pix, psf_corrected_shape_fast
+
+        spec, det = self.spec, self.problem.deterministic(draws.flat)
+        C, N, S = det["log_flux"].shape[:3]
+        sigma, image = (np.asarray(a, np.float64) for a in (spec.sigma, spec.image))
+        good = np.asarray(spec.good, bool)
+        need_e = "e1" not in draws.extra
+        e1, e2 = np.full((C, N, S), np.nan), np.full((C, N, S), np.nan)
+        ll = np.empty((C, N, spec.n_bands))
+        n_pred = N if n_predictive is None else max(0, min(int(n_predictive), N))
+        idx = np.linspace(0, N - 1, n_pred).astype(int) if n_pred else np.zeros(0, int)
+        models = np.empty((C, n_pred) + image.shape) if n_pred else None
+        s1 = s2 = 0.0
+        sig = model_psf_sigma_pix(self.prior.frame)
+        step = self._draw_batch()
+        for c in range(C):
+            for i in range(0, N, step):
+                j = np.arange(i, min(N, i + step))
+                imgs, st = self._source_renders(det["latent"][c][j], det["log_flux"][c][j],
+                                                det["position"][c][j])
+                model = imgs.sum(1)
+                ll[c, j] = loglike_per_band(model, image, sigma, good, np)
+                s1 = s1 + imgs.sum(0)
+                s2 = s2 + (imgs**2).sum(0)
+                if need_e:
+                    g1, g2 = psf_corrected_shape_fast(st.reshape((-1,) + st.shape[2:]), sig)
+                    e1[c, j], e2[c, j] = g1.reshape(len(j), S), g2.reshape(len(j), S)
+                if n_pred:
+                    k = np.flatnonzero((idx >= i) & (idx < i + step))
+                    models[c, k] = model[idx[k] - i]
+        var = self._variables(draws, det, (e1, e2) if need_e else None)
+        ppc = None
+        if n_pred:
+            rng = np.random.default_rng(seed)
+            ppc = (models + sigma * rng.standard_normal(models.shape)).astype(np.float32)
+        mean = s1 / (C * N)
+        std = np.sqrt(np.clip(s2 / (C * N) - mean**2, 0.0, None))
+        return var, ll, ppc, idx, mean.astype(np.float32), std.astype(np.float32)
 
     def source_images(self, draws: Draws, max_draws: int = 64, batch: int = 16):
         """Deblended image of every source: posterior mean and pixel std over (up to
@@ -645,19 +712,10 @@ class ScenePosterior:
             z, lf, pos = (det[k].reshape((-1,) + det[k].shape[2:])
                           for k in ("latent", "log_flux", "position"))
             idx = np.linspace(0, len(z) - 1, min(max_draws, len(z))).astype(int)
-            fn = self.problem.fn("model_image")
-            S = self.n_sources
             s1 = s2 = 0.0
             for i in range(0, len(idx), batch):
                 j = idx[i:i + batch]
-                # one source at a time: the scene model of one source is its deblended image
-                imgs = []
-                for s in range(S):
-                    lf_s = np.full_like(lf[j], -60.0)
-                    lf_s[:, s] = lf[j][:, s]
-                    imgs.append(np.asarray(fn(z[j].astype(np.float32), lf_s.astype(np.float32),
-                                              pos[j].astype(np.float32), self.spec), np.float64))
-                imgs = np.stack(imgs, 1)  # (n, S, B, y, x)
+                imgs = self._source_renders(z[j], lf[j], pos[j])[0]  # (n, S, B, y, x)
                 s1 = s1 + imgs.sum(0)
                 s2 = s2 + (imgs**2).sum(0)
             n = len(idx)
@@ -721,13 +779,21 @@ class ScenePosterior:
                           source_image_draws: int = 64, seed: int = 0, attrs: dict | None = None):
         """ArviZ InferenceData of draws (:func:`probdeblend.results.build_inference_data`):
         posterior, sample_stats, log_likelihood (per band, every draw), posterior_predictive
-        (``n_predictive`` draws, ``None`` = all), constant_data, deblended source images."""
+        (``n_predictive`` draws, ``None`` = all), constant_data, deblended source images.
+
+        The source images average every draw: photometric draws are linear in their
+        templates, and rendered draws (laplace, NUTS, SVI) are decoded once each for all the
+        products (:meth:`_rendered_products`), so ``source_image_draws`` (kept for
+        compatibility) no longer limits them."""
         from .results import build_inference_data
 
         t0 = time.perf_counter()
-        var = self.measure(draws)
-        ll, ppc, idx = self.predictive(draws, n_predictive, seed)
-        mean, std = self.source_images(draws, source_image_draws)
+        if draws.templates is None:  # rendered draws: one decode per draw for everything
+            var, ll, ppc, idx, mean, std = self._rendered_products(draws, n_predictive, seed)
+        else:
+            var = self.measure(draws)
+            ll, ppc, idx = self.predictive(draws, n_predictive, seed)
+            mean, std = self.source_images(draws, source_image_draws)
         failed = np.mean(~np.isfinite(var["e1"]) | ~np.isfinite(var["e2"]), axis=(0, 1))
         stats = dict(draws.sample_stats)
         C, N = var["flux"].shape[:2]

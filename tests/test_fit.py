@@ -141,6 +141,28 @@ def test_photometry_is_the_exact_linear_flux_posterior(tiny_prior, tiny_encoder,
     assert dataclasses.is_dataclass(d)
 
 
+def test_one_pass_products_equal_the_separate_ones(tiny_prior, tiny_encoder, small_scene):
+    """to_inference_data renders each (non-linear) draw once for shapes, log-likelihood,
+    predictive images and deblended images; each equals what measure / predictive /
+    source_images compute separately (those decode every draw again)."""
+    post = ScenePosterior(small_scene, tiny_prior, encoder=tiny_encoder, cache=PriorCache())
+    d = post.amortized(7, seed=3, photometry=False)
+    d.extra.pop("e1", None), d.extra.pop("e2", None)  # shapes from the decoded draws
+    var, ll, ppc, idx, mean, std = post._rendered_products(d, 3, seed=2)
+    ref = post.measure(d)
+    for k in ("e1", "e2", "flux", "x_pix"):
+        np.testing.assert_allclose(var[k], ref[k], rtol=1e-4, atol=1e-6)
+    ll_r, ppc_r, idx_r = post.predictive(d, 3, seed=2)
+    np.testing.assert_allclose(ll, ll_r, rtol=1e-5)
+    np.testing.assert_array_equal(idx, idx_r)
+    np.testing.assert_allclose(ppc, ppc_r, atol=1e-4 * np.abs(ppc_r).max())
+    m_r, s_r = post.source_images(d, max_draws=7)
+    np.testing.assert_allclose(mean, m_r, atol=1e-5 * np.abs(m_r).max())
+    np.testing.assert_allclose(std, s_r, atol=1e-4 * np.abs(m_r).max())
+    idata = post.to_inference_data(d, n_predictive=3, seed=2)
+    np.testing.assert_allclose(idata.posterior["e1"].values, ref["e1"], rtol=1e-4, atol=1e-6)
+
+
 def test_linear_products_equal_rendered_ones(tiny_prior, tiny_encoder, small_scene):
     """Photometry draws carry their morphology templates, so the per-draw log-likelihood, lp,
     predictive and deblended images are linear in the fluxes and need no render. When each
