@@ -243,16 +243,8 @@ def _compile(backend, template) -> dict:
         w = xp.where(spec.good, 1.0 / spec.sigma**2, 0.0).reshape(-1)
         return (J * w) @ J.T - jax.hessian(log_prior)(flat, spec)
 
-    def source_images(z, log_flux, positions, spec):
-        """Each source's own model image (S, band, y, x) and its band-averaged model-frame
-        stamp (S, n, n), from one decode of the S latents."""
-        stamps = backend.decode(z)
-        one = jax.vmap(lambda st, f, q: spec.render(st[None], f[None], q[None], xp))
-        return one(stamps, xp.exp(log_flux), positions), stamps.mean(-3)
-
     n_sources = template["latent_base"].shape[0]
     return {
-        "source_images": _over_draws(source_images, 3, n_sources),
         "gauss_newton": jax.jit(gauss_newton),
         "decode": jax.jit(backend.decode),
         "model_image": _over_draws(model_image, 3, n_sources),

@@ -311,6 +311,24 @@ class ScenePosterior:
                              self.scene.weight)[0][0].T
         return np.clip(flux, 1e-3, None)
 
+    def _decode(self, z, batch: int = 64) -> np.ndarray:
+        """Flux-normalised model-frame stamps ``(..., band, m, m)`` (float32) of latents
+        ``z (..., D)``: the torch prior, forward only, in batches of ``batch``.
+
+        Products of posterior draws need no gradient, and on CPU the torch decoder (oneDNN
+        convolutions) takes 0.5-0.8 ms per stamp where the JAX twin, built for gradients
+        inside compiled loops, takes 1.6 ms (2 cores). The two agree to float32 precision
+        (``tests/test_priors.py``)."""
+        import torch
+
+        z = np.array(z, np.float32)  # a writable copy for torch.from_numpy
+        flat = z.reshape(-1, z.shape[-1])
+        out = np.empty((len(flat),) + tuple(self.prior.frame.shape), np.float32)
+        with torch.inference_mode():
+            for i in range(0, len(flat), batch):
+                out[i:i + batch] = self.prior.decode(torch.from_numpy(flat[i:i + batch])).numpy()
+        return out.reshape(z.shape[:-1] + out.shape[1:])
+
     def _decoded_shapes(self, z, batch: int = 1024):
         """PSF-corrected adaptive-moment shapes ``(e1, e2)`` of decoded latents ``z (..., D)``
         (band-averaged stamps, :func:`probdeblend.measure.psf_corrected_shape_fast`), each
@@ -319,11 +337,10 @@ class ScenePosterior:
 
         z = np.asarray(z, np.float32)
         flat = z.reshape(-1, z.shape[-1])
-        decode = self.problem.fn("decode")
         sig = model_psf_sigma_pix(self.prior.frame)
         e1, e2 = np.empty(len(flat)), np.empty(len(flat))
         for i in range(0, len(flat), batch):
-            stamps = np.asarray(decode(flat[i:i + batch])).mean(-3)
+            stamps = self._decode(flat[i:i + batch]).mean(-3)
             e1[i:i + batch], e2[i:i + batch] = psf_corrected_shape_fast(stamps, sig)
         return e1.reshape(z.shape[:-1]), e2.reshape(z.shape[:-1])
 
@@ -629,16 +646,30 @@ class ScenePosterior:
                                 else shapes)
         return out
 
-    def _source_renders(self, z, log_flux, positions):
-        """Per-source model images ``(n, S, band, y, x)`` (float64) and band-averaged
-        model-frame stamps ``(n, S, m, m)`` of ``n`` draws, one decode per draw."""
-        imgs, stamps = self.problem.fn("source_images")(
-            np.asarray(z, np.float32), np.asarray(log_flux, np.float32),
-            np.asarray(positions, np.float32), self.spec)
-        return np.asarray(imgs, np.float64), np.asarray(stamps)
+    def _source_boxes(self, z, log_flux, positions):
+        """Each source's model image of ``n`` draws in its own box: ``(boxes (n, S, band, L,
+        L), origins (n, S, 2) int (scene x, y of box pixel [0, 0]), band-averaged
+        model-frame stamps (n, S, m, m))``, boxes in float32. One decode per source and draw
+        (:meth:`_decode`), rendered through the scene's PSFs on a box of the stamp plus the PSF
+        (:func:`probdeblend.photometry.local_templates`: the scene renderer's forward model,
+        ~4x fewer pixels per FFT than the whole padded 80x80 scene), times its fluxes. Paste
+        with :func:`_add_box`."""
+        from .photometry import local_templates
+
+        z = np.asarray(z, np.float32)
+        n, S = z.shape[:2]
+        stamps = self._decode(z.reshape(n * S, -1))
+        tmpl, origins = local_templates(stamps, np.asarray(positions).reshape(n * S, 2),
+                                        self.scene.psf, self.prior.frame.psf_image(
+                                            self.scene.psf.shape[-1]))
+        tmpl *= np.exp(np.asarray(log_flux, np.float64)).astype(np.float32).reshape(
+            n * S, -1, 1, 1)  # in place: the boxes are the largest arrays here
+        return (tmpl.reshape((n, S) + tmpl.shape[1:]), origins.reshape(n, S, 2),
+                stamps.mean(-3).reshape((n, S) + stamps.shape[-2:]))
 
     def _draw_batch(self, batch: int | None = None) -> int:
-        """Draws rendered per batch: ``batch`` or ~20 M floats of per-source images."""
+        """Draws rendered per batch: ``batch``, or up to 64 with at most ~20 M floats of
+        per-source images (bounds the memory of large scenes)."""
         if batch:
             return int(batch)
         per = self.n_sources * self.spec.n_bands * int(np.prod(self.spec.image_shape))
@@ -650,7 +681,7 @@ class ScenePosterior:
         shapes unless the draws carry e1 / e2), the log-likelihood and replicated images of
         :meth:`predictive`, and the mean / std of every source's image over *all* draws
         (:meth:`source_images` averages up to ``max_draws``). Separately those decode each
-        draw two to three times, and :meth:`source_images` S times per draw."""
+        draw two to three times."""
         from .likelihood import loglike_per_band
         from .measure import model_psf_sigma_pix, psf_corrected_shape_fast
 
@@ -664,18 +695,21 @@ class ScenePosterior:
         n_pred = N if n_predictive is None else max(0, min(int(n_predictive), N))
         idx = np.linspace(0, N - 1, n_pred).astype(int) if n_pred else np.zeros(0, int)
         models = np.empty((C, n_pred) + image.shape) if n_pred else None
-        s1 = s2 = 0.0
+        s1, s2 = np.zeros((S,) + image.shape), np.zeros((S,) + image.shape)
         sig = model_psf_sigma_pix(self.prior.frame)
         step = self._draw_batch()
         for c in range(C):
             for i in range(0, N, step):
                 j = np.arange(i, min(N, i + step))
-                imgs, st = self._source_renders(det["latent"][c][j], det["log_flux"][c][j],
-                                                det["position"][c][j])
-                model = imgs.sum(1)
+                boxes, origins, st = self._source_boxes(
+                    det["latent"][c][j], det["log_flux"][c][j], det["position"][c][j])
+                model = np.zeros((len(j),) + image.shape)
+                for k in range(len(j)):
+                    for s in range(S):
+                        _add_box(model[k], boxes[k, s], origins[k, s])
+                        _add_box(s1[s], boxes[k, s], origins[k, s])
+                        _add_box(s2[s], boxes[k, s] ** 2, origins[k, s])
                 ll[c, j] = loglike_per_band(model, image, sigma, good, np)
-                s1 = s1 + imgs.sum(0)
-                s2 = s2 + (imgs**2).sum(0)
                 if need_e:
                     g1, g2 = psf_corrected_shape_fast(st.reshape((-1,) + st.shape[2:]), sig)
                     e1[c, j], e2[c, j] = g1.reshape(len(j), S), g2.reshape(len(j), S)
@@ -712,12 +746,16 @@ class ScenePosterior:
             z, lf, pos = (det[k].reshape((-1,) + det[k].shape[2:])
                           for k in ("latent", "log_flux", "position"))
             idx = np.linspace(0, len(z) - 1, min(max_draws, len(z))).astype(int)
-            s1 = s2 = 0.0
+            S = self.n_sources
+            s1 = np.zeros((S, self.spec.n_bands) + tuple(self.scene.shape))
+            s2 = np.zeros_like(s1)
             for i in range(0, len(idx), batch):
                 j = idx[i:i + batch]
-                imgs = self._source_renders(z[j], lf[j], pos[j])[0]  # (n, S, B, y, x)
-                s1 = s1 + imgs.sum(0)
-                s2 = s2 + (imgs**2).sum(0)
+                boxes, origins, _ = self._source_boxes(z[j], lf[j], pos[j])
+                for k in range(len(j)):
+                    for s in range(S):
+                        _add_box(s1[s], boxes[k, s], origins[k, s])
+                        _add_box(s2[s], boxes[k, s] ** 2, origins[k, s])
             n = len(idx)
         mean = s1 / n
         std = np.sqrt(np.clip(s2 / n - mean**2, 0.0, None))
@@ -824,6 +862,17 @@ class ScenePosterior:
             predictive_draws=idx if ppc is not None else None,
             source_images_mean=mean, source_images_std=std, positions_given=self.positions0,
             attrs=all_attrs)
+
+
+def _add_box(target, box, origin) -> None:
+    """Add ``box (..., L, L)`` into ``target (..., ny, nx)`` with its pixel [0, 0] at scene
+    ``origin = (x, y)``, clipped to the target (in place)."""
+    ny, nx = target.shape[-2:]
+    size_y, size_x = box.shape[-2:]
+    ox, oy = int(origin[0]), int(origin[1])
+    ax, ay, bx, by = max(ox, 0), max(oy, 0), min(ox + size_x, nx), min(oy + size_y, ny)
+    if bx > ax and by > ay:
+        target[..., ay:by, ax:bx] += box[..., ay - oy:by - oy, ax - ox:bx - ox]
 
 
 def _template_fn(twin, image_shape):
