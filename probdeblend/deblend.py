@@ -245,7 +245,8 @@ def _encoder(prior):
 
 
 def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_samples: int,
-                             seed: int, groups=None, photometry: bool = True) -> dict[str, Any]:
+                             seed: int, groups=None, photometry: bool = True,
+                             q=None) -> dict[str, Any]:
     """Posterior draws of every source at ``positions`` of ``scene``, in one batched pass.
 
     This is the single entry point of the catalogue to per-source inference; the rest of
@@ -280,6 +281,9 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
         sources whose rendering boxes overlap, linked.
     photometry : bool
         See above.
+    q : AmortizedQ, optional
+        The encoder's q of these sources in ``scene``'s coordinates, when already computed
+        (the residual pass encodes every first-pass source; :func:`deblend` reuses it).
 
     Returns
     -------
@@ -300,7 +304,7 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
         z = np.zeros((0, S))
         return {"flux": np.zeros((0, S, B)), "e1": z, "e2": z, "x": z, "y": z,
                 "e_draws_from": "q_mean", "method": "amortized", "pareto_k": np.zeros(0)}
-    q = post.predict_q(scene, pos)
+    q = post.predict_q(scene, pos) if q is None else q
     rng = np.random.default_rng(seed)
     d = q.sample(S, rng)  # each (S, n, width): q's own joint draws, no decode
     # flux: q's bands are the encoder's; put them in the scene's band order
@@ -351,7 +355,6 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
                         groups=None) -> np.ndarray:
     """Flux draws ``(n, num_samples, band)`` of the closed-form photometry given q's mean
     morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
-    import torch
 
     from .photometry import REDISTRIBUTE, group_photometry, local_templates, systematic_of
 
@@ -361,8 +364,7 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
     mpsf = prior.frame.psf_image(k)
     tmpl, origins = [], []
     for i in range(0, len(z), 256):  # bounded: one batch of stamps at a time
-        with torch.inference_mode():
-            st = prior.decode(torch.as_tensor(z[i:i + 256]))[:, band_idx].numpy()
+        st = prior.decode_numpy(z[i:i + 256])[:, band_idx]
         t, o = local_templates(st, pos[i:i + 256], scene.psf, mpsf)
         tmpl.append(t)
         origins.append(o)
@@ -385,7 +387,9 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
 
 
 def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 512):
-    """Noiseless model (band, ny, nx) of the sources at ``positions``.
+    """Noiseless model (band, ny, nx) of the sources at ``positions``, and their q
+    (:class:`~probdeblend.amortized.q.AmortizedQ` in ``scene``'s coordinates, rows in the order
+    of ``positions``; None without sources).
 
     Each source's amortized q-mean galaxy (decoded latent x flux, in the prior's model frame)
     is shifted by its sub-pixel offset (Fourier phase on its stamp) and added at its integer
@@ -403,7 +407,11 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
     n = prior.frame.stamp_size
     placed = np.zeros((scene.n_bands, ny + 2 * n, nx + 2 * n), dtype=np.float32)
+    q_all = None
     if len(pos):
+        from .amortized.q import AmortizedQ
+
+        parts, where = [], []
         band_idx = [list(post.bands).index(b) for b in scene.bands]
         fy = torch.as_tensor(np.fft.fftfreq(n)[:, None], dtype=torch.float32)
         fx = torch.as_tensor(np.fft.rfftfreq(n)[None, :], dtype=torch.float32)
@@ -413,16 +421,19 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
             idx = order[start:start + int(chunk_size)]
             y0 = max(int(np.floor(pos[idx, 1].min())) - half, 0)
             y1 = min(int(np.ceil(pos[idx, 1].max())) + half + 1, ny)
-            q = post.predict(_sub_scene(scene, (y0, y1, 0, nx)), pos[idx] - [0.0, y0])
-            origin = np.asarray(q["positions"], np.float64) + [0.0, y0] - (n - 1) / 2.0
+            q = post.predict_q(_sub_scene(scene, (y0, y1, 0, nx)), pos[idx] - [0.0, y0])
+            q = q.take(np.arange(len(idx)), shift=(0.0, y0))  # scene coordinates
+            parts.append(q)
+            where.append(idx)
+            origin = q.centres + q.mean("offset") - (n - 1) / 2.0
             i0 = np.floor(origin).astype(int)
             frac = (origin - i0).astype(np.float32)
-            z_all = np.asarray(q["z_loc"], np.float32)
-            f_all = np.exp(np.asarray(q["log_flux_loc"])[:, band_idx]).astype(np.float32)
+            z_all = np.asarray(q.mean("z"), np.float32)
+            f_all = np.exp(q.mean("log_flux")[:, band_idx]).astype(np.float32)
             for b0 in range(0, len(idx), 256):
                 sl = slice(b0, b0 + 256)
+                st = torch.from_numpy(prior.decode_numpy(z_all[sl])[:, band_idx])
                 with torch.inference_mode():
-                    st = prior.decode(torch.as_tensor(z_all[sl]))[:, band_idx]
                     st = st * torch.as_tensor(f_all[sl])[:, :, None, None]
                     d = torch.as_tensor(frac[sl])
                     ph = torch.exp(-2j * np.pi * (fx * d[:, 0, None, None]
@@ -431,6 +442,7 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
                 for j, (xa, ya) in enumerate(i0[sl] + n):
                     if 0 <= xa <= nx + n and 0 <= ya <= ny + n:
                         placed[:, ya:ya + n, xa:xa + n] += st[j]
+        q_all = AmortizedQ.concatenate(parts).take(np.argsort(np.concatenate(where)))
     k = scene.psf.shape[-1]
     shape = (fft_size(ny + 2 * n + k), fft_size(nx + 2 * n + k))
     mpsf = prior.frame.psf_image(k)
@@ -439,17 +451,18 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
         conv = np.fft.irfft2(np.fft.rfft2(placed[b], s=shape) * kern, s=shape)
         placed[b, n:n + ny, n:n + nx] = conv[n:n + ny, n:n + nx]
         del conv, kern
-    return placed[:, n:n + ny, n:n + nx]  # a writable view (the caller may reuse it)
+    return placed[:, n:n + ny, n:n + nx], q_all  # a writable view (the caller may reuse it)
 
 
 def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: float,
                          exclusion: float, chunk_size: int):
     """Sources detected (:func:`~probdeblend.detection.detect_sources`, matched-filter and
     lowered-Gaussian S/N >= ``threshold``) in ``image - model`` farther than ``exclusion`` px
-    from every known source. Returns ``(positions (m, 2), snr (m,))``."""
+    from every known source. Returns ``(positions (m, 2), snr (m,), q)``: q of the known
+    sources, computed for the model (see :func:`_model_image`)."""
     from .detection import detect_sources
 
-    residual = _model_image(scene, positions, prior, chunk_size)
+    residual, q = _model_image(scene, positions, prior, chunk_size)
     np.subtract(scene.image, residual, out=residual)  # in place: image - model
     t = detect_sources(scene, threshold=threshold, split_snr=threshold, image=residual)
     del residual
@@ -461,7 +474,27 @@ def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: 
         d, _ = cKDTree(positions).query(new)
         keep = d > exclusion
         new, snr = new[keep], snr[keep]
-    return new, snr
+    return new, snr, q
+
+
+def _chunk_q(q_first, sub: Scene, positions: np.ndarray, members: np.ndarray, origin,
+             prior):
+    """q of a chunk's ``members`` in the coordinates of its sub-scene ``sub`` (origin
+    ``(x0, y0)``): the residual pass's q for first-pass sources (the encoder sees only each
+    source's cutout, the same pixels in both passes), a new encoding for the others; None
+    without a residual pass (the chunk is encoded as a whole)."""
+    if q_first is None:
+        return None
+    shift = (-float(origin[0]), -float(origin[1]))
+    known = members < q_first.n_sources
+    if known.all():
+        return q_first.take(members, shift)
+    from .amortized.q import AmortizedQ
+
+    new = _encoder(prior).predict_q(sub, positions[members[~known]] + shift)
+    q = AmortizedQ.concatenate([q_first.take(members[known], shift), new])
+    order = np.concatenate([np.flatnonzero(known), np.flatnonzero(~known)])
+    return q.take(np.argsort(order))
 
 
 def _write_group_draws(path: Path, d: dict, ids: np.ndarray, scene: Scene,
@@ -676,6 +709,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
     snr_det = None
     segmap = None
     det_pass = None
+    q_first = None  # q of the first-pass sources, from the residual pass
     if scene.positions is not None and len(scene.positions):
         positions = np.asarray(scene.positions, dtype=np.float64)
         if grouping == "footprint":  # footprints only (no splitting needed)
@@ -687,9 +721,10 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         snr_det = np.asarray(table["snr"], np.float64)
         det_pass = np.zeros(len(positions), dtype=np.int64)
         if residual_pass and len(positions):
-            new, new_snr = _residual_detections(scene, positions, prior,
-                                                float(residual_threshold),
-                                                float(residual_exclusion), int(chunk_size))
+            new, new_snr, q_first = _residual_detections(scene, positions, prior,
+                                                         float(residual_threshold),
+                                                         float(residual_exclusion),
+                                                         int(chunk_size))
             if len(new):
                 positions = np.concatenate([positions, new])
                 snr_det = np.concatenate([snr_det, new_snr])
@@ -765,7 +800,9 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
             bounds = np.cumsum([0] + [g.size for g in chunk])  # groups are contiguous
             local = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             d = _amortized_catalog_draws(sub, positions[members] - [x0, y0], prior, S,
-                                         chunk_seed, groups=local)
+                                         chunk_seed, groups=local,
+                                         q=_chunk_q(q_first, sub, positions, members,
+                                                    (x0, y0), prior))
         except ProbdeblendError as err:
             rows = row_of[members]
             cols["flag_failed"][rows] = True

@@ -311,23 +311,13 @@ class ScenePosterior:
                              self.scene.weight)[0][0].T
         return np.clip(flux, 1e-3, None)
 
-    def _decode(self, z, batch: int = 64) -> np.ndarray:
-        """Flux-normalised model-frame stamps ``(..., band, m, m)`` (float32) of latents
-        ``z (..., D)``: the torch prior, forward only, in batches of ``batch``.
-
-        Products of posterior draws need no gradient, and on CPU the torch decoder (oneDNN
-        convolutions) takes 0.5-0.8 ms per stamp where the JAX twin, built for gradients
-        inside compiled loops, takes 1.6 ms (2 cores). The two agree to float32 precision
-        (``tests/test_priors.py``)."""
-        import torch
-
-        z = np.array(z, np.float32)  # a writable copy for torch.from_numpy
-        flat = z.reshape(-1, z.shape[-1])
-        out = np.empty((len(flat),) + tuple(self.prior.frame.shape), np.float32)
-        with torch.inference_mode():
-            for i in range(0, len(flat), batch):
-                out[i:i + batch] = self.prior.decode(torch.from_numpy(flat[i:i + batch])).numpy()
-        return out.reshape(z.shape[:-1] + out.shape[1:])
+    def _decode(self, z) -> np.ndarray:
+        """Stamps ``(..., band, m, m)`` (float32) of latents ``z (..., D)`` for products of
+        draws: the torch prior forward-only (:meth:`LearnedPrior.decode_numpy`). Products
+        need no gradient, and on CPU the torch decoder (oneDNN convolutions) takes 0.5-0.8 ms
+        per stamp where the JAX twin, built for gradients inside compiled loops, takes
+        1.6 ms (2 cores); the two agree to float32 precision (``tests/test_priors.py``)."""
+        return self.prior.decode_numpy(z)
 
     def _decoded_shapes(self, z, batch: int = 1024):
         """PSF-corrected adaptive-moment shapes ``(e1, e2)`` of decoded latents ``z (..., D)``

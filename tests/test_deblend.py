@@ -170,6 +170,33 @@ def test_same_seed_same_catalog(field, cat):
         np.testing.assert_array_equal(np.asarray(again[c]), np.asarray(cat[c]))
 
 
+def test_residual_pass_q_is_reused_exactly(field, cat, monkeypatch):
+    """The main pass reuses the residual pass's q of the first-pass sources (the encoder
+    sees only each source's cutout): the catalogue equals one where every chunk is encoded
+    again, and the residual pass's q equals encoding the whole scene at once."""
+    import sys
+
+    from probdeblend.deblend import _encoder, _residual_detections, _resolve_prior
+
+    dbm = sys.modules["probdeblend.deblend"]  # the package exports the function by that name
+
+    assert int((np.asarray(cat["det_pass"]) == 0).sum()) > 0
+    monkeypatch.setattr(dbm, "_chunk_q", lambda *a, **k: None)
+    again = deblend(field.to_scene(), num_samples=64, seed=1)
+    for c in ("id", "group", "x", "y", "flux_r", "flux_r_err", "e1", "e2"):
+        np.testing.assert_allclose(np.asarray(again[c], float), np.asarray(cat[c], float),
+                                   rtol=1e-4, atol=1e-4)
+    scene = field.to_scene()
+    prior = _resolve_prior("lsst-vae")
+    first = np.stack([np.asarray(cat["x_init"]), np.asarray(cat["y_init"])], -1)[
+        np.asarray(cat["det_pass"]) == 0]
+    _, _, q = _residual_detections(scene, first, prior, 10.0, 3.0, 4)  # strips of 4
+    ref = _encoder(prior).predict_q(scene, first)
+    np.testing.assert_allclose(q.loc, ref.loc, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(q.scale, ref.scale, rtol=1e-4)
+    np.testing.assert_allclose(q.centres, ref.centres)
+
+
 def test_small_chunks_same_sources_and_groups(field, cat):
     small = deblend(field.to_scene(), num_samples=64, seed=1, chunk_size=2)
     for c in ("id", "group"):

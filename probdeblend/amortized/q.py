@@ -136,6 +136,21 @@ class AmortizedQ:
             scale[:, sl] *= float(c) * sd ** (float(gamma) - 1.0)
         return AmortizedQ(self.loc, scale, self.factor, self.groups, self.centres)
 
+    def take(self, index, shift=(0.0, 0.0)) -> AmortizedQ:
+        """q of the sources ``index`` (int array, any order), their cutout centres moved by
+        ``shift`` (pixels ``(dx, dy)``: e.g. minus the origin of a sub-scene)."""
+        i = np.asarray(index, np.int64)
+        return AmortizedQ(self.loc[i], self.scale[i], self.factor[i], self.groups,
+                          self.centres[i] + np.asarray(shift, np.float64))
+
+    @staticmethod
+    def concatenate(qs) -> AmortizedQ:
+        """One q of the sources of several (same groups and rank), in order."""
+        qs = list(qs)
+        return AmortizedQ(*(np.concatenate([getattr(q, k) for q in qs])
+                            for k in ("loc", "scale", "factor")), qs[0].groups,
+                          np.concatenate([q.centres for q in qs]))
+
     def recentred(self, **locs) -> AmortizedQ:
         """q moved to new means of some groups (``name=array (S, width)``), widths and
         correlations unchanged: e.g. centred on a refined morphology."""
