@@ -14,7 +14,9 @@ that the 95 % interval holds too. With ``--write-card`` it
 stores ``calibration.by_n_morph[n_morph]`` (and, for the default ``n_morph`` 8, the top-level
 ``calibration.flux_sys`` / ``power``) in the encoder's model card, where ``photometry`` reads it
 (:func:`probdeblend.photometry.systematic_of`). The catalogue (``deblend``) uses one morphology
-draw, q's mean: calibrate it with ``--n-morph 1``.
+draw, q's mean: calibrate it with ``--n-morph 1``. ``--laplace`` fits the model-error term of
+``ScenePosterior.laplace``'s fluxes instead (``calibration.laplace``: ``flux_sys`` and ``df``
+of the fractional error shared by a source's bands; use ``--fit-tail``).
 
     python benchmarks/calibrate_photometry.py --encoder priors/lsst-vae-amortized.json \
         --n 100 --write-card
@@ -39,7 +41,7 @@ from deblend_benchmark import _encoder, scene_of  # noqa: E402
 
 import probdeblend as pb  # noqa: E402
 from probdeblend.atomic import write_json  # noqa: E402
-from probdeblend.scene_posterior import ScenePosterior  # noqa: E402
+from probdeblend.scene_posterior import LaplaceConfig, ScenePosterior  # noqa: E402
 
 
 def collect(args) -> list[dict]:
@@ -51,14 +53,17 @@ def collect(args) -> list[dict]:
         sim, _ = scene_of("a", i)
         t0 = time.perf_counter()
         post = ScenePosterior(sim.to_scene(), prior, encoder=enc)
-        q = post.refined(args.refine)[0] if args.refine else None
-        ph = post.photometry(400, n_morph=args.n_morph, rng=np.random.default_rng(i),
-                             flux_sys=0.0, q=q)
-        f = ph["flux"][:, 0, r]
+        if args.laplace:  # the laplace posterior's fluxes, without the systematic
+            d = post.laplace(400, seed=i, config=LaplaceConfig(flux_sys=0.0))
+            f, infl = post.measure(d)["flux"][0, :, 0, r], 1.0
+        else:
+            q = post.refined(args.refine)[0] if args.refine else None
+            ph = post.photometry(400, n_morph=args.n_morph, rng=np.random.default_rng(i),
+                                 flux_sys=0.0, q=q)
+            f, infl = ph["flux"][:, 0, r], float(ph["inflation"][0, r])
         rows.append({"scene": i, "truth": float(sim.truth[0]["flux_r"]), "mean": float(f.mean()),
                      "sd": float(f.std()), "snr": float(sim.truth[0]["snr"]),
-                     "inflation": float(ph["inflation"][0, r]),
-                     "seconds": time.perf_counter() - t0})
+                     "inflation": infl, "seconds": time.perf_counter() - t0})
     return rows
 
 
@@ -178,6 +183,9 @@ def main(argv=None):
     ap.add_argument("--refine", type=int, default=0,
                     help="calibrate amortized(refine=K): morphology draws around a refined "
                          "morphology (stored under calibration.by_n_morph_refined)")
+    ap.add_argument("--laplace", action="store_true",
+                    help="calibrate the laplace posterior's flux model-error term instead "
+                         "(stored as calibration.laplace: flux_sys, df)")
     ap.add_argument("--fit-power", action="store_true",
                     help="also fit the power of the inflation, per S/N bin (default: power 1)")
     ap.add_argument("--fit-tail", action="store_true",
@@ -200,7 +208,8 @@ def main(argv=None):
         cov = {(eps, power): cov_t[(eps, df)]}
     rel = np.array([r["mean"] / r["truth"] - 1 for r in rows])
     res = {"encoder": a.encoder, "scenes": f"family a {a.start}..{a.start + len(rows) - 1}",
-           "n_morph": a.n_morph, "refine": a.refine, "flux_sys": eps, "power": power,
+           "n_morph": a.n_morph, "refine": a.refine, "laplace": a.laplace,
+           "flux_sys": eps, "power": power,
            "df": None if df is None or not np.isfinite(df) else df,
            "coverage_68_95_at_flux_sys": cov[(eps, power)],
            "coverage_68_95_without": coverage(rows, 0.0),
@@ -223,9 +232,13 @@ def main(argv=None):
                                      "coverage_68_95_at_flux_sys", "coverage_per_snr_bin")}
         if a.refine:
             entry["refine"] = a.refine
-        by[str(a.n_morph)] = entry
-        cal[table] = by
-        if not a.refine and (a.n_morph == 8 or "flux_sys" not in cal):
+        if a.laplace:  # one entry: the Laplace posterior has no morphology draws
+            cal["laplace"] = {**entry, "coverage_68_95_without": res["coverage_68_95_without"],
+                              "method": "benchmarks/calibrate_photometry.py --laplace"}
+        else:
+            by[str(a.n_morph)] = entry
+            cal[table] = by
+        if not (a.refine or a.laplace) and (a.n_morph == 8 or "flux_sys" not in cal):
             cal.update({k: res[k] for k in ("flux_sys", "power", "df", "scenes", "n_morph",
                                             "coverage_68_95_at_flux_sys",
                                             "coverage_68_95_without")})

@@ -131,6 +131,15 @@ def _redistribute(t, y, wf, mean, cov, gram, tau: float):
     return mean, cov
 
 
+def systematic_noise(rng: np.random.Generator, shape, df: float = np.inf) -> np.ndarray:
+    """Unit-scale draws of a systematic error: standard normal (``df`` infinite) or
+    Student-t with ``df`` degrees of freedom, of ``shape``."""
+    u = rng.standard_normal(shape)
+    if np.isfinite(df):
+        u = u * np.sqrt(df / rng.chisquare(df, size=shape))
+    return u
+
+
 def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples: int,
                rng: np.random.Generator, flux_sys: float = 0.0, power: float = 1.0,
                df: float = np.inf) -> dict:
@@ -169,10 +178,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)
     sys_sd = flux_sys * np.clip(mean, 0.0, None) * infl.T[None] ** (0.5 * power)  # (M, B, S)
     if flux_sys > 0:  # scaled by the footprint misfit: a worse-fitting morphology, larger error
-        u = rng.standard_normal((n, 1, n_src))
-        if np.isfinite(df):
-            u = u * np.sqrt(df / rng.chisquare(df, size=(n, 1, n_src)))
-        f = f + sys_sd[k] * u
+        f = f + sys_sd[k] * systematic_noise(rng, (n, 1, n_src), df)
         cov_d = cov_d + sys_sd[..., None] ** 2 * np.eye(n_src)
     return {"flux": np.transpose(f, (0, 2, 1)), "morph": k, "inflation": infl, "cov": cov_d}
 

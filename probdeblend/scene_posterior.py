@@ -64,6 +64,15 @@ class LaplaceConfig:
     ``"gauss-newton"`` (default: ``J^T W J`` of the model image plus the prior's curvature,
     PSD, 0.4-0.8 s for a 2-4 source scene on 2 cores) or ``"exact"`` (forward-over-reverse,
     7-15 s); the MAP's L-BFGS is preconditioned with the same Gauss-Newton curvature.
+
+    ``flux_sys``: the model-error term of the fluxes. Every draw's fluxes are multiplied by
+    ``1 + flux_sys * u``, one Student-t ``u`` (``flux_sys_df`` degrees of freedom) per source
+    and draw shared by its bands, as the photometry's systematic
+    (:func:`probdeblend.photometry.flux_draws`): the prior's galaxies and the PSF images are
+    approximations, and at high S/N that percent-level error dominates the photon noise that
+    the Laplace width measures. ``None`` (default): the encoder card's
+    ``calibration.laplace`` (``benchmarks/calibrate_photometry.py --laplace``, fitted on
+    held-out simulations), none without one; 0 turns it off.
     """
 
     proposal: str = "t"
@@ -72,6 +81,8 @@ class LaplaceConfig:
     map_max_iter: int = 500
     k_max: float = 0.7
     hessian: str = "gauss-newton"
+    flux_sys: float | None = None
+    flux_sys_df: float | None = None
 
 
 @dataclass
@@ -575,9 +586,27 @@ class ScenePosterior:
         post = run_laplace(self.problem, flat_map, num_samples=num_samples, seed=seed,
                            proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals,
                            k_max=cfg.k_max, compute_lp=False, hessian=cfg.hessian)
-        return Draws(post.samples["flat"][None], post.method, "probdeblend",
+        flat = post.samples["flat"][None]
+        sys_, df = self._laplace_systematic(cfg)
+        extra = {}
+        if sys_ > 0:
+            from .photometry import systematic_noise
+
+            flux = np.exp(self.problem.deterministic(flat)["log_flux"])  # (1, n, S, B)
+            u = systematic_noise(np.random.default_rng([int(seed), 1]), flux.shape[:3], df)
+            extra["flux"] = flux * (1.0 + sys_ * u)[..., None]
+        return Draws(flat, post.method, "probdeblend",
                      {k: v[None] for k, v in post.sample_stats.items()},
-                     {**map_info, **post.info}, post.timings)
+                     {**map_info, **post.info, "flux_sys": sys_}, post.timings, extra=extra)
+
+    def _laplace_systematic(self, cfg: LaplaceConfig) -> tuple[float, float]:
+        """``(flux_sys, df)`` of the laplace fluxes: the config's, else the encoder card's
+        ``calibration.laplace``, else none."""
+        cal = ((getattr(self.encoder, "card", None) or {}).get("calibration") or {}).get(
+            "laplace") or {}
+        sys_ = cfg.flux_sys if cfg.flux_sys is not None else float(cal.get("flux_sys", 0.0))
+        df = cfg.flux_sys_df if cfg.flux_sys_df is not None else cal.get("df")
+        return float(sys_), (np.inf if df is None else float(df))
 
     def nuts(self, num_samples: int = 1000, seed: int = 0, config: NutsConfig | None = None,
              progress: bool = False) -> Draws:

@@ -16,7 +16,13 @@ from probdeblend.fit import fit
 from probdeblend.inference import psis_resample
 from probdeblend.priors.frame import ModelFrame
 from probdeblend.priors.train import build_tiny_prior
-from probdeblend.scene_posterior import NutsConfig, PriorCache, ScenePosterior, SviConfig
+from probdeblend.scene_posterior import (
+    LaplaceConfig,
+    NutsConfig,
+    PriorCache,
+    ScenePosterior,
+    SviConfig,
+)
 from probdeblend.simulate import BlendConfig, Frame, blend_scene
 
 
@@ -161,6 +167,22 @@ def test_one_pass_products_equal_the_separate_ones(tiny_prior, tiny_encoder, sma
     np.testing.assert_allclose(std, s_r, atol=1e-4 * np.abs(m_r).max())
     idata = post.to_inference_data(d, n_predictive=3, seed=2)
     np.testing.assert_allclose(idata.posterior["e1"].values, ref["e1"], rtol=1e-4, atol=1e-6)
+
+
+def test_laplace_flux_model_error_term(tiny_prior, small_scene):
+    """LaplaceConfig(flux_sys=s) multiplies every draw's fluxes by 1 + s u, one u per source
+    and draw shared by the bands; 0 leaves the model's own fluxes; None reads the encoder
+    card's calibration.laplace (none here: no encoder)."""
+    post = ScenePosterior(small_scene, tiny_prior, cache=PriorCache())
+    d0 = post.laplace(400, seed=1, config=LaplaceConfig(flux_sys=0.0))
+    assert "flux" not in d0.extra and d0.info["flux_sys"] == 0.0
+    assert post.laplace(50, seed=1).info["flux_sys"] == 0.0  # no encoder card: none
+    d = post.laplace(400, seed=1, config=LaplaceConfig(flux_sys=0.2, flux_sys_df=np.inf))
+    ratio = d.extra["flux"] / np.exp(post.problem.deterministic(d.flat)["log_flux"])
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[..., :1], ratio.shape), rtol=1e-6)
+    assert 0.17 < np.std(ratio[..., 0] - 1) < 0.23
+    f0, f = post.measure(d0)["flux"], post.measure(d)["flux"]
+    assert np.std(f[0, :, 0, 0]) > 1.5 * np.std(f0[0, :, 0, 0])
 
 
 def test_linear_products_equal_rendered_ones(tiny_prior, tiny_encoder, small_scene):
