@@ -299,42 +299,37 @@ def find_map(problem: SceneProblem, init: dict | None, max_iter: int = 500, tol:
     """
     from scipy.optimize import minimize
 
-    x = problem.flatten(init) if x0 is None else np.asarray(x0, np.float64)
-    t0 = time.perf_counter()
-    if precondition is None:
-        def fun(v):
-            val, g = problem.logp_and_grad(np.asarray(v, np.float32))
-            return -float(val), -np.asarray(g, dtype=np.float64)
-
-        res = minimize(fun, x, jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": max_iter, "ftol": tol * 1e-3, "gtol": tol})
-        info = {"map_logp": -float(res.fun), "map_iterations": int(res.nit),
-                "map_success": bool(res.success), "map_time_s": time.perf_counter() - t0}
-        return res.x, info
-    if precondition != "gauss-newton" or bounds is not None:
+    if precondition not in (None, "gauss-newton") or (precondition and bounds is not None):
         from .errors import ArgumentError
 
         raise ArgumentError("precondition", precondition,
                             "precondition must be None or 'gauss-newton' (without bounds)")
+    x = problem.flatten(init) if x0 is None else np.asarray(x0, np.float64)
+    t0 = time.perf_counter()
     n_iter, restarts = 0, -1
     while n_iter < max_iter:
         restarts += 1
-        w, V = np.linalg.eigh(problem.gauss_newton(x))
-        T = V / np.sqrt(np.maximum(w, min_eig))
-        start = x
+        T, start = None, x  # plain: L-BFGS on x itself; preconditioned: x = start + T y
+        if precondition:
+            w, V = np.linalg.eigh(problem.gauss_newton(x))
+            T = V / np.sqrt(np.maximum(w, min_eig))
 
         def fun(y, start=start, T=T):
-            val, g = problem.logp_and_grad(np.asarray(start + T @ y, np.float32))
-            return -float(val), -(T.T @ np.asarray(g, dtype=np.float64))
+            val, g = problem.logp_and_grad(np.asarray(y if T is None else start + T @ y,
+                                                      np.float32))
+            g = -np.asarray(g, dtype=np.float64)
+            return -float(val), (g if T is None else T.T @ g)
 
-        cap = min(restart_every, max_iter - n_iter)
-        res = minimize(fun, np.zeros_like(x), jac=True, method="L-BFGS-B",
-                       options={"maxiter": cap, "ftol": tol * 1e-3, "gtol": tol})
-        x, n_iter = start + T @ res.x, n_iter + max(int(res.nit), 1)
-        if res.success or res.nit < cap:  # converged, or stopped for another reason
+        cap = max_iter - n_iter if T is None else min(restart_every, max_iter - n_iter)
+        res = minimize(fun, x if T is None else np.zeros_like(x), jac=True, method="L-BFGS-B",
+                       bounds=bounds, options={"maxiter": cap, "ftol": tol * 1e-3, "gtol": tol})
+        x, n_iter = (res.x if T is None else start + T @ res.x), n_iter + int(res.nit)
+        if T is None or res.success or res.nit < cap:  # converged, or stopped otherwise
             break
-    info = {"map_logp": -float(res.fun), "map_iterations": n_iter, "map_restarts": restarts,
+    info = {"map_logp": -float(res.fun), "map_iterations": n_iter,
             "map_success": bool(res.success), "map_time_s": time.perf_counter() - t0}
+    if precondition:
+        info["map_restarts"] = restarts
     return x, info
 
 

@@ -261,6 +261,17 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
     return out.numpy(), origins
 
 
+def add_box(target: np.ndarray, box: np.ndarray, origin) -> None:
+    """Add ``box (..., L, L)`` (e.g. a :func:`local_templates` box) into ``target (..., ny,
+    nx)`` with its pixel [0, 0] at ``origin = (x, y)`` of the target, clipped (in place)."""
+    ny, nx = target.shape[-2:]
+    size_y, size_x = box.shape[-2:]
+    ox, oy = int(origin[0]), int(origin[1])
+    ax, ay, bx, by = max(ox, 0), max(oy, 0), min(ox + size_x, nx), min(oy + size_y, ny)
+    if bx > ax and by > ay:
+        target[..., ay:by, ax:bx] += box[..., ay - oy:by - oy, ax - ox:bx - ox]
+
+
 def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarray,
                      weight: np.ndarray, groups, num_samples: int, rng: np.random.Generator,
                      flux_sys: float = 0.0, power: float = 1.0, df: float = np.inf,
@@ -303,11 +314,7 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
             continue
         tm = np.zeros((1, len(members), nb, y1 - y0, x1 - x0))
         for j, (ox, oy) in enumerate(o):  # paste each box, clipped to the group's
-            ax, ay = max(ox, x0), max(oy, y0)
-            bx, by = min(ox + size, x1), min(oy + size, y1)
-            if bx > ax and by > ay:
-                tm[0, j, :, ay - y0:by - y0, ax - x0:bx - x0] = templates[
-                    members[j], :, ay - oy:by - oy, ax - ox:bx - ox]
+            add_box(tm[0, j], templates[members[j]], (ox - x0, oy - y0))
         mu, cov, c2 = linear_fluxes(tm, image[:, y0:y1, x0:x1], weight[:, y0:y1, x0:x1],
                                     redistribute)
         d = flux_draws(mu, cov, c2, num_samples, rng, flux_sys, power, df)

@@ -322,14 +322,6 @@ class ScenePosterior:
                              self.scene.weight)[0][0].T
         return np.clip(flux, 1e-3, None)
 
-    def _decode(self, z) -> np.ndarray:
-        """Stamps ``(..., band, m, m)`` (float32) of latents ``z (..., D)`` for products of
-        draws: the torch prior forward-only (:meth:`LearnedPrior.decode_numpy`). Products
-        need no gradient, and on CPU the torch decoder (oneDNN convolutions) takes 0.5-0.8 ms
-        per stamp where the JAX twin, built for gradients inside compiled loops, takes
-        1.6 ms (2 cores); the two agree to float32 precision (``tests/test_priors.py``)."""
-        return self.prior.decode_numpy(z)
-
     def _decoded_shapes(self, z, batch: int = 1024):
         """PSF-corrected adaptive-moment shapes ``(e1, e2)`` of decoded latents ``z (..., D)``
         (band-averaged stamps, :func:`probdeblend.measure.psf_corrected_shape_fast`), each
@@ -341,7 +333,7 @@ class ScenePosterior:
         sig = model_psf_sigma_pix(self.prior.frame)
         e1, e2 = np.empty(len(flat)), np.empty(len(flat))
         for i in range(0, len(flat), batch):
-            stamps = self._decode(flat[i:i + batch]).mean(-3)
+            stamps = self.prior.decode_numpy(flat[i:i + batch]).mean(-3)
             e1[i:i + batch], e2[i:i + batch] = psf_corrected_shape_fast(stamps, sig)
         return e1.reshape(z.shape[:-1]), e2.reshape(z.shape[:-1])
 
@@ -669,15 +661,17 @@ class ScenePosterior:
         """Each source's model image of ``n`` draws in its own box: ``(boxes (n, S, band, L,
         L), origins (n, S, 2) int (scene x, y of box pixel [0, 0]), band-averaged
         model-frame stamps (n, S, m, m))``, boxes in float32. One decode per source and draw
-        (:meth:`_decode`), rendered through the scene's PSFs on a box of the stamp plus the PSF
-        (:func:`probdeblend.photometry.local_templates`: the scene renderer's forward model,
-        ~4x fewer pixels per FFT than the whole padded 80x80 scene), times its fluxes. Paste
-        with :func:`_add_box`."""
+        (the torch prior forward-only, :meth:`LearnedPrior.decode_numpy`: on CPU 0.5-0.8 ms per
+        stamp against 1.6 ms for the JAX twin, which is built for gradients inside compiled
+        loops; they agree to float32), rendered through the scene's PSFs on a box of the
+        stamp plus the PSF (:func:`probdeblend.photometry.local_templates`: the scene
+        renderer's forward model,
+        ~4x fewer pixels per FFT than the whole padded 80x80 scene), times its fluxes."""
         from .photometry import local_templates
 
         z = np.asarray(z, np.float32)
         n, S = z.shape[:2]
-        stamps = self._decode(z.reshape(n * S, -1))
+        stamps = self.prior.decode_numpy(z.reshape(n * S, -1))
         tmpl, origins = local_templates(stamps, np.asarray(positions).reshape(n * S, 2),
                                         self.scene.psf, self.prior.frame.psf_image(
                                             self.scene.psf.shape[-1]))
@@ -686,13 +680,26 @@ class ScenePosterior:
         return (tmpl.reshape((n, S) + tmpl.shape[1:]), origins.reshape(n, S, 2),
                 stamps.mean(-3).reshape((n, S) + stamps.shape[-2:]))
 
-    def _draw_batch(self, batch: int | None = None) -> int:
-        """Draws rendered per batch: ``batch``, or up to 64 with at most ~20 M floats of
-        per-source images (bounds the memory of large scenes)."""
-        if batch:
-            return int(batch)
-        per = self.n_sources * self.spec.n_bands * int(np.prod(self.spec.image_shape))
+    def _draw_batch(self) -> int:
+        """Draws rendered per batch: up to 64, with at most ~20 M floats of boxes and model
+        images (bounds the memory of large scenes)."""
+        size = self.prior.frame.stamp_size + self.scene.psf.shape[-1]  # ~ a box's side
+        per = self.spec.n_bands * (self.n_sources * size**2 + int(np.prod(self.spec.image_shape)))
         return int(np.clip(2e7 // max(per, 1), 1, 64))
+
+    @staticmethod
+    def _paste_sources(boxes, origins, s1, s2, model=None) -> None:
+        """Add :meth:`_source_boxes` of ``n`` draws into the per-source sums ``s1`` and
+        ``s2`` (of the image and its square, (S, band, y, x)) and, if given, into each draw's
+        scene ``model (n, band, y, x)``."""
+        from .photometry import add_box
+
+        for k in range(boxes.shape[0]):
+            for s in range(boxes.shape[1]):
+                add_box(s1[s], boxes[k, s], origins[k, s])
+                add_box(s2[s], boxes[k, s] ** 2, origins[k, s])
+                if model is not None:
+                    add_box(model[k], boxes[k, s], origins[k, s])
 
     def _rendered_products(self, draws: Draws, n_predictive: int | None, seed: int):
         """Everything :meth:`to_inference_data` needs from draws without ``templates``, in
@@ -711,8 +718,8 @@ class ScenePosterior:
         need_e = "e1" not in draws.extra
         e1, e2 = np.full((C, N, S), np.nan), np.full((C, N, S), np.nan)
         ll = np.empty((C, N, spec.n_bands))
-        n_pred = N if n_predictive is None else max(0, min(int(n_predictive), N))
-        idx = np.linspace(0, N - 1, n_pred).astype(int) if n_pred else np.zeros(0, int)
+        idx = _predictive_index(N, n_predictive)
+        n_pred = len(idx)
         models = np.empty((C, n_pred) + image.shape) if n_pred else None
         s1, s2 = np.zeros((S,) + image.shape), np.zeros((S,) + image.shape)
         sig = model_psf_sigma_pix(self.prior.frame)
@@ -723,11 +730,7 @@ class ScenePosterior:
                 boxes, origins, st = self._source_boxes(
                     det["latent"][c][j], det["log_flux"][c][j], det["position"][c][j])
                 model = np.zeros((len(j),) + image.shape)
-                for k in range(len(j)):
-                    for s in range(S):
-                        _add_box(model[k], boxes[k, s], origins[k, s])
-                        _add_box(s1[s], boxes[k, s], origins[k, s])
-                        _add_box(s2[s], boxes[k, s] ** 2, origins[k, s])
+                self._paste_sources(boxes, origins, s1, s2, model)
                 ll[c, j] = loglike_per_band(model, image, sigma, good, np)
                 if need_e:
                     g1, g2 = psf_corrected_shape_fast(st.reshape((-1,) + st.shape[2:]), sig)
@@ -736,10 +739,7 @@ class ScenePosterior:
                     k = np.flatnonzero((idx >= i) & (idx < i + step))
                     models[c, k] = model[idx[k] - i]
         var = self._variables(draws, det, (e1, e2) if need_e else None)
-        ppc = None
-        if n_pred:
-            rng = np.random.default_rng(seed)
-            ppc = (models + sigma * rng.standard_normal(models.shape)).astype(np.float32)
+        ppc = _replicate(models, sigma, seed) if n_pred else None
         mean = s1 / (C * N)
         std = np.sqrt(np.clip(s2 / (C * N) - mean**2, 0.0, None))
         return var, ll, ppc, idx, mean.astype(np.float32), std.astype(np.float32)
@@ -771,10 +771,7 @@ class ScenePosterior:
             for i in range(0, len(idx), batch):
                 j = idx[i:i + batch]
                 boxes, origins, _ = self._source_boxes(z[j], lf[j], pos[j])
-                for k in range(len(j)):
-                    for s in range(S):
-                        _add_box(s1[s], boxes[k, s], origins[k, s])
-                        _add_box(s2[s], boxes[k, s] ** 2, origins[k, s])
+                self._paste_sources(boxes, origins, s1, s2)
             n = len(idx)
         mean = s1 / n
         std = np.sqrt(np.clip(s2 / n - mean**2, 0.0, None))
@@ -822,14 +819,11 @@ class ScenePosterior:
 
         all_idx = np.arange(N)
         ll = np.stack([batched("loglike_bands", all_idx, c) for c in range(C)])
-        n_pred = N if n_predictive is None else max(0, min(int(n_predictive), N))
-        idx = np.linspace(0, N - 1, n_pred).astype(int) if n_pred else np.zeros(0, int)
+        idx = _predictive_index(N, n_predictive)
         ppc = None
-        if n_pred:
-            rng = np.random.default_rng(seed)
+        if len(idx):
             models = np.stack([batched("model_image", idx, c) for c in range(C)])
-            ppc = (models + sigma * rng.standard_normal(models.shape))
-            ppc = ppc.astype(np.float32)
+            ppc = _replicate(models, sigma, seed)
         return ll.astype(np.float64), ppc, idx
 
     def to_inference_data(self, draws: Draws, *, n_predictive: int | None = 100,
@@ -883,15 +877,18 @@ class ScenePosterior:
             attrs=all_attrs)
 
 
-def _add_box(target, box, origin) -> None:
-    """Add ``box (..., L, L)`` into ``target (..., ny, nx)`` with its pixel [0, 0] at scene
-    ``origin = (x, y)``, clipped to the target (in place)."""
-    ny, nx = target.shape[-2:]
-    size_y, size_x = box.shape[-2:]
-    ox, oy = int(origin[0]), int(origin[1])
-    ax, ay, bx, by = max(ox, 0), max(oy, 0), min(ox + size_x, nx), min(oy + size_y, ny)
-    if bx > ax and by > ay:
-        target[..., ay:by, ax:bx] += box[..., ay - oy:by - oy, ax - ox:bx - ox]
+def _predictive_index(n_draw: int, n_predictive: int | None) -> np.ndarray:
+    """Indices of the ``n_predictive`` evenly spaced draws (``None``: all) that get a
+    replicated image."""
+    n = n_draw if n_predictive is None else max(0, min(int(n_predictive), n_draw))
+    return np.linspace(0, n_draw - 1, n).astype(int) if n else np.zeros(0, int)
+
+
+def _replicate(models, sigma, seed: int) -> np.ndarray:
+    """Noisy replicated images (float32) of noiseless ``models``: Gaussian pixel noise of
+    ``sigma``, seeded."""
+    rng = np.random.default_rng(seed)
+    return (models + sigma * rng.standard_normal(models.shape)).astype(np.float32)
 
 
 def _template_fn(twin, image_shape):
