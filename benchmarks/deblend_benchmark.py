@@ -24,7 +24,9 @@ Methods on the target (source 0), each with 200 posterior draws of flux, e1, e2:
 ``amortized`` (q's own draws: flux and e straight from q, no decode), ``laplace`` (MAP +
 Laplace + PSIS, e measured on decoded draws with ``measure.shape_torch``), ``auto`` (the
 ladder of ``fit``: q, then laplace where q's residual check fails; NUTS is *not* run here, the
-rows record how often the ladder would call it), ``sep`` (classical Kron fluxes and moments).
+rows record how often the ladder would call it), ``nuts`` (the reference: NumPyro NUTS from
+the MAP with the Laplace mass matrix, ``--nuts-chains`` x (``--nuts-warmup`` + the draws);
+run it on a subset, e.g. ``--n 30``), ``sep`` (classical Kron fluxes and moments).
 
 Metrics: r-flux relative error of the posterior median (median, NMAD) overall and SNR > 20;
 e1 / e2 error of the posterior median against the **true intrinsic g** (NMAD) and the
@@ -57,7 +59,7 @@ from probdeblend.simulate import BlendConfig, Frame, blend_scene
 sys.path.insert(0, str(Path(__file__).parent))
 B_BINS = [(0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.01)]
 SNR_BINS = [(0, 20), (20, 50), (50, 200), (200, 1e9)]
-ALL_METHODS = ("amortized", "laplace", "auto", "sep")
+ALL_METHODS = ("amortized", "laplace", "auto", "nuts", "sep")
 
 
 def nmad(x):
@@ -87,6 +89,13 @@ def hits(draws, truth):
     return float(lo68 <= truth <= hi68), float(lo95 <= truth <= hi95)
 
 
+def _half_width(draws) -> float:
+    """Half the 16-84 % range of finite draws (NaN without any)."""
+    d = np.asarray(draws, float)
+    d = d[np.isfinite(d)]
+    return float(np.diff(np.percentile(d, [16, 84]))[0] / 2) if len(d) else np.nan
+
+
 def image_metrics(mean_img, truth_img):
     """Relative MSE, PSNR and SSIM of the deblended target image (posterior mean, bands summed)
     against its isolated noiseless truth (data range = the truth's range)."""
@@ -106,6 +115,9 @@ def row_of(family, kind, method, i, sim, r_idx, flux_r, e1, e2, seconds, **extra
            "blend": float(t["blendedness_total"]), "seconds": seconds,
            "n_sources": len(sim.truth)}
     row["cov68_flux"], row["cov95_flux"] = hits(flux_r, tf)
+    # posterior widths (16-84 % half-range): the error / width ratio behind the coverage
+    row["sd_flux_rel"] = _half_width(flux_r) / tf
+    row["sd_e1"], row["sd_e2"] = _half_width(e1), _half_width(e2)
     for k, (e, g) in {"e1": (e1, g1), "e2": (e2, g2)}.items():
         row[f"cov68_{k}"], row[f"cov95_{k}"] = hits(e, g)
     row.update(extra)
@@ -132,7 +144,7 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
     r_idx = list(prior.bands).index("r")
     n, rows = args.num_samples, []
     post = None
-    if set(methods) & {"amortized", "laplace", "auto"}:
+    if set(methods) & {"amortized", "laplace", "auto", "nuts"}:
         t0 = time.perf_counter()
         post = ScenePosterior(scene, prior, model_error=args.model_error,
                               encoder=_encoder(args.encoder))
@@ -170,6 +182,8 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
         rows.append({**src, "method": "auto", "seconds": src["seconds"] + extra_t,
                      "path": "amortized" if use_q else "laplace",
                      "wants_nuts": bool(not use_q and lap_row["pareto_k"] > 0.7)})
+    if "nuts" in methods:
+        rows.append(_nuts_row(family, kind, i, sim, post, r_idx, t_ctx, args))
     if "sep" in methods:
         t0 = time.perf_counter()
         tab = sep_baseline(scene)
@@ -185,6 +199,33 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
     return rows
 
 
+def _nuts_row(family, kind, i, sim, post, r_idx, t_ctx, args) -> dict:
+    """NUTS on the whole scene (``args.num_samples`` draws over ``args.nuts_chains`` chains
+    after ``args.nuts_warmup`` warm-up each); the row adds R-hat, bulk ESS of the target's
+    r flux, e1, e2, and the divergences."""
+    import arviz as az
+
+    from probdeblend.scene_posterior import NutsConfig
+
+    chains = int(args.nuts_chains)
+    t0 = time.perf_counter()
+    cfg = NutsConfig(num_warmup=int(args.nuts_warmup), num_chains=chains)
+    d = post.nuts(max(1, args.num_samples // chains), seed=i, config=cfg)
+    v = post.measure(d)  # (chain, draw, source, ...)
+    t_n = t_ctx + time.perf_counter() - t0
+    img = image_metrics(post.source_images(d, max_draws=8)[0][0], sim.noiseless[0])
+    per = {"flux_r": v["flux"][:, :, 0, r_idx], "e1": v["e1"][:, :, 0], "e2": v["e2"][:, :, 0]}
+    diag = {}
+    for name, a in per.items():
+        a = np.asarray(a, float)
+        diag[f"ess_{name}"] = float(az.ess(a, method="bulk")) if np.isfinite(a).all() else np.nan
+        diag[f"rhat_{name}"] = float(az.rhat(a)) if np.isfinite(a).all() else np.nan
+    return row_of(family, kind, "nuts", i, sim, r_idx, per["flux_r"].ravel(),
+                  per["e1"].ravel(), per["e2"].ravel(), t_n, engine=d.method,
+                  divergences=int(np.sum(d.sample_stats.get("diverging", 0))),
+                  draws=int(np.asarray(per["flux_r"]).size), **diag, **img)
+
+
 def run(args):
     warnings.simplefilter("ignore")
     out = Path(args.out)
@@ -197,7 +238,7 @@ def run(args):
     if unknown := set(methods) - set(ALL_METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {ALL_METHODS}")
     def tagged(m):
-        return m + args.tag if m in ("amortized", "laplace", "auto") else m
+        return m + args.tag if m in ("amortized", "laplace", "auto", "nuts") else m
 
     todo = [(i, [m for m in methods if (args.family, tagged(m), i) not in done])
             for i in range(args.start, args.n)]
@@ -208,7 +249,7 @@ def run(args):
     with rows_path.open("a") as fh:
         for i, ms in tqdm(todo, desc=f"family {args.family}"):
             for row in measure_scene(args.family, i, ms, prior, args):
-                if args.tag and row["method"] in ("amortized", "laplace", "auto"):
+                if args.tag and row["method"] in ("amortized", "laplace", "auto", "nuts"):
                     row["method"] += args.tag
                 fh.write(json.dumps(row, default=float) + "\n")
             fh.flush()
@@ -267,6 +308,29 @@ HEAD = ("| method | n | r-flux median | NMAD | NMAD SNR>20 | e1 / e2 NMAD (vs tr
         "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _nuts_lines(fr: list[dict]) -> list[str]:
+    """The reference comparison: every method on the scenes NUTS ran on, and NUTS's own
+    diagnostics (R-hat, bulk ESS of the target's r flux, e1, e2; divergences)."""
+    nuts = [r for r in fr if r["method"] == "nuts"]
+    if not nuts:
+        return []
+    subset = {r["scene"] for r in nuts}
+    lines = ["", f"Same {len(subset)} scenes as NUTS (the reference; every method restricted "
+                 "to the scenes NUTS ran on):", "", HEAD]
+    for m in ("amortized", "laplace", "auto", "nuts"):
+        rs = [r for r in fr if r["method"] == m and r["scene"] in subset]
+        if rs:
+            lines.append(f"| {m} " + _fmt(summarize(rs)))
+    rh = np.array([[r.get(f"rhat_{k}", np.nan) for k in ("flux_r", "e1", "e2")] for r in nuts])
+    es = np.array([[r.get(f"ess_{k}", np.nan) for k in ("flux_r", "e1", "e2")] for r in nuts])
+    lines += ["", f"NUTS diagnostics over {len(nuts)} scenes ({nuts[0]['draws']} draws each): "
+                  f"max R-hat {np.nanmax(rh):.3f} (median {np.nanmedian(rh):.3f}); "
+                  f"bulk ESS of the target's r flux / e1 / e2: median "
+                  f"{np.nanmedian(es):.0f}, min {np.nanmin(es):.0f}; scenes with divergences: "
+                  f"{sum(r.get('divergences', 0) > 0 for r in nuts)}."]
+    return lines
+
+
 def report(out: Path, args):
     rows = load_rows(out / "rows.jsonl")
     lines = ["# Deblending benchmark", "",
@@ -316,10 +380,11 @@ def report(out: Path, args):
             lines += ["", f"{am} ladder: {len(auto) - n_l} of {len(auto)} scenes kept q; "
                           f"{n_l} moved to laplace; {n_n} had Laplace+PSIS k-hat > 0.7 (NUTS "
                           f"wanted; not run here, their laplace rows are counted)."]
+        lines += _nuts_lines(fr)
         if fam == "b":
-            lines += ["", "Per shift (amortized | laplace):", "", HEAD]
+            lines += ["", "Per shift (amortized | laplace | nuts):", "", HEAD]
             for kind in sorted({r["kind"] for r in fr}):
-                for m in ("amortized", "laplace"):
+                for m in ("amortized", "laplace", "nuts"):
                     rs = [r for r in fr if r["method"] == m and r["kind"] == kind]
                     if rs:
                         lines.append(f"| {m} ({kind}) " + _fmt(summarize(rs)))
@@ -327,7 +392,7 @@ def report(out: Path, args):
                   "| method | " + " | ".join(f"SNR {lo}-{hi if hi < 1e8 else 'inf'}"
                                             for lo, hi in SNR_BINS) + " |",
                   "|---|" + "---|" * len(SNR_BINS)]
-        for m in ("amortized", "laplace"):
+        for m in ("amortized", "laplace", "nuts"):
             cells = []
             for lo, hi in SNR_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["snr"] < hi]
@@ -341,7 +406,7 @@ def report(out: Path, args):
         lines += ["", "Per blendedness bin (r-flux NMAD):", "",
                   "| method | " + " | ".join(f"B {lo}-{hi}" for lo, hi in B_BINS) + " |",
                   "|---|" + "---|" * len(B_BINS)]
-        for m in ("amortized", "laplace", "sep"):
+        for m in ("amortized", "laplace", "nuts", "sep"):
             cells = []
             for lo, hi in B_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["blend"] < hi]
@@ -403,6 +468,9 @@ def main(argv=None):
     ap.add_argument("--methods", default="amortized,sep")
     ap.add_argument("--num-samples", type=int, default=200)
     ap.add_argument("--q-chi2-max", type=float, default=1.5)
+    ap.add_argument("--nuts-chains", type=int, default=2, help="chains of the nuts method")
+    ap.add_argument("--nuts-warmup", type=int, default=150,
+                    help="warm-up draws per chain of the nuts method")
     ap.add_argument("--model-error", type=float, default=0.0,
                     help="fractional model error of the likelihood (laplace / auto rows)")
     ap.add_argument("--tag", default="", help="suffix of the method names in the rows")

@@ -35,14 +35,17 @@ __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig"
 
 @dataclass(frozen=True)
 class NutsConfig:
-    """NUTS settings (:func:`probdeblend.inference.run_nuts`): chains run vectorised, dense
-    mass matrix from the Laplace covariance, step size adapted in ``num_warmup``."""
+    """NUTS settings (:func:`probdeblend.inference.run_nuts`): dense mass matrix from the
+    Laplace covariance, step size adapted in ``num_warmup``; ``chain_method`` (NumPyro engine)
+    ``"auto"`` runs the chains one after the other on CPU and vectorised on an accelerator
+    (``"sequential"`` / ``"vectorized"`` force one)."""
 
     num_warmup: int = 300
     num_chains: int = 4
     max_tree_depth: int = 8
     target_accept: float = 0.8
     engine: str = "numpyro"
+    chain_method: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -611,10 +614,11 @@ class ScenePosterior:
         cov = laplace(self.problem, flat_map)
         t_map = time.perf_counter() - t0
         runner = run_nuts if cfg.engine == "numpyro" else run_nuts_pyro
+        extra = {"chain_method": cfg.chain_method} if cfg.engine == "numpyro" else {}
         post = runner(self.problem, flat_map, cov, num_warmup=cfg.num_warmup,
                       num_samples=num_samples, num_chains=cfg.num_chains, seed=seed,
                       target_accept=cfg.target_accept, max_tree_depth=cfg.max_tree_depth,
-                      progress=progress)
+                      progress=progress, **extra)
         return Draws(self.problem.flatten_draws(post.samples), "nuts", cfg.engine,
                      post.sample_stats, {**map_info, **post.info},
                      {"map_laplace_s": t_map, **post.timings})
