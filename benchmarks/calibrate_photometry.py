@@ -53,9 +53,17 @@ def collect(args) -> list[dict]:
         sim, _ = scene_of("a", i)
         t0 = time.perf_counter()
         post = ScenePosterior(sim.to_scene(), prior, encoder=enc)
+        extra = {}
         if args.laplace:  # the laplace posterior's fluxes, without the systematic
             d = post.laplace(400, seed=i, config=LaplaceConfig(flux_sys=0.0))
             f, infl = post.measure(d)["flux"][0, :, 0, r], 1.0
+            diag = post.map_diagnostics()  # candidates to scale the model error with
+            extra = {"blend_model": float(diag["blendedness"][0]),
+                     "chi2_model": float(diag["chi2"][0, r]),
+                     "snr_model": float(diag["snr"][0, r]),
+                     "median": float(np.median(f)),
+                     "half_width": float(np.diff(np.percentile(f, [16, 84]))[0] / 2),
+                     "blend_true": float(sim.truth[0]["blendedness_total"])}
         else:
             q = post.refined(args.refine)[0] if args.refine else None
             ph = post.photometry(400, n_morph=args.n_morph, rng=np.random.default_rng(i),
@@ -63,7 +71,7 @@ def collect(args) -> list[dict]:
             f, infl = ph["flux"][:, 0, r], float(ph["inflation"][0, r])
         rows.append({"scene": i, "truth": float(sim.truth[0]["flux_r"]), "mean": float(f.mean()),
                      "sd": float(f.std()), "snr": float(sim.truth[0]["snr"]),
-                     "inflation": infl, "seconds": time.perf_counter() - t0})
+                     "inflation": infl, "seconds": time.perf_counter() - t0, **extra})
     return rows
 
 

@@ -333,6 +333,13 @@ def test_nuts_chain_methods_agree(tiny_prior, small_scene):
         assert d.flat.shape[:2] == (2, 15) and d.info["chain_method"] == cm
         out[cm] = d.flat
     assert not np.allclose(out["sequential"][0], out["sequential"][1])  # distinct chains
+    # a second scene of the same shape reuses the compiled loop (compiled ahead of time once)
+    from probdeblend import inference
+
+    n_exe = len(inference._NUTS_EXECUTABLES)
+    again = post.nuts(15, seed=5, config=NutsConfig(num_warmup=15, num_chains=2,
+                                                    chain_method="sequential"))
+    assert len(inference._NUTS_EXECUTABLES) == n_exe and again.timings["nuts_s"] > 0
     # the same posterior region: rounding in batched ops makes the trajectories part ways
     # (a chaotic map), so compare the draws' means within the draws' spread
     a, b = (out[k].reshape(-1, out[k].shape[-1]) for k in ("sequential", "vectorized"))
@@ -340,3 +347,17 @@ def test_nuts_chain_methods_agree(tiny_prior, small_scene):
     assert np.median(np.abs(a.mean(0) - b.mean(0)) / spread) < 1.0
     with pytest.raises(ArgumentError, match="chain_method"):
         post.nuts(5, config=NutsConfig(num_warmup=5, num_chains=1, chain_method="parallel"))
+
+
+def test_map_diagnostics(tiny_prior, small_scene):
+    """Blendedness and footprint chi^2 of each source at the MAP: shapes, ranges, and a
+    source alone in its scene is unblended."""
+    post = ScenePosterior(small_scene, tiny_prior, encoder=None)
+    diag = post.map_diagnostics()
+    assert diag["blendedness"].shape == (2,) and diag["chi2"].shape == (2, 3)
+    assert np.all((diag["blendedness"] >= 0) & (diag["blendedness"] < 1))
+    assert np.all(np.isfinite(diag["chi2"]) & (diag["chi2"] > 0))
+    assert post.map_diagnostics() is diag  # cached
+    one = ScenePosterior(small_scene, tiny_prior, positions=small_scene.positions[:1],
+                         encoder=None)
+    assert one.map_diagnostics()["blendedness"][0] == pytest.approx(0.0, abs=1e-9)
