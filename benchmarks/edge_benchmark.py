@@ -29,9 +29,10 @@ from probdeblend.atomic import write_text
 from probdeblend.scene_posterior import ScenePosterior
 from probdeblend.simulate import BlendConfig, Frame, blend_scene
 
-#: ``amortized``: q + closed-form photometry (the default path); ``amortized_q``: q's own
-#: log-normal fluxes; ``laplace``: MAP + Laplace + PSIS.
-METHODS = ("amortized", "amortized_q", "laplace")
+#: ``amortized``: q + closed-form photometry; ``amortized_q``: q's own log-normal fluxes;
+#: ``laplace``: MAP + Laplace + PSIS; ``fit``: the user's default, ``probdeblend.fit(scene)``
+#: (the ``auto`` ladder, ArviZ result), end to end.
+METHODS = ("amortized", "amortized_q", "laplace", "fit")
 
 
 def nmad(x):
@@ -80,8 +81,20 @@ def run(args):
     def engines_of(post, i):
         eng = {"amortized": post.amortized,
                "amortized_q": lambda n, seed: post.amortized(n, seed, photometry=False),
-               "laplace": post.laplace}
+               "laplace": post.laplace,
+               "fit": lambda n, seed: pb.fit(post.scene, prior, num_samples=n, seed=seed,
+                                             n_predictive=0)}
         return [(m, eng[m]) for m in methods if m != "laplace" or i < args.n_laplace]
+
+    def path_of(d) -> str:
+        """What ran: fit's ``attrs["method"]`` (the ladder's path) or the engine's method."""
+        return str(d.attrs.get("method", "")) if hasattr(d, "attrs") else str(d.method)
+
+    def r_flux(post, d):
+        """r-flux draws of the target from Draws or from fit's InferenceData."""
+        if hasattr(d, "posterior"):
+            return d.posterior["flux"].sel(band="r").values[..., 0].ravel()
+        return post.measure(d)["flux"][0, :, 0, r]
 
     for i in range(args.n_noise):
         scene, sig_ap = noise_scene(40_000_000 + i)
@@ -90,11 +103,12 @@ def run(args):
         for name, eng in engines:
             t0 = time.perf_counter()
             d = eng(200, seed=i)
-            f = post.measure(d)["flux"][0, :, 0, r]
+            f = r_flux(post, d)
             lo, hi = np.percentile(f, [2.5, 97.5])
             rows.append({"case": "noise", "method": name, "lo95": float(lo), "hi95": float(hi),
                          "median": float(np.median(f)), "sigma_ap": sig_ap,
-                         "ok": bool(lo < sig_ap), "seconds": time.perf_counter() - t0})
+                         "ok": bool(lo < sig_ap), "seconds": time.perf_counter() - t0,
+                         "path": path_of(d)})
     for i in range(args.n_faint):
         sim = faint_scene(50_000_000 + i)
         if sim is None:
@@ -104,10 +118,11 @@ def run(args):
         engines = engines_of(post, i)
         for name, eng in engines:
             d = eng(200, seed=i)
-            f = post.measure(d)["flux"][0, :, 0, r]
+            f = r_flux(post, d)
             lo68, hi68 = np.percentile(f, [16, 84])
             rows.append({"case": "faint", "method": name, "rel": float(np.median(f) / tf - 1),
-                         "snr": float(sim.truth["snr"][0]), "cov68": bool(lo68 <= tf <= hi68)})
+                         "snr": float(sim.truth["snr"][0]), "cov68": bool(lo68 <= tf <= hi68),
+                         "path": path_of(d)})
     write_text("".join(json.dumps(row) + "\n" for row in rows), out / "rows.jsonl",
                overwrite=True)
     report(out, rows)
@@ -135,6 +150,11 @@ def report(out, rows):
             rel = [r["rel"] for r in rs]
             lines.append(f"| {m} | {len(rs)} | {np.median(rel):+.3f} | {nmad(rel):.3f} | "
                          f"{np.mean([r['cov68'] for r in rs]):.2f} |")
+    paths = sorted({r.get("path", "") for r in rows if r["method"] == "fit"})
+    if paths:
+        lines += ["", "`fit` (the default `probdeblend.fit(scene)`) took: " + "; ".join(
+            f"{p} ({sum(r.get('path') == p for r in rows if r['method'] == 'fit')})"
+            for p in paths) + "."]
     (Path(out) / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -145,7 +165,7 @@ def main(argv=None):
     ap.add_argument("--n-noise", type=int, default=40)
     ap.add_argument("--n-faint", type=int, default=200)
     ap.add_argument("--n-laplace", type=int, default=30)
-    ap.add_argument("--methods", default="amortized,amortized_q,laplace",
+    ap.add_argument("--methods", default="amortized,amortized_q,laplace,fit",
                     help=f"comma-separated subset of {METHODS}; rows of the others are kept")
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--out", default="benchmarks/results/edges")
