@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["linear_fluxes", "flux_draws", "systematic_of", "local_templates", "group_photometry",
-           "REDISTRIBUTE"]
+           "psd_factor", "REDISTRIBUTE"]
 
 #: Footprint of the residual redistribution of q's morphologies (:func:`linear_fluxes`): pixels
 #: where a source's template exceeds this fraction of its peak. On 200 held-out family (a)
@@ -131,6 +131,20 @@ def _redistribute(t, y, wf, mean, cov, gram, tau: float):
     return mean, cov
 
 
+def psd_factor(cov: np.ndarray) -> np.ndarray:
+    """A factor ``F`` with ``F F^T = cov`` for a stack of covariance matrices ``(..., S, S)``:
+    the Cholesky factor, or, where rounding has left a matrix with a slightly negative
+    eigenvalue (two sources at the same position have the same template, and the fit cannot
+    split their flux: the Gram matrix is singular), ``V sqrt(max(w, 0))`` of the symmetrised
+    matrix's eigen-decomposition, which keeps the unconstrained direction's (large)
+    variance and drops the negative rounding."""
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        w, v = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
+        return v * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
+
+
 def systematic_noise(rng: np.random.Generator, shape, df: float = np.inf) -> np.ndarray:
     """Unit-scale draws of a systematic error: standard normal (``df`` infinite) or
     Student-t with ``df`` degrees of freedom, of ``shape``."""
@@ -172,7 +186,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     infl = np.maximum(chi2, 1.0)
     sq = np.sqrt(infl).T  # (B, S)
     cov_d = cov * sq[None, :, :, None] * sq[None, :, None, :]
-    chol = np.linalg.cholesky(cov_d)
+    chol = psd_factor(cov_d)
     k = rng.integers(0, m, size=n)
     eps = rng.standard_normal((n, n_b, n_src))
     f = mean[k] + np.einsum("nbst,nbt->nbs", chol[k], eps)

@@ -169,3 +169,41 @@ def test_photometry_redistributes_q_morphologies_only(post):
     for bad in ("yes", -0.1, 1.5):
         with pytest.raises(pb.errors.ArgumentError, match="redistribute"):
             post.photometry(50, redistribute=bad)
+
+
+def test_coincident_sources_do_not_break_the_flux_draws():
+    """Two sources at the same position (the encoder can move two close detections onto one
+    spot) have the same template: the split of their flux is unconstrained and rounding
+    leaves the redistributed covariance slightly indefinite. The draws must still come, with
+    the pair's total flux as well measured as one source's."""
+    from probdeblend.photometry import REDISTRIBUTE, flux_draws, psd_factor
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:32, :32]
+    g = np.exp(-((x - 15.3) ** 2 + (y - 16.1) ** 2) / (2 * 2.0**2))
+    g2 = np.exp(-((x - 22.0) ** 2 + (y - 9.0) ** 2) / (2 * 1.5**2))
+    t = np.stack([g, g, g2]) / np.stack([g, g, g2]).sum((1, 2), keepdims=True)
+    tmpl = t[None, :, None]  # (M=1, S=3, B=1, y, x): sources 0 and 1 coincide
+    truth = np.array([3000.0, 2000.0, 4000.0])
+    image = np.einsum("s,syx->yx", truth, t)[None] + rng.normal(0, 1.0, (1, 32, 32))
+    weight = np.ones((1, 32, 32))
+    mean, cov, chi2 = linear_fluxes(tmpl, image, weight, REDISTRIBUTE)
+    d = flux_draws(mean, cov, chi2, 2000, rng)
+    assert np.all(np.isfinite(d["flux"]))
+    pair = d["flux"][:, 0, 0] + d["flux"][:, 1, 0]
+    assert abs(np.median(pair) - 5000.0) < 4 * pair.std() + 1.0
+    assert pair.std() < 0.1 * 5000.0  # the total is measured; the split is not
+    assert abs(np.median(d["flux"][:, 2, 0]) - 4000.0) < 50.0
+    # the benchmark's case (family b scene 74): rounding left an eigenvalue of -0.13 next to
+    # 5e5, and numpy's Cholesky refused the matrix
+    v = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    bad = (v * np.array([-0.13, 1.6e5, 4.9e5])) @ v.T
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(bad)
+    f = psd_factor(bad[None, None])
+    np.testing.assert_allclose(f @ np.swapaxes(f, -1, -2),
+                               ((v * np.array([0.0, 1.6e5, 4.9e5])) @ v.T)[None, None],
+                               atol=1e-6 * 4.9e5)
+    d = flux_draws(np.full((1, 1, 3), 1e3), bad[None, None], np.ones((3, 1)), 4000, rng)
+    np.testing.assert_allclose(np.cov(d["flux"][:, :, 0].T), f[0, 0] @ f[0, 0].T,
+                               atol=0.1 * 4.9e5)
