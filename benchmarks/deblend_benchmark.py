@@ -392,9 +392,9 @@ def report(out: Path, args):
                     rs = [r for r in fr if r["method"] == m and r["kind"] == kind]
                     if rs:
                         lines.append(f"| {m} ({kind}) " + _fmt(summarize(rs)))
-        lines += ["", "Per SNR bin (r-flux NMAD; e1 / e2 error NMAD vs true g and, where rows "
-                  "have it, the median posterior sd of e (half the 16-84 % range); 68/95% "
-                  "coverage of flux, e1, e2):", "",
+        lines += ["", "Per SNR bin (r-flux NMAD; e1 / e2 error NMAD and m vs true g and, "
+                  "where rows have it, the median posterior sd of e (half the 16-84 % "
+                  "range); 68/95% coverage of flux, e1, e2):", "",
                   "| method | " + " | ".join(f"SNR {lo}-{hi if hi < 1e8 else 'inf'}"
                                             for lo, hi in SNR_BINS) + " |",
                   "|---|" + "---|" * len(SNR_BINS)]
@@ -406,8 +406,11 @@ def report(out: Path, args):
                     f"{k} {np.nanmean([r[f'cov68_{k}'] for r in rs]):.2f}/"
                     f"{np.nanmean([r[f'cov95_{k}'] for r in rs]):.2f}"
                     for k in ("flux", "e1", "e2"))
+                mm = _m_fit(np.array([r["g1"] for r in rs] + [r["g2"] for r in rs]),
+                            np.array([r["e1"] for r in rs] + [r["e2"] for r in rs]))
                 e_nmad = (f"e NMAD {nmad([r['e1'] - r['g1'] for r in rs]):.3f}/"
-                          f"{nmad([r['e2'] - r['g2'] for r in rs]):.3f}")
+                          f"{nmad([r['e2'] - r['g2'] for r in rs]):.3f}, m {mm[0]:+.3f} ± "
+                          f"{mm[1]:.3f}")
                 sd = [r[k] for r in rs for k in ("sd_e1", "sd_e2") if k in r]
                 e_sd = f" (posterior sd {np.nanmedian(sd):.3f})" if sd else ""
                 cells.append("-" if len(rs) < 3 else
