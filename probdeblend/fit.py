@@ -67,6 +67,7 @@ def q_residual_chi2(post: ScenePosterior, radius: float = 6.0) -> np.ndarray:
 def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, model_error,
               n_predictive, nuts, svi, laplace):
     from .errors import ArgumentTypeError
+    from .inference import CHAIN_METHODS
     from .validate import check_choice, check_float, check_int, check_seed
 
     if not isinstance(scene, Scene):
@@ -88,7 +89,7 @@ def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, 
     check_int("nuts.num_chains", nuts.num_chains, minimum=1)
     check_int("nuts.max_tree_depth", nuts.max_tree_depth, minimum=1)
     check_choice("nuts.engine", nuts.engine, ("numpyro", "pyro"))
-    check_choice("nuts.chain_method", nuts.chain_method, ("auto", "vectorized", "sequential"))
+    check_choice("nuts.chain_method", nuts.chain_method, CHAIN_METHODS)
     check_int("svi.num_steps", svi.num_steps, minimum=1)
     check_float("svi.lr", svi.lr, minimum=0.0, exclusive_minimum=True)
     check_choice("laplace.proposal", laplace.proposal, ("t", "gaussian"))

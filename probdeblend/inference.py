@@ -429,10 +429,14 @@ def _compiled(runner, args):
     return _NUTS_EXECUTABLES[key]
 
 
+#: ``run_nuts``'s ``chain_method`` values
+CHAIN_METHODS = ("auto", "vectorized", "sequential")
+
+
 def _vectorize_chains(chain_method: str) -> bool:
     """``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized on an accelerator,
     sequential on CPU) as a bool."""
-    if chain_method not in ("auto", "vectorized", "sequential"):
+    if chain_method not in CHAIN_METHODS:
         from .errors import ArgumentError
 
         raise ArgumentError("chain_method", chain_method,

@@ -568,14 +568,17 @@ class ScenePosterior:
     def map_diagnostics(self) -> dict:
         """How well the MAP explains each source, from the MAP's own model (cached).
 
-        Returns a dict of arrays over sources: ``blendedness`` (S,), ``1 - sum(m_s^2) /
-        sum(m_s M)`` over all bands and pixels, with ``m_s`` the source's MAP model image and
-        ``M`` the scene's (0: isolated, -> 1: buried under neighbours; the definition of
-        Bosch et al. 2018 and BTK, here on the model instead of the truth); ``chi2`` (S, band)
-        the reduced chi^2 of the data against the least-squares fluxes of the MAP morphology
-        in each source's footprint (template above 5 % of its peak; ~1 where the model fits to
-        the noise, :func:`probdeblend.photometry.linear_fluxes`); ``snr`` (S, band) the MAP
-        flux over its Laplace-free (fixed-morphology) standard error."""
+        Returns a dict of arrays over sources:
+
+        * ``blendedness`` (S,): ``1 - sum(m_s^2) / sum(m_s M)`` over all bands and pixels,
+          with ``m_s`` the source's MAP model image and ``M`` the scene's (0: isolated,
+          -> 1: buried under neighbours; :func:`probdeblend.measure.blendedness` on the model
+          instead of the truth);
+        * ``chi2`` (S, band): the reduced chi^2 of the data against the least-squares fluxes
+          of the MAP morphology in each source's footprint (template above 5 % of its peak;
+          ~1 where the model fits to the noise, :func:`probdeblend.photometry.
+          linear_fluxes`);
+        * ``snr`` (S, band): the MAP flux over its fixed-morphology standard error."""
         if self._map_diag is None:
             from .photometry import linear_fluxes
 
@@ -583,12 +586,14 @@ class ScenePosterior:
             det = self.problem.deterministic(np.asarray(flat)[None])
             tmpl = self.flux_templates(det["latent"], det["position"])  # (1, S, B, y, x)
             mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight)
+            from .measure import blendedness
+
             f = np.exp(det["log_flux"][0])  # (S, B)
             m = tmpl[0] * f[:, :, None, None]
-            total = m.sum(0)
-            own = np.einsum("sbyx,sbyx->s", m, m)
-            cross = np.einsum("sbyx,byx->s", m, total)
-            blend = np.where(cross > 0, 1.0 - own / np.where(cross > 0, cross, 1.0), 0.0)
+            m = m.reshape(len(m), -1, m.shape[-1])  # bands stacked: one dot product over all
+            S = len(m)
+            blend = np.nan_to_num(np.array([blendedness(
+                m[s], m[np.arange(S) != s])[0] for s in range(S)]), nan=0.0)
             sd = np.sqrt(np.einsum("bss->bs", cov[0])).T  # (S, B)
             self._map_diag = {"blendedness": blend, "chi2": chi2,
                               "snr": mean[0].T / np.where(sd > 0, sd, np.inf)}
