@@ -313,6 +313,37 @@ def test_predict_shapes_and_edge_padding(posterior, prior):
     np.testing.assert_allclose(c["sigmas"][2], c["sigmas"][0], rtol=0.05)
 
 
+def test_cutouts_match_a_padded_reference(posterior):
+    """Cutouts (images, valid, noise level) equal those of a padded copy of the scene, for
+    windows inside, across each edge and corner, fully masked bands and extra scene bands."""
+    rng = np.random.default_rng(11)
+    bands = ("u", "g", "r", "i")  # one band more than the encoder, in another order below
+    img = rng.normal(size=(4, 40, 52)).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, size=img.shape).astype(np.float32)
+    var[1, 5:15, 30:45] = np.inf   # a masked patch
+    var[3, :, :8] = np.inf         # a band masked along an edge
+    yy, xx = np.mgrid[-12:13, -12:13]
+    psf = np.exp(-(yy**2 + xx**2) / (2 * 1.5**2))
+    scene = Scene(img, var, np.broadcast_to(psf / psf.sum(), (4, 25, 25)), bands, 0.2)
+    pos = np.array([[20.0, 18.0], [0.2, 0.3], [51.4, 39.4], [2.0, 35.0], [49.0, 1.0],
+                    [26.0, -0.4], [36.0, 10.0]])
+    c = posterior.cutouts(scene, pos)
+    n = posterior.stamp_size
+    idx = [bands.index(b) for b in posterior.bands]
+    pad = ((0, 0), (n, n), (n, n))
+    img_p, var_p = np.pad(img[idx], pad), np.pad(var[idx], pad, constant_values=np.inf)
+    for k, (x, y) in enumerate(pos):
+        x0, y0 = (np.floor(np.array([x, y]) - (n - 1) / 2 + 0.5).astype(int) + n)
+        win = (slice(None), slice(y0, y0 + n), slice(x0, x0 + n))
+        ok = np.isfinite(var_p[win])
+        np.testing.assert_array_equal(c["valid"][k], ok.astype(np.float32))
+        np.testing.assert_array_equal(c["images"][k], np.where(ok, img_p[win], 0.0))
+        for b in range(len(idx)):
+            v = var_p[win][b][ok[b]]
+            if v.size:
+                np.testing.assert_allclose(c["sigmas"][k, b], np.sqrt(np.median(v)), rtol=1e-6)
+
+
 def test_scale_equivariance(posterior):
     scene = make_scene()
     cst = 37.5

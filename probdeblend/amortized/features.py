@@ -89,21 +89,23 @@ def noise_sigma(variance, valid=None) -> np.ndarray:
     ``variance`` is ``(..., band, y, x)``; pixels with infinite or non-positive variance, or
     ``valid == 0``, are ignored. A band with no valid pixel gives NaN (callers replace it).
     """
-    v = np.array(variance, dtype=np.float64, copy=True)
+    v = np.asarray(variance)
+    v = np.array(v, dtype=np.result_type(v.dtype, np.float32), copy=True)  # float32 stays
     bad = ~np.isfinite(v) | (v <= 0)
     if valid is not None:
         bad |= np.broadcast_to(np.asarray(valid) <= 0, v.shape)
     v = v.reshape(v.shape[:-2] + (v.shape[-2] * v.shape[-1],))  # explicit: may be empty
     bad = bad.reshape(v.shape)
-    out = np.empty(v.shape[:-1])
     clean = ~bad.any(-1)  # the usual case: np.median (partition) instead of nanmedian's loop
+    if clean.all():  # v is this function's own copy: partition it in place
+        return np.sqrt(np.median(v, axis=-1, overwrite_input=True).astype(np.float64))
+    out = np.empty(v.shape[:-1])
     out[clean] = np.median(v[clean], axis=-1)
-    if not clean.all():
-        rest = v[~clean]
-        rest[bad[~clean]] = np.nan
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
-            out[~clean] = np.nanmedian(rest, axis=-1)
+    rest = v[~clean]
+    rest[bad[~clean]] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices -> NaN
+        out[~clean] = np.nanmedian(rest, axis=-1)
     return np.sqrt(out)
 
 

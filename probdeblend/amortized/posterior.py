@@ -159,25 +159,14 @@ class AmortizedPosterior:
         pos = self._positions(scene, positions)
         n = self.stamp_size
         c = (n - 1) / 2.0
-        img = np.asarray(scene.image)[idx]
-        var = np.asarray(scene.variance)[idx]
-        ok = ~np.asarray(scene.mask)[idx]
-        nb, ny, nx = img.shape
-        pad = ((0, 0), (n, n), (n, n))
-        img_p = np.pad(img, pad)
-        ok_p = np.pad(ok, pad)
-        var_p = np.pad(var, pad, constant_values=np.inf)
         i0 = np.floor(pos - c + 0.5).astype(np.int64)  # (S, 2): x0, y0
-        s = len(pos)
-        images = np.empty((s, nb, n, n), dtype=np.float32)
-        valid = np.empty((s, nb, n, n), dtype=np.float32)
-        vcut = np.empty((s, nb, n, n), dtype=np.float32)
-        for k, (x0, y0) in enumerate(i0):
-            win = (slice(None), slice(y0 + n, y0 + 2 * n), slice(x0 + n, x0 + 2 * n))
-            images[k], valid[k], vcut[k] = img_p[win], ok_p[win], var_p[win]
+        cubes = (np.asarray(scene.image), np.asarray(scene.mask), np.asarray(scene.variance))
+        images, masked, vcut = _gather_windows(cubes, idx, i0, n, (0.0, True, np.inf))
+        valid = np.subtract(1.0, masked, dtype=np.float32)
         sig = noise_sigma(vcut, valid)
         if np.any(~np.isfinite(sig)):  # a band without valid pixel in a cutout
-            fallback = noise_sigma(var[None], ok[None])[0]
+            var = np.asarray(scene.variance)[idx]
+            fallback = noise_sigma(var[None], ~np.asarray(scene.mask)[idx][None])[0]
             fallback = np.where(np.isfinite(fallback), fallback, 1.0)
             sig = np.where(np.isfinite(sig), sig, fallback[None, :])
         fwhm = psf_fwhm_pixels(np.asarray(scene.psf)[idx])
@@ -350,3 +339,27 @@ def load_amortized(name_or_path) -> AmortizedPosterior:
     """Load an amortized posterior saved by :func:`~probdeblend.amortized.save_amortized`
     (a shipped name such as ``"lsst-vae-amortized"`` or a path); checksums are verified."""
     return AmortizedPosterior(*read_amortized(name_or_path))
+
+
+def _gather_windows(cubes, bands, starts, n: int, fill):
+    """``n x n`` windows of the ``bands`` (indices) of each ``(band, ny, nx)`` cube with
+    pixel ``[0, 0]`` at ``starts`` ``(S, 2)`` (``x0, y0``), as float32 ``(S, len(bands), n,
+    n)`` arrays; pixels outside the image hold ``fill`` (one value per cube).
+
+    Windows are copied straight from the cubes (no padded copy of the image); a window that
+    crosses the edge gets ``fill`` and its clipped overlap.
+    """
+    _, ny, nx = cubes[0].shape
+    bands = np.asarray(bands, np.int64)
+    all_bands = np.array_equal(bands, np.arange(cubes[0].shape[0]))
+    out = [np.empty((len(starts), len(bands), n, n), dtype=np.float32) for _ in cubes]
+    for k, (x0, y0) in enumerate(starts):
+        ya, yb, xa, xb = max(y0, 0), min(y0 + n, ny), max(x0, 0), min(x0 + n, nx)
+        edge = (ya, yb, xa, xb) != (y0, y0 + n, x0, x0 + n)
+        for o, cube, f in zip(out, cubes, fill, strict=True):
+            if edge:
+                o[k] = f
+            if yb > ya and xb > xa:
+                win = cube[:, ya:yb, xa:xb]
+                o[k, :, ya - y0:yb - y0, xa - x0:xb - x0] = win if all_bands else win[bands]
+    return out
