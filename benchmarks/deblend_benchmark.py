@@ -311,13 +311,21 @@ HEAD = ("| method | n | r-flux median | NMAD | NMAD SNR>20 | e1 / e2 NMAD (vs tr
 def _nuts_lines(fr: list[dict]) -> list[str]:
     """The reference comparison: every method on the scenes NUTS ran on, and NUTS's own
     diagnostics (R-hat, bulk ESS of the target's r flux, e1, e2; divergences)."""
-    nuts = [r for r in fr if r["method"] == "nuts"]
+    lines = []
+    for suffix in ("", "_uncond"):
+        lines += _nuts_lines_of(fr, suffix)
+    return lines
+
+
+def _nuts_lines_of(fr: list[dict], suffix: str) -> list[str]:
+    """:func:`_nuts_lines` for the rows of one model version (``suffix`` of the method)."""
+    nuts = [r for r in fr if r["method"] == "nuts" + suffix]
     if not nuts:
         return []
     subset = {r["scene"] for r in nuts}
-    lines = ["", f"Same {len(subset)} scenes as NUTS (the reference; every method restricted "
-                 "to the scenes NUTS ran on):", "", HEAD]
-    for m in ("amortized", "laplace", "auto", "nuts"):
+    lines = ["", f"Same {len(subset)} scenes as NUTS{suffix} (the reference; every method "
+                 "restricted to the scenes NUTS ran on):", "", HEAD]
+    for m in [m + suffix for m in ("laplace", "auto", "nuts")] + ["amortized"]:
         rs = [r for r in fr if r["method"] == m and r["scene"] in subset]
         if rs:
             lines.append(f"| {m} " + _fmt(summarize(rs)))
@@ -348,12 +356,15 @@ def report(out: Path, args):
              "q's mean, q re-centred there, photometry (least squares) with the refined "
              "calibration. `laplace` / `auto`: MAP from the v0.4 q with photometric fluxes, "
              "L-BFGS preconditioned by the Gauss-Newton curvature, Gauss-Newton Laplace "
-             "covariance, PSIS with pilot, the flux model-error term of the encoder card "
-             "(`calibration.laplace`: flux_sys 0.016, df 3, fitted on 240 held-out scenes); "
+             "covariance, PSIS with pilot, the prior's magnitude-conditioned latent map "
+             "(`docs/priors.md`), the flux model-error term of the encoder card "
+             "(`calibration.laplace`, refitted on 240 held-out scenes with that prior); "
+             "`_uncond` the same with the prior before its magnitude-conditioned map and "
+             "the term fitted then (flux_sys 0.016, df 3); "
              "`_sys08` the same with the first calibration (0.008, df 4, 100 held-out "
              "scenes); `_nosys` the same without that term; `nuts`: NumPyro NUTS from the "
              "MAP with the Laplace mass matrix, 2 chains x (100 warm-up + 100 draws), chains "
-             "one after the other; "
+             "one after the other (`nuts_uncond`: with the prior before the map); "
              "`_v04exact` the same with plain L-BFGS and the "
              "exact Hessian (before the decoder ran in CPU blocks); `laplace_v02` with the "
              "v0.2 encoder's q as the MAP's starting point. Rows of earlier calibration "

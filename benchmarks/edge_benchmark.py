@@ -129,13 +129,18 @@ def run(args):
 
 
 def report(out, rows):
+    present = {r["method"] for r in rows}
+    methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
     lines = ["# Posteriors at the edges", "",
+             "`laplace_uncond`, `fit_uncond`: the same methods with the shipped prior before its "
+             "flow got the magnitude-conditioned map (`benchmarks/fit_size_prior.py`, "
+             "docs/priors.md); kept for comparison.", "",
              "Pure-noise position (48x48 LSST sky noise, position at the centre): the 95% "
              "interval of the r flux; target: lower edge below 1 sigma of the sky noise in a "
              "2\" aperture.", "",
              "| method | n | median r flux (e-) | 95% lower edge (median) | 1 sigma aperture | "
              "lower edge < 1 sigma |", "|---|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in methods:
         rs = [r for r in rows if r["case"] == "noise" and r["method"] == m]
         if rs:
             lines.append(f"| {m} | {len(rs)} | {np.median([r['median'] for r in rs]):.0f} | "
@@ -144,18 +149,30 @@ def report(out, rows):
     lines += ["", "Faint isolated galaxies (r SNR 5-10): posterior-median r flux; target: "
                   "median bias < 5%.", "",
               "| method | n | median bias | NMAD | 68% coverage |", "|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in methods:
         rs = [r for r in rows if r["case"] == "faint" and r["method"] == m]
         if rs:
             rel = [r["rel"] for r in rs]
             lines.append(f"| {m} | {len(rs)} | {np.median(rel):+.3f} | {nmad(rel):.3f} | "
                          f"{np.mean([r['cov68'] for r in rs]):.2f} |")
+    faint = {}
+    for r in rows:
+        if r["case"] == "faint":
+            faint.setdefault(r["method"], {})[round(r["snr"], 6)] = r
+    if "laplace" in faint and "laplace_uncond" in faint:
+        same = sorted(set(faint["laplace"]) & set(faint["laplace_uncond"]))
+        if same:
+            lines += ["", f"laplace on the same {len(same)} faint galaxies: median bias "
+                      + ", ".join(f"{m} {np.median([faint[m][k]['rel'] for k in same]):+.3f} "
+                                  f"(68% coverage "
+                                  f"{np.mean([faint[m][k]['cov68'] for k in same]):.2f})"
+                                  for m in ("laplace_uncond", "laplace")) + "."]
     paths = sorted({r.get("path", "") for r in rows if r["method"] == "fit"})
     if paths:
         lines += ["", "`fit` (the default `probdeblend.fit(scene)`) took: " + "; ".join(
             f"{p} ({sum(r.get('path') == p for r in rows if r['method'] == 'fit')})"
             for p in paths) + "."]
-    (Path(out) / "report.md").write_text("\n".join(lines) + "\n")
+    write_text("\n".join(lines) + "\n", Path(out) / "report.md", overwrite=True)
     print("\n".join(lines))
 
 
@@ -169,7 +186,13 @@ def main(argv=None):
                     help=f"comma-separated subset of {METHODS}; rows of the others are kept")
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--out", default="benchmarks/results/edges")
-    run(ap.parse_args(argv))
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild report.md from rows.jsonl without running anything")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        report(args.out, load_rows(Path(args.out) / "rows.jsonl"))
+        return
+    run(args)
 
 
 if __name__ == "__main__":

@@ -157,11 +157,13 @@ class SceneProblem:
     def deterministic(self, flats) -> dict:
         """``latent`` (…, S, D) and ``position`` (…, S, 2) of flat vectors (…, dim)."""
         import jax
+        import jax.numpy as jnp
 
         flats = np.asarray(flats, np.float32)
         lead = flats.shape[:-1]
         params = jax.vmap(self.unravel)(flats.reshape(-1, self.dim))
-        z = self._fns["from_base"](params["latent_base"])
+        z = self._fns["from_base"](params["latent_base"],
+                                   self.spec.magnitude(params["log_flux"], jnp))
         pos = np.asarray(self.spec.positions0)[None] + np.asarray(params["offset"])
         out = {k: np.asarray(v).reshape(lead + v.shape[1:]) for k, v in params.items()}
         out["latent"] = np.asarray(z).reshape(lead + z.shape[1:])
@@ -176,7 +178,7 @@ def _compile(backend, template) -> dict:
     from numpyro.infer.util import log_density
 
     from .likelihood import loglike_per_band
-    from .model import scene_model
+    from .model import MAG_PER_LN, scene_model
 
     _, unravel = ravel_pytree(template)
 
@@ -222,8 +224,11 @@ def _compile(backend, template) -> dict:
         positions = spec.positions0 + p["offset"]
 
         def one(u, lf, pos):
-            def stamp(v):
-                return backend.decode(backend.from_base(v[None]))[0]
+            mag = spec.magnitude(lf, xp)  # None, or a scalar that moves with lf
+
+            def stamp(v, m=mag):
+                return backend.decode(backend.from_base(v[None], None if m is None
+                                                        else m[None]))[0]
 
             def image(st, q):
                 return spec.render(st[None], xp.exp(lf)[None], q[None], xp)
@@ -234,6 +239,10 @@ def _compile(backend, template) -> dict:
             j_u = jax.vmap(lambda t: image(t, pos))(tangents)  # (D, B, y, x)
             img = image(st, pos)
             j_f = xp.eye(lf.shape[0], dtype=img.dtype)[:, :, None, None] * img[None]
+            if mag is not None:  # the conditioning band's flux also moves the morphology
+                d_st = jax.jvp(lambda m: stamp(u, m), (mag,),
+                               (xp.asarray(-MAG_PER_LN, mag.dtype),))[1]
+                j_f = j_f.at[spec.mag_band].add(image(d_st, pos))
             j_p = xp.moveaxis(jax.jacfwd(lambda q: image(st, q))(pos), -1, 0)
             return j_u, j_f, j_p
 

@@ -39,7 +39,44 @@ import numpy as np
 from .likelihood import chi2_loglike
 from .render import SceneRenderer, render
 
-__all__ = ["Backend", "SceneSpec", "scene_model"]
+__all__ = ["Backend", "SceneSpec", "scene_model", "magnitude_context"]
+
+#: ``2.5 / ln(10)``: magnitudes per e-fold of flux
+MAG_PER_LN = 2.5 / float(np.log(10.0))
+
+#: AB magnitude of 1 nJy: ``mag = 31.4 - 2.5 log10(flux / nJy)``
+_NJY_MAG_ZERO = 31.4
+
+
+def magnitude_context(prior, scene) -> tuple[int, float] | None:
+    """``(band index in scene, m0)`` for a magnitude-conditioned ``prior`` (a latent flow
+    with a :class:`~probdeblend.priors.flow.MagnitudeConditional` map), such that a source's
+    AB magnitude is ``m0 - 2.5 log10(flux)`` of that band; None for an unconditional prior.
+
+    ``m0``: 31.4 for a scene in ``nJy``; for ``electron`` (the simulator's unit: electrons over
+    the full survey exposure), ``zeropoint + 2.5 log10(exposure_time)`` of the band in the
+    prior's survey (:attr:`probdeblend.survey.Band.magnitude_zero`). Scenes in other units
+    get the unconditional prior, with a warning.
+    """
+    import warnings
+
+    band = getattr(prior, "magnitude_band", None)
+    if band is None or band not in scene.bands:
+        return None
+    units = str(getattr(scene, "units", "electron"))
+    if units == "nJy":
+        m0 = _NJY_MAG_ZERO
+    elif units == "electron":
+        from .survey import get_survey
+
+        m0 = get_survey(prior.frame.survey).band(band).magnitude_zero
+    else:
+        warnings.warn(f"the prior {prior.name!r} conditions galaxy morphologies on the "
+                      f"{band}-band AB magnitude, which needs fluxes in 'electron' or 'nJy'; "
+                      f"this scene is in {units!r}, so the unconditional prior is used",
+                      stacklevel=3)
+        return None
+    return list(scene.bands).index(band), float(m0)
 
 
 @dataclass
@@ -54,7 +91,7 @@ class Backend:
     dist: Any
     xp: Any
     decode: Any      # z (..., S, D) -> flux-normalised stamps (..., S, B, n, n)
-    from_base: Any   # u (..., S, D) -> z
+    from_base: Any   # (u (..., S, D), AB magnitude (..., S) or None) -> z
     asarray: Any
     torch_prior: Any = None  # the torch LearnedPrior behind either backend, when known
 
@@ -65,8 +102,8 @@ class Backend:
         import pyro.distributions as dist
         import torch
 
-        def from_base(u):
-            return u if prior.flow is None else prior.flow(u)[0]
+        def from_base(u, mag=None):
+            return u if prior.flow is None else prior.flow(u, mag)[0]
 
         def asarray(a):
             a = np.asarray(a)
@@ -93,7 +130,7 @@ class Backend:
             return jnp.asarray(_single(np.asarray(a)))
 
         return cls("numpyro", numpyro, dist, jnp, twin.decode,
-                   lambda u: twin.flow_forward(u)[0], asarray, torch_prior)
+                   lambda u, mag=None: twin.flow_forward(u, mag)[0], asarray, torch_prior)
 
 
 def _single(a: np.ndarray) -> np.ndarray:
@@ -127,9 +164,19 @@ class SceneSpec:
     latent_dim: int
     image_shape: tuple[int, int]
     model_psf_sigma: float = 0.0
+    mag_zero: Any = 0.0
+    mag_band: int = -1
 
     _ARRAYS = ("image", "sigma", "good", "positions0", "flux_loc", "flux_scale", "kernel_ft",
-               "freq_y", "freq_x")
+               "freq_y", "freq_x", "mag_zero")
+
+    def magnitude(self, log_flux, xp):
+        """AB magnitudes ``(...)`` of band :attr:`mag_band` from log fluxes ``(..., band)``
+        (``mag = mag_zero - 2.5 log10(flux)``), the context of a magnitude-conditioned
+        prior; None when the prior is unconditional (``mag_band < 0``)."""
+        if self.mag_band < 0:
+            return None
+        return self.mag_zero - MAG_PER_LN * log_flux[..., self.mag_band]
 
     @property
     def n_sources(self) -> int:
@@ -140,9 +187,10 @@ class SceneSpec:
         return int(self.image.shape[0])
 
     def shape_key(self) -> tuple:
-        """Shapes that determine a compiled log-density (sources, latent, bands, image, FFT)."""
+        """Shapes that determine a compiled log-density (sources, latent, bands, image, FFT,
+        and which band conditions the prior)."""
         return (self.n_sources, self.latent_dim, self.n_bands, tuple(self.image_shape),
-                tuple(self.kernel_ft.shape), float(self.position_scale))
+                tuple(self.kernel_ft.shape), float(self.position_scale), int(self.mag_band))
 
     def render(self, stamps, fluxes, positions, xp, shear=None):
         """Noiseless scene (…, band, y, x) of flux-normalised stamps (see :func:`render`);
@@ -159,7 +207,8 @@ class SceneSpec:
     @classmethod
     def build(cls, backend: Backend, scene, renderer: SceneRenderer, positions0,
               flux_init, latent_dim: int, flux_scale: float = 2.0,
-              position_scale: float = 1.0, model_error: float = 0.0) -> SceneSpec:
+              position_scale: float = 1.0, model_error: float = 0.0,
+              magnitude: tuple[int, float] | None = None) -> SceneSpec:
         """Assemble a spec from a :class:`~probdeblend.Scene`.
 
         Parameters
@@ -180,6 +229,10 @@ class SceneSpec:
             in for the model, so the likelihood stays Gaussian with fixed variance). It widens
             the posterior of bright sources, where a percent-level mismatch between the prior's
             galaxies (or the PSF image) and the data dominates the photon noise; 0 disables it.
+        magnitude : (int, float), optional
+            ``(band index, m0)`` for a magnitude-conditioned prior: the prior of each source's
+            latent is conditioned on ``m0 - 2.5 log10(flux[band])`` (see
+            :func:`magnitude_context`); None: unconditional.
         """
         weight = np.asarray(scene.weight, dtype=np.float64)
         good = weight > 0
@@ -195,6 +248,8 @@ class SceneSpec:
             kernel_ft=renderer.kernel_ft.astype(np.complex64), freq_y=renderer.freqs[0],
             freq_x=renderer.freqs[1], position_scale=float(position_scale),
             latent_dim=int(latent_dim), image_shape=tuple(renderer.image_shape),
+            mag_zero=np.asarray(0.0 if magnitude is None else magnitude[1], np.float64),
+            mag_band=-1 if magnitude is None else int(magnitude[0]),
         )
         return spec.with_arrays(backend.asarray)
 
@@ -205,7 +260,7 @@ def _register_pytree():
 
     if getattr(_register_pytree, "done", False):
         return
-    static = ("position_scale", "latent_dim", "image_shape", "model_psf_sigma")
+    static = ("position_scale", "latent_dim", "image_shape", "model_psf_sigma", "mag_band")
 
     def flatten(spec):
         return ([getattr(spec, k) for k in SceneSpec._ARRAYS],
@@ -240,8 +295,8 @@ def scene_model(backend: Backend, spec: SceneSpec, observe: bool = True, shear=N
     ppl, dist, xp = backend.ppl, backend.dist, backend.xp
     S, D = spec.n_sources, spec.latent_dim
     u = ppl.sample("latent_base", dist.Normal(xp.zeros((S, D)), 1.0).to_event(2))
-    z = ppl.deterministic("latent", backend.from_base(u))
     log_flux = ppl.sample("log_flux", dist.Normal(spec.flux_loc, spec.flux_scale).to_event(2))
+    z = ppl.deterministic("latent", backend.from_base(u, spec.magnitude(log_flux, xp)))
     offset = ppl.sample("offset",
                         dist.Normal(xp.zeros((S, 2)), spec.position_scale).to_event(2))
     positions = ppl.deterministic("position", spec.positions0 + offset)

@@ -287,7 +287,7 @@ class ScenePosterior:
     # -- construction ----------------------------------------------------------------------
     def _build(self, positions):
         from .inference import SceneProblem
-        from .model import SceneSpec
+        from .model import SceneSpec, magnitude_context
         from .render import SceneRenderer
 
         self.renderer = SceneRenderer.from_scene(self.scene, self.prior.frame)
@@ -302,12 +302,23 @@ class ScenePosterior:
         self.spec = SceneSpec.build(self.backend, self.scene, self.renderer, self.positions0,
                                     flux0, self.prior.latent_dim, flux_scale=self.flux_scale,
                                     position_scale=self.position_scale,
-                                    model_error=self.model_error)
+                                    model_error=self.model_error,
+                                    magnitude=magnitude_context(self.prior, self.scene))
         self.problem = SceneProblem(self.backend, self.spec)
-        z = np.asarray(self.q.mean("z"), np.float32)
-        u, _ = self.np_prior.twin.flow_inverse(z)
+        u = self._to_base(self.q.mean("z"), self.q.mean("log_flux"))
         self.init = {"latent_base": np.asarray(u), "log_flux": self.q.mean("log_flux"),
                      "offset": np.zeros_like(self.positions0)}
+
+    def _to_base(self, z, log_flux) -> np.ndarray:
+        """The model's whitened latent ``u (..., S, D)`` of latents ``z`` given log fluxes
+        ``(..., S, band)`` (which set the magnitude of a magnitude-conditioned prior)."""
+        import jax.numpy as jnp
+
+        z = np.asarray(z, np.float32)
+        mag = self.spec.magnitude(jnp.asarray(np.asarray(log_flux, np.float32)), jnp)
+        mag = None if mag is None else np.asarray(mag).reshape(-1)
+        u = self.np_prior.twin.flow_inverse(z.reshape(-1, z.shape[-1]), mag)[0]
+        return np.asarray(u, np.float64).reshape(z.shape)
 
     def q_mean_model(self, photometry: bool = True) -> np.ndarray:
         """Noiseless model image (band, y, x) of every source at q's mean morphology and
@@ -404,10 +415,9 @@ class ScenePosterior:
             templates = ph["templates"]
             d["log_flux"] = np.log(np.clip(ph["flux"], 1e-3, None))
             info.update(photometry_chi2=ph["chi2"], photometry_inflation=ph["inflation"])
-        u = np.asarray(self.np_prior.twin.flow_inverse(
-            d["z"].astype(np.float32).reshape(-1, d["z"].shape[-1]))[0], np.float64)
+        u = self._to_base(d["z"], d["log_flux"])
         flat = self.problem.flatten_draws({
-            "latent_base": u.reshape(d["z"].shape), "log_flux": d["log_flux"],
+            "latent_base": u, "log_flux": d["log_flux"],
             "offset": d["position"] - self.positions0[None]})
         if "e" in d:
             extra.update(e1=d["e"][None, ..., 0], e2=d["e"][None, ..., 1])

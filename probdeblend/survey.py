@@ -117,6 +117,12 @@ class Band:
         return np.where(flux > 0, mag, np.inf)
 
     @property
+    def magnitude_zero(self) -> float:
+        """``m0`` with ``mag = m0 - 2.5 log10(flux)`` for a flux in electrons over the full
+        exposure: ``zeropoint + 2.5 log10(exposure_time)``."""
+        return float(self.zeropoint + 2.5 * np.log10(self.exposure_time))
+
+    @property
     def sky_level(self) -> float:
         """Mean sky in electrons per pixel over the full exposure."""
         return float(self.mag_to_flux(self.sky_brightness) * self.pixel_scale**2)

@@ -31,6 +31,32 @@ def tiny_prior(tmp_path_factory):
     return pb.load_prior(str(card))
 
 
+@pytest.fixture(scope="module")
+def cond_prior(tiny_prior):
+    """The tiny prior with a random magnitude-conditioned map on its flow (r band, 18-26)."""
+    from probdeblend.priors.flow import MagnitudeConditional
+
+    p = _copy_prior(tiny_prior)
+    rng = np.random.default_rng(7)
+    tril = np.tril(0.1 * rng.normal(size=(4, 4)), -1) + np.diag([0.7, 0.9, 0.6, 0.8])
+    p.flow.context = MagnitudeConditional(0.2 * rng.normal(size=4), 0.8 * rng.normal(size=(4, 2)),
+                                          tril, "r", (18.0, 26.0), 22.0, 1.5)
+    return p
+
+
+def _copy_prior(prior):
+    import copy
+
+    from probdeblend.priors.distribution import LearnedPrior
+
+    return LearnedPrior(copy.deepcopy(prior.encoder), copy.deepcopy(prior.decoder),
+                        copy.deepcopy(prior.flow), prior.full_frame, card=prior.card)
+
+
+#: ``(band index, m0)`` of the conditioned scenes: flux 2e4 -> r = 33 - 10.75 = 22.25
+MAGNITUDE = (1, 33.0)
+
+
 def _gaussian_psf(fwhm, size=25):
     img = galsim.Gaussian(fwhm=fwhm).drawImage(nx=size, ny=size, scale=SCALE).array
     return img / img.sum()
@@ -140,7 +166,7 @@ def test_fft_size():
 
 
 # ---------------------------------------------------------------------------- model
-def _scene_for(prior, n_src=2, seed=0, size=32):
+def _scene_for(prior, n_src=2, seed=0, size=32, magnitude=None):
     """A scene drawn from the model itself (prior draws, rendered, noise)."""
     rng = np.random.default_rng(seed)
     bands = prior.bands
@@ -153,24 +179,29 @@ def _scene_for(prior, n_src=2, seed=0, size=32):
     backend = Backend.numpyro(prior)
     renderer = SceneRenderer.from_scene(scene, prior.frame)
     flux = np.full((n_src, len(bands)), 2e4)
-    spec = SceneSpec.build(backend, scene, renderer, pos, flux, prior.latent_dim, flux_scale=0.5)
+    spec = SceneSpec.build(backend, scene, renderer, pos, flux, prior.latent_dim, flux_scale=0.5,
+                           magnitude=magnitude)
     return scene, spec, backend, rng
 
 
-def test_pyro_and_numpyro_models_agree(tiny_prior):
-    """The same parameters give the same log joint under Pyro (torch) and NumPyro (JAX)."""
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_pyro_and_numpyro_models_agree(tiny_prior, cond_prior, conditioned):
+    """The same parameters give the same log joint under Pyro (torch) and NumPyro (JAX), also
+    with a magnitude-conditioned prior (whose latent moves with the r flux)."""
     import pyro
     from numpyro.infer.util import log_density
 
-    scene, spec_np, backend_np, rng = _scene_for(tiny_prior)
+    prior, mag = (cond_prior, MAGNITUDE) if conditioned else (tiny_prior, None)
+    scene, spec_np, backend_np, rng = _scene_for(prior, magnitude=mag)
     scene = scene.__class__(scene.image + rng.normal(0, 20, scene.image.shape).astype(np.float32),
                             scene.variance, scene.psf, scene.bands, SCALE,
                             positions=scene.positions)
-    renderer = SceneRenderer.from_scene(scene, tiny_prior.frame)
+    renderer = SceneRenderer.from_scene(scene, prior.frame)
     specs = {}
-    for name, be in (("numpyro", backend_np), ("pyro", Backend.pyro(tiny_prior))):
+    for name, be in (("numpyro", backend_np), ("pyro", Backend.pyro(prior))):
         specs[name] = (be, SceneSpec.build(be, scene, renderer, scene.positions,
-                                           np.full((2, 3), 2e4), tiny_prior.latent_dim))
+                                           np.full((2, 3), 2e4), prior.latent_dim,
+                                           magnitude=mag))
     params = {"latent_base": rng.normal(size=(2, 4)), "log_flux": np.log(2e4) + rng.normal(
         0, 0.1, (2, 3)), "offset": rng.normal(0, 0.3, (2, 2))}
     be, spec = specs["numpyro"]
@@ -183,6 +214,12 @@ def test_pyro_and_numpyro_models_agree(tiny_prior):
     lp_pyro = float(tr.log_prob_sum())
     assert np.isfinite(lp_np)
     assert lp_pyro == pytest.approx(lp_np, rel=1e-4, abs=1e-2)
+    if conditioned:  # the latent is the conditioned flow's, at each source's r magnitude
+        mag_r = 33.0 - 2.5 * params["log_flux"][:, 1] / np.log(10)
+        with torch.no_grad():
+            ref = prior.flow(torch.tensor(params["latent_base"], dtype=torch.float32),
+                             torch.tensor(mag_r, dtype=torch.float32))[0]
+        np.testing.assert_allclose(tr.nodes["latent"]["value"].numpy(), ref.numpy(), atol=1e-5)
 
 
 def test_flatten_order_matches_ravel_pytree(tiny_prior):
@@ -232,9 +269,9 @@ def test_map_and_laplace(tiny_prior):
     assert np.all(np.abs(m["offset"]) < 0.3)
 
 
-def _noisy_scene_problem(prior, rng):
+def _noisy_scene_problem(prior, rng, magnitude=None):
     """A 2-source scene of the tiny prior's own model at a random truth, with noise."""
-    scene, spec, backend, _ = _scene_for(prior, n_src=2)
+    scene, spec, backend, _ = _scene_for(prior, n_src=2, magnitude=magnitude)
     prob = SceneProblem(backend, spec)
     truth = {"latent_base": rng.normal(size=(2, 4)), "log_flux": np.full((2, 3), np.log(2e4)),
              "offset": rng.normal(0, 0.2, (2, 2))}
@@ -246,25 +283,29 @@ def _noisy_scene_problem(prior, rng):
     scene2 = pb.Scene(image, scene.variance, scene.psf, scene.bands, SCALE,
                       positions=scene.positions)
     spec2 = SceneSpec.build(backend, scene2, SceneRenderer.from_scene(scene2, prior.frame),
-                            scene.positions, np.full((2, 3), 2e4), prior.latent_dim)
+                            scene.positions, np.full((2, 3), 2e4), prior.latent_dim,
+                            magnitude=magnitude)
     return SceneProblem(backend, spec2), truth
 
 
-def test_gauss_newton_is_jtwj_of_the_model_image(tiny_prior):
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_gauss_newton_is_jtwj_of_the_model_image(tiny_prior, cond_prior, conditioned):
     """The source-by-source Gauss-Newton Hessian equals J^T W J of the whole scene's model
     image (J by jax.jacfwd through decoder and renderer) plus -Hessian of the log prior, and
-    is close to the exact Hessian at the MAP."""
+    is close to the exact Hessian at the MAP; with a magnitude-conditioned prior, J includes
+    the morphology's dependence on the r flux."""
     import jax.numpy as jnp
     from numpyro import handlers
     from numpyro.infer.util import log_density
 
-    prob, truth = _noisy_scene_problem(tiny_prior, np.random.default_rng(3))
+    prior, mag = (cond_prior, MAGNITUDE) if conditioned else (tiny_prior, None)
+    prob, truth = _noisy_scene_problem(prior, np.random.default_rng(3), mag)
     spec, be = prob.spec, prob.backend
     x = prob.flatten(truth).astype(np.float32)
 
     def image(flat):
         p = prob.unravel(flat)
-        z = be.from_base(p["latent_base"])
+        z = be.from_base(p["latent_base"], spec.magnitude(p["log_flux"], jnp))
         return spec.render(be.decode(z), jnp.exp(p["log_flux"]), spec.positions0 + p["offset"],
                            jnp).reshape(-1)
 
@@ -279,6 +320,11 @@ def test_gauss_newton_is_jtwj_of_the_model_image(tiny_prior):
     assert gn.shape == (prob.dim, prob.dim)
     assert np.allclose(gn, gn.T, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
     assert np.allclose(gn, ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+    # float32 rounding is ~1e-7 of the largest entry; leaving out the flux-morphology term of
+    # a conditioned prior errs by ~7e-5
+    assert np.abs(gn - ref).max() < 1e-5 * np.abs(ref).max()
+    if conditioned:  # the MAP comparison below does not depend on the prior's form
+        return
     # at the MAP the exact Hessian differs only by the residual-curvature term
     flat_map, _ = find_map(prob, None, x0=x)
     sd_gn = np.sqrt(np.diag(laplace(prob, flat_map, hessian="gauss-newton")))
@@ -384,3 +430,22 @@ def test_laplace_psis_pilot_skips_hopeless_weights():
     assert bad.evaluated == 200 and "lp" not in post.sample_stats
     assert post.method.startswith("laplace (PSIS k-hat")
     assert post.samples["flat"].shape == (200, d)
+
+
+def test_magnitude_context_follows_the_scene_units(tiny_prior, cond_prior):
+    """electron: the survey's zero point and exposure; nJy: 31.4; other units: unconditional,
+    with a warning; an unconditional prior: None."""
+    from probdeblend.model import magnitude_context
+    from probdeblend.survey import get_survey
+
+    scene, *_ = _scene_for(cond_prior)
+    r = get_survey("lsst").band("r")
+    idx, m0 = magnitude_context(cond_prior, scene)
+    assert idx == 1 and m0 == pytest.approx(r.zeropoint + 2.5 * np.log10(r.exposure_time))
+    assert float(r.flux_to_mag(1e4)) == pytest.approx(m0 - 2.5 * np.log10(1e4))
+    njy = pb.Scene(scene.image, scene.variance, scene.psf, scene.bands, SCALE, units="nJy")
+    assert magnitude_context(cond_prior, njy) == (1, 31.4)
+    adu = pb.Scene(scene.image, scene.variance, scene.psf, scene.bands, SCALE, units="adu")
+    with pytest.warns(UserWarning, match="unconditional prior"):
+        assert magnitude_context(cond_prior, adu) is None
+    assert magnitude_context(tiny_prior, scene) is None

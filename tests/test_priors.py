@@ -690,3 +690,153 @@ def test_shipped_priors_load_with_checksums(name):
     np.testing.assert_allclose(
         np.asarray(p.to_numpyro().decode(z.numpy())), p.decode(z).numpy(), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("name", ["lsst-vae", "lsst-vaegan"])
+def test_shipped_priors_know_that_faint_galaxies_are_small(name):
+    """The shipped flows carry the r-magnitude map: prior draws at r = 20.5 are larger than
+    at r = 26.5 (simulator: 4.7 vs 1.5 px half-light radius), the unconditional draws in
+    between, as benchmarks/results/priors/size_prior*/report.md shows at scale."""
+    from probdeblend.measure import half_light_radius
+
+    p = load_prior(name)
+    assert p.magnitude_band == "r"
+    assert p.card["training"]["magnitude_conditional"]["n_galaxies"] >= 20000
+    torch.manual_seed(0)
+    r = list(p.bands).index("r")
+
+    def hlr(mag=None):
+        with torch.no_grad():
+            prior = p if mag is None else p.given_magnitude(torch.full((64,), mag))
+            img = p.decode(prior.expand((64,)).sample())[:, r].numpy()
+        return float(np.median(half_light_radius(img)))
+
+    bright, faint, marginal = hlr(20.5), hlr(26.5), hlr()
+    assert bright > 1.8 * faint
+    assert faint < marginal < bright
+
+
+# -- magnitude-conditioned latent prior ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cond_prior(prior_dir, images, tmp_path_factory):
+    """The tiny flow prior with a magnitude-conditioned map fitted by
+    fit_magnitude_conditional (the tiny VAE's posterior has collapsed, so there is no relation
+    to find: the map is then replaced by a random one, to exercise every term), then saved
+    and loaded again."""
+    from probdeblend.priors.flow import MagnitudeConditional
+    from probdeblend.priors.train import fit_magnitude_conditional
+
+    p = load_prior(prior_dir / "tiny-flow")
+    mags = np.random.default_rng(0).uniform(23.0, 27.0, len(images))
+    fit = fit_magnitude_conditional(p, images, mags, band="r", degree=2, seed=0)
+    assert p.flow.context is not None and fit["n_train"] + fit["n_val"] == len(images)
+    rng = np.random.default_rng(1)
+    tril = np.tril(0.2 * rng.normal(size=(LATENT, LATENT)), -1) + np.diag([0.8, 0.6, 1.0, 0.7])
+    p.flow.context = MagnitudeConditional(0.3 * rng.normal(size=LATENT),
+                                          rng.normal(size=(LATENT, 2)), tril, "r",
+                                          (23.0, 27.0), 25.0, 1.2)
+    d = tmp_path_factory.mktemp("cond")
+    save_prior(d / "tiny-cond", p.encoder, p.decoder, p.flow,
+               {"frame": FRAME, "name": "tiny-cond"})
+    return load_prior(d / "tiny-cond"), fit
+
+
+def test_magnitude_conditional_fit_recovers_a_planted_relation():
+    """MagnitudeConditional.fit recovers loc, W and L from base vectors drawn from a known
+    map, and its held-out log density beats the unconditional N(0, I)'s."""
+    from probdeblend.priors.flow import MagnitudeConditional
+
+    rng = np.random.default_rng(2)
+    d, n = 3, 20000
+    loc, w = np.array([0.2, -0.1, 0.0]), np.array([[0.8, 0.1], [-0.5, 0.0], [0.0, 0.3]])
+    tril = np.array([[0.6, 0.0, 0.0], [0.1, 0.8, 0.0], [0.0, -0.2, 0.5]])
+    m = rng.uniform(20.0, 27.0, n)
+    c = (m - 24.0) / 2.0
+    u = loc + np.stack([c, c**2], -1) @ w.T + rng.normal(size=(n, d)) @ tril.T
+    ctx = MagnitudeConditional.fit(u[:-2000], m[:-2000], "r", 2, mag_ref=24.0, mag_scale=2.0)
+    np.testing.assert_allclose(ctx.loc.numpy(), loc, atol=0.03)
+    np.testing.assert_allclose(ctx.weight.numpy(), w, atol=0.03)
+    np.testing.assert_allclose(ctx.scale_tril.numpy(), tril, atol=0.03)
+    assert ctx.mag_range[0] >= 20.0 and ctx.mag_range[1] <= 27.0
+    with torch.no_grad():
+        v = torch.as_tensor(u[-2000:], dtype=torch.float32)
+        mu = ctx.mean(torch.as_tensor(m[-2000:], dtype=torch.float32))
+        r = torch.linalg.solve_triangular(ctx.scale_tril, (v - mu).T, upper=False).T
+        lp_cond = float((-0.5 * (r**2).sum(-1)).mean() - ctx.log_det())
+    lp_marg = float(-0.5 * (u[-2000:] ** 2).sum(-1).mean())
+    assert lp_cond > lp_marg + 0.5
+
+
+def test_magnitude_conditional_fit_and_roundtrip(cond_prior):
+    """The fitted map raises the held-out log density (the planted relation is learnable);
+    it survives save / load (card config, weights, sha256); forward and inverse invert each
+    other and log_prob is the change of variables, with and without a magnitude."""
+    p, fit = cond_prior
+    assert np.isfinite(fit["val_logp_conditional"]) and np.isfinite(fit["val_logp_marginal"])
+    assert p.magnitude_band == "r"
+    assert p.card["architecture"]["flow"]["context"]["degree"] == 2
+    ctx = p.flow.context
+    assert ctx.mag_range[0] == pytest.approx(23.0) and ctx.mag_range[1] == pytest.approx(27.0)
+    assert torch.all(torch.diagonal(ctx.scale_tril) > 0)
+    u = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(0))
+    m = torch.linspace(22.0, 28.0, 64)  # beyond the range on both sides: clipped
+    with torch.no_grad():
+        z, ld = p.flow(u, m)
+        u2, ld_inv = p.flow.inverse(z, m)
+        assert torch.allclose(u2, u, atol=1e-4)
+        assert torch.allclose(ld, -ld_inv, atol=1e-4)
+        lp = p.flow.log_prob(z, m)
+        ref = -0.5 * (u**2).sum(-1) - 0.5 * LATENT * math.log(2 * math.pi) - ld
+        assert torch.allclose(lp, ref, atol=1e-3)
+        # the magnitude moves the prior: the same u gives other galaxies at 23 and 27
+        z23, z27 = p.flow(u, torch.full((64,), 23.0))[0], p.flow(u, torch.full((64,), 27.0))[0]
+        assert (z23 - z27).abs().max() > 0.1
+        assert torch.equal(p.flow(u, torch.full((64,), 20.0))[0], z23)  # clipped at 23
+        # no magnitude: exactly the unconditional flow
+        assert torch.equal(p.flow(u)[0], load_prior_flow_only(p)(u)[0])
+
+
+def load_prior_flow_only(p):
+    """The flow of ``p`` with its map detached (a copy)."""
+    import copy
+
+    f = copy.deepcopy(p.flow)
+    f.context = None
+    return f
+
+
+def test_magnitude_conditional_torch_jax_and_distributions(cond_prior):
+    """The JAX twin gives the same z and log density given a magnitude; given_magnitude
+    conditions both distributions (samples, log_prob); an unconditional prior ignores it."""
+    import jax
+
+    p, _ = cond_prior
+    jp = p.to_numpyro()
+    u = np.random.default_rng(1).normal(size=(16, LATENT)).astype(np.float32)
+    m = np.linspace(22.5, 27.5, 16).astype(np.float32)
+    with torch.no_grad():
+        zt, ldt = p.flow(torch.as_tensor(u), torch.as_tensor(m))
+        lpt = p.given_magnitude(torch.as_tensor(m)).log_prob(zt)
+    zj, ldj = jp.twin.flow_forward(u, m)
+    np.testing.assert_allclose(np.asarray(zj), zt.numpy(), atol=2e-4)
+    np.testing.assert_allclose(np.asarray(ldj), ldt.numpy(), atol=2e-4)
+    lpj = jp.given_magnitude(m).log_prob(zt.numpy())
+    np.testing.assert_allclose(np.asarray(lpj), lpt.numpy(), atol=2e-3)
+    uj, _ = jp.twin.flow_inverse(np.asarray(zj), m)
+    np.testing.assert_allclose(np.asarray(uj), u, atol=2e-4)
+    # sampling: shapes, and the conditional differs from the marginal
+    s = jp.given_magnitude(m).expand((16,)).sample(jax.random.PRNGKey(0), (3,))
+    assert s.shape == (3, 16, LATENT)
+    zc = p.given_magnitude(torch.full((5,), 23.0)).expand((5,)).sample((2,))
+    assert zc.shape == (2, 5, LATENT)
+    assert not torch.allclose(p.log_prob(zt), lpt)
+
+
+def test_unconditional_prior_ignores_magnitude(prior):
+    """A prior without a map: magnitude_band is None and given_magnitude changes nothing."""
+    assert prior.magnitude_band is None
+    z = prior.sample((4,))
+    assert torch.equal(prior.given_magnitude(torch.full((4,), 24.0)).log_prob(z),
+                       prior.log_prob(z))
+    jp = prior.to_numpyro()
+    assert jp.magnitude_band is None and jp.given_magnitude(24.0).mag is None

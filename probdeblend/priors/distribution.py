@@ -131,6 +131,7 @@ class LearnedPrior(pdist.TorchDistribution):
         for m in (encoder, decoder):
             m.to(memory_format=torch.channels_last)  # ~4x faster convolutions on CPU
         self.cache: dict = {}
+        self.magnitude: torch.Tensor | None = None  # see given_magnitude
         self.card = dict(card or {})
         self.latent_dim = int(decoder.latent_dim)
         if flow is not None and flow.dim != self.latent_dim:
@@ -166,10 +167,31 @@ class LearnedPrior(pdist.TorchDistribution):
             f"batch_shape={tuple(self.batch_shape)})"
         )
 
+    @property
+    def magnitude_band(self) -> str | None:
+        """The band whose AB magnitude conditions the latent prior (a flow with a
+        :class:`~.flow.MagnitudeConditional` map), or None for an unconditional prior."""
+        ctx = None if self.flow is None else self.flow.context
+        return None if ctx is None else ctx.band
+
+    def given_magnitude(self, mag) -> LearnedPrior:
+        """This prior conditioned on the AB magnitude(s) ``mag`` of :attr:`magnitude_band`
+        (broadcast against the batch shape): ``p(z | m)``, the size-magnitude relation of the
+        training galaxies (fainter galaxies are smaller). For an unconditional prior the
+        result is the same prior. ``mag`` may depend on other sample sites (e.g. a flux)::
+
+            f_r = pyro.sample("flux_r", ...)
+            z = pyro.sample("z", prior.given_magnitude(zeropoint - 2.5 * torch.log10(f_r)))
+        """
+        new = self.expand(self.batch_shape)
+        new.magnitude = None if self.magnitude_band is None else torch.as_tensor(mag)
+        return new
+
     # -- distribution API -------------------------------------------------------------------
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(LearnedPrior, _instance)
-        keys = ("full_frame", "frame", "encoder", "decoder", "flow", "card", "latent_dim", "cache")
+        keys = ("full_frame", "frame", "encoder", "decoder", "flow", "card", "latent_dim", "cache",
+                "magnitude")
         for key in keys:
             setattr(new, key, getattr(self, key))
         super(LearnedPrior, new).__init__(
@@ -187,7 +209,7 @@ class LearnedPrior(pdist.TorchDistribution):
         eps = torch.randn(shape, dtype=self._param_dtype())
         if self.flow is None:
             return eps
-        return self.flow(eps)[0]
+        return self.flow(eps, self.magnitude)[0]
 
     def _check_value(self, value: torch.Tensor) -> None:
         if not isinstance(value, torch.Tensor):
@@ -220,7 +242,7 @@ class LearnedPrior(pdist.TorchDistribution):
         if self.flow is None:
             lp = -0.5 * (z**2).sum(-1) - 0.5 * self.latent_dim * _LOG_2PI
         else:
-            lp = self.flow.log_prob(z)
+            lp = self.flow.log_prob(z, self.magnitude)
         lp = lp.to(dtype)
         shape = torch.broadcast_shapes(lp.shape, self.batch_shape)
         return lp.expand(shape) if lp.shape != shape else lp
@@ -315,9 +337,11 @@ class LearnedPrior(pdist.TorchDistribution):
         twin = self.cache.get(key)
         if twin is None:
             s_max = self.flow.s_max if self.flow is not None else None
+            ctx = None if self.flow is None or self.flow.context is None else \
+                self.flow.context.config()
             twin = JaxPrior(
                 self.export_weights(), frame=self.frame, card=self.card, s_max=s_max,
-                fast_grad=fast_grad,
+                fast_grad=fast_grad, context=ctx,
             )
             self.cache[key] = twin
         return LearnedPriorNumPyro(twin, batch_shape=tuple(self.batch_shape))

@@ -283,6 +283,8 @@ def load_prior(
                     f"model card {card_path}: latent_prior is 'flow' but architecture.flow is empty"
                 )
             flow = LatentFlow(**_ctor(arch["flow"], ("dim", "n_layers", "hidden", "s_max")))
+            if arch["flow"].get("context"):
+                flow.attach_context(arch["flow"]["context"])
         for prefix, m in (("encoder", encoder), ("decoder", decoder), ("flow", flow)):
             if m is None:
                 continue

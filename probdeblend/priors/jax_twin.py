@@ -123,6 +123,10 @@ class JaxPrior:
         Overrides the coupling log-scale bound (default 2.0 when not in the card).
     fast_grad : bool
         Use the custom input VJP for the decoder convolutions (see module docstring).
+    context : dict, optional
+        Configuration of the flow's magnitude-conditioned map (:meth:`~.flow.
+        MagnitudeConditional.config`) when the weights hold ``flow.context.*``; default the
+        card's ``architecture.flow.context``.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class JaxPrior:
         card: dict | None = None,
         s_max: float | None = None,
         fast_grad: bool = False,
+        context: dict | None = None,
     ):
         w = {}
         for k, v in weights.items():
@@ -142,7 +147,7 @@ class JaxPrior:
         self.fast_grad = bool(fast_grad)
         self._build_decoder(w)
         self._build_encoder(w)
-        self._build_flow(w, s_max)
+        self._build_flow(w, s_max, context)
         # jitted cores on flattened batches (inlined when called inside an outer jit)
         self._decode_jit = jax.jit(self._decode_flat)
         self._encode_jit = jax.jit(self._encode_flat) if self.has_encoder else None
@@ -196,7 +201,7 @@ class JaxPrior:
         self._head_b = jnp.asarray(w["encoder.head.bias"])
         self.encoder_bands = w["encoder.stem.weight"].shape[1]
 
-    def _build_flow(self, w, s_max):
+    def _build_flow(self, w, s_max, context=None):
         self.has_flow = "flow.shift" in w
         if not self.has_flow:
             return
@@ -215,6 +220,23 @@ class JaxPrior:
             perm = np.asarray(w[f"{p}.perm"]).astype(np.int32)
             parity = int(w[f"{p}.parity"])
             self._couplings.append((parity, jnp.asarray(perm), jnp.asarray(np.argsort(perm)), mlp))
+        #: the magnitude-conditioned base map (:class:`~.flow.MagnitudeConditional`), or None
+        self.context = None
+        if "flow.context.loc" in w:
+            cfg = context or (self.card.get("architecture", {}).get("flow") or {}).get("context")
+            if not cfg:
+                raise PriorLoadError("the weights hold flow.context.* but the card's "
+                                     "architecture.flow has no 'context' entry")
+            tril = np.asarray(w["flow.context.scale_tril"], np.float64)
+            self.context = {
+                "band": str(cfg["band"]), "mag_range": tuple(map(float, cfg["mag_range"])),
+                "mag_ref": float(cfg["mag_ref"]), "mag_scale": float(cfg["mag_scale"]),
+                "loc": jnp.asarray(w["flow.context.loc"]),
+                "weight": jnp.asarray(w["flow.context.weight"]),
+                "tril": jnp.asarray(tril, jnp.float32),
+                "tril_inv": jnp.asarray(np.linalg.inv(tril), jnp.float32),
+                "log_det": float(np.log(np.diag(tril)).sum()),
+            }
 
     # -- decoder ----------------------------------------------------------------------------------
     def decode_logits_nhwc(self, z):
@@ -334,17 +356,36 @@ class JaxPrior:
         out, logdet = fn(v.reshape(-1, self.latent_dim).astype(jnp.float32))
         return out.reshape(v.shape).astype(dtype), logdet.reshape(batch).astype(dtype)
 
-    def flow_forward(self, u):
-        """Base ``u (..., D)`` -> ``(z, log|det dz/du|)``; identity when there is no flow."""
-        return self._apply_flat(self._forward_jit, u)
+    def _context_mean(self, mag):
+        """Base-space mean of the magnitude-conditioned map for AB magnitudes ``(...)``."""
+        ctx = self.context
+        c = (jnp.clip(mag, *ctx["mag_range"]) - ctx["mag_ref"]) / ctx["mag_scale"]
+        phi = jnp.stack([c ** (k + 1) for k in range(ctx["weight"].shape[-1])], -1)
+        return ctx["loc"] + phi.astype(jnp.float32) @ ctx["weight"].T
 
-    def flow_inverse(self, z):
-        """Latent ``z (..., D)`` -> ``(u, log|det du/dz|)``; identity when there is no flow."""
-        return self._apply_flat(self._inverse_jit, z)
+    def flow_forward(self, u, mag=None):
+        """Base ``u (..., D)`` -> ``(z, log|det dz/du|)``; identity when there is no flow.
+        ``mag`` ``(...)``: AB magnitudes for a prior with a magnitude-conditioned map
+        (:class:`~.flow.MagnitudeConditional`; ignored without one)."""
+        if mag is None or self.context is None:
+            return self._apply_flat(self._forward_jit, u)
+        v = self._context_mean(mag) + jnp.asarray(u) @ self.context["tril"].T
+        z, logdet = self._apply_flat(self._forward_jit, v)
+        return z, logdet + self.context["log_det"]
 
-    def log_prob(self, z):
-        """Exact log-density of the latent prior at ``z (..., D)`` -> ``(...)``."""
-        u, logdet = self.flow_inverse(z)
+    def flow_inverse(self, z, mag=None):
+        """Latent ``z (..., D)`` -> ``(u, log|det du/dz|)``; identity when there is no flow
+        (``mag``: see :meth:`flow_forward`)."""
+        v, logdet = self._apply_flat(self._inverse_jit, z)
+        if mag is None or self.context is None:
+            return v, logdet
+        u = (v - self._context_mean(mag)) @ self.context["tril_inv"].T
+        return u, logdet - self.context["log_det"]
+
+    def log_prob(self, z, mag=None):
+        """Exact log-density of the latent prior at ``z (..., D)`` -> ``(...)`` (given the AB
+        magnitudes ``mag`` ``(...)`` for a magnitude-conditioned prior)."""
+        u, logdet = self.flow_inverse(z, mag)
         return -0.5 * jnp.sum(u**2, -1) - 0.5 * self.latent_dim * _LOG_2PI + logdet
 
 
@@ -365,9 +406,11 @@ class LearnedPriorNumPyro(ndist.Distribution):
     support = constraints.real_vector
     reparametrized_params: list = []
     pytree_aux_fields = ("twin",)
+    pytree_data_fields = ("mag",)
 
-    def __init__(self, twin: JaxPrior, batch_shape=(), validate_args=None):
+    def __init__(self, twin: JaxPrior, batch_shape=(), validate_args=None, mag=None):
         self.twin = twin
+        self.mag = None if mag is None or twin.context is None else jnp.asarray(mag)
         super().__init__(
             batch_shape=tuple(batch_shape),
             event_shape=(twin.latent_dim,),
@@ -399,17 +442,28 @@ class LearnedPriorNumPyro(ndist.Distribution):
     def has_rsample(self) -> bool:
         return True
 
+    @property
+    def magnitude_band(self) -> str | None:
+        """See the torch prior's ``magnitude_band``."""
+        return None if self.twin.context is None else self.twin.context["band"]
+
+    def given_magnitude(self, mag) -> LearnedPriorNumPyro:
+        """This prior conditioned on AB magnitude(s) ``mag`` (see the torch prior's
+        ``given_magnitude``)."""
+        return LearnedPriorNumPyro(self.twin, self.batch_shape, self._validate_args, mag)
+
     def expand(self, batch_shape):
         batch_shape = tuple(batch_shape)
         if batch_shape == self.batch_shape:
             return self
         jnp.broadcast_shapes(self.batch_shape, batch_shape)  # raises if not expandable
-        return LearnedPriorNumPyro(self.twin, batch_shape, validate_args=self._validate_args)
+        return LearnedPriorNumPyro(self.twin, batch_shape, validate_args=self._validate_args,
+                                   mag=self.mag)
 
     def sample(self, key, sample_shape=()):
         shape = tuple(sample_shape) + self.batch_shape + self.event_shape
         u = jax.random.normal(key, shape, dtype=jnp.float32)
-        return self.twin.flow_forward(u)[0]
+        return self.twin.flow_forward(u, self.mag)[0]
 
     def rsample(self, key, sample_shape=()):
         return self.sample(key, sample_shape)
@@ -421,7 +475,7 @@ class LearnedPriorNumPyro(ndist.Distribution):
                 "value", tuple(shape),
                 f"Expected event shape {self.event_shape}, but got {tuple(shape)}"
             )
-        lp = self.twin.log_prob(value)
+        lp = self.twin.log_prob(value, self.mag)
         return jnp.broadcast_to(lp, jnp.broadcast_shapes(lp.shape, self.batch_shape))
 
     def decode(self, z, flux=None):
