@@ -453,6 +453,12 @@ def report(args, res):
                          f"{r['n_groups']} | {r['max_group']} | {r['peak_rss_mb']} | "
                          f"{r['rss_before_mb']} | {r['image_mb']} | "
                          f"{r.get('load_avg_1min', 'n/a')} |")
+        before = res.get("timing_before_cutouts") or {}
+        if before:
+            lines += ["", "Before the encoder's cutouts stopped padding a copy of the image for "
+                          "every call (the same cutouts, to float32 rounding of the noise level): " + ", ".join(
+                              f"{s}^2 {before[s]['sources_per_s']}" for s in sorted(before, key=int)
+                              if "sources_per_s" in before[s]) + " sources/s."]
         lines += ["", "![scaling](scaling.png)", ""]
     if sim:
         lines += ["Simulation (not part of the timing): " + ", ".join(
