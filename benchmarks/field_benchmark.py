@@ -456,7 +456,8 @@ def report(args, res):
         before = res.get("timing_before_cutouts") or {}
         if before:
             lines += ["", "Before the encoder's cutouts stopped padding a copy of the image for "
-                          "every call (the same cutouts, to float32 rounding of the noise level): " + ", ".join(
+                          "every call (the same cutouts, to float32 rounding of the noise "
+                          "level): " + ", ".join(
                               f"{s}^2 {before[s]['sources_per_s']}" for s in sorted(before, key=int)
                               if "sources_per_s" in before[s]) + " sources/s."]
         lines += ["", "![scaling](scaling.png)", ""]
