@@ -8,7 +8,10 @@ calibrated by training (Papamakarios & Murray 2016; Lueckmann et al. 2017; BLISS
 1. a target and ``0..max_neighbours`` neighbours, latents ``z = flow(eps)`` drawn from the
    prior, decoded to flux-normalised model-frame stamps;
 2. fluxes per band drawn from a table of galaxy fluxes (a GalSim population with SED colours
-   and number counts, :func:`flux_table`);
+   and number counts, :func:`flux_table`). For a magnitude-conditioned prior (the shipped
+   ones, :class:`probdeblend.priors.flow.MagnitudeConditional`) the fluxes come first and each
+   latent is drawn given its own magnitude, ``z = flow(eps, m_r)``, as in the scene model
+   (unless a galaxy pool is used, see :class:`NPEConfig`);
 3. the target at the cutout centre plus a sub-pixel / detection jitter, neighbours at radii
    ``U(r_min, r_max)`` arcsec in random directions;
 4. rendered with :func:`probdeblend.render.render` through the difference kernel of a PSF
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 
 from ..measure import shape_torch
+from ..model import MAG_PER_LN
 from ..render import render
 from ..training import atomic_save
 from .analytic import AnalyticGalaxies, population_table
@@ -78,6 +82,9 @@ class NPEConfig:
         ``pool_size`` decoded draws (with their measured e) and replace a fraction
         ``pool_refresh`` of it at every step: each decoded galaxy then serves several scenes
         with other fluxes, neighbours, PSFs and noise, which makes CPU training ~10x cheaper.
+        With a magnitude-conditioned prior, pooled galaxies are drawn from the unconditional
+        prior (a pooled galaxy serves many fluxes); without a pool each is drawn given its
+        own flux's magnitude.
     analytic_fraction : float
         Fraction of sources drawn from the analytic bulge + disk population (module
         docstring; needs a bank with a ``population`` table).
@@ -134,13 +141,19 @@ def simulator_bank(prior, survey_name: str = "LSST", psf_scales=None, n_flux: in
     (so a GPU machine without GalSim can train): difference kernels of a PSF bank, their FWHMs,
     the sky variance per band, a flux table and (``n_population > 0``) the analytic galaxy
     table of :func:`probdeblend.amortized.analytic.population_table` under keys
-    ``pop_<name>``. Uses GalSim (run it where GalSim is)."""
+    ``pop_<name>``; for a magnitude-conditioned prior, ``mag_band`` (index in the prior's
+    bands) and ``mag_zero`` (``m0`` of that band, electrons over the survey exposure). Uses
+    GalSim (run it where GalSim is)."""
     from ..amortized.features import psf_fwhm_pixels
     from ..render import SceneRenderer
     from ..survey import get_survey
 
     survey = get_survey(survey_name).select(prior.bands)
     frame, n = prior.frame, prior.frame.stamp_size
+    band = getattr(prior, "magnitude_band", None)  # a magnitude-conditioned prior
+    context = ({"mag_band": np.int64(list(prior.bands).index(band)),
+                "mag_zero": np.float32(survey.band(band).magnitude_zero)}
+               if band in prior.bands else {})
     scales = np.linspace(0.85, 1.35, 24) if psf_scales is None else np.asarray(psf_scales)
     psfs = np.stack([[b.psf_image(psf_size, fwhm=b.psf_fwhm * s) for b in survey]
                      for s in scales])  # (P, B, k, k)
@@ -157,6 +170,7 @@ def simulator_bank(prior, survey_name: str = "LSST", psf_scales=None, n_flux: in
                                                                 for b in prior.bands]],
         "psf_scales": scales.astype(np.float32), "pixel_scale": np.float32(frame.pixel_scale),
         "model_psf_sigma": np.float32(r.model_psf_sigma), "stamp_size": np.int64(n),
+        **context,
         **({f"pop_{k}": v for k, v in population_table(
             n_population, survey_name, prior.bands, seed=seed + 1).items()}
            if n_population else {}),
@@ -188,6 +202,10 @@ class BlendSimulator:
         self.freqs = (t(bank["freq_y"], torch.float32), t(bank["freq_x"], torch.float32))
         self.sky = t(bank["sky"], torch.float32)
         self.flux = t(bank["flux"], torch.float32)
+        #: the band (index) whose magnitude conditions the prior's latent, -1: unconditional
+        ctx = None if flow is None else getattr(flow, "context", None)
+        self.mag_band = int(bank["mag_band"]) if ctx is not None and "mag_band" in bank else -1
+        self.mag_zero = float(bank.get("mag_zero", 0.0))
         self.model_psf_sigma = float(bank["model_psf_sigma"])
         self.pixel_scale = float(bank["pixel_scale"])
         self.n = int(bank["stamp_size"])
@@ -200,11 +218,12 @@ class BlendSimulator:
                              "(simulator_bank(..., n_population > 0))")
 
     @torch.no_grad()
-    def draw_galaxies(self, n: int, gen: torch.Generator):
+    def draw_galaxies(self, n: int, gen: torch.Generator, mag: torch.Tensor | None = None):
         """``n`` prior draws: latents ``(n, D)``, decoded stamps ``(n, B, s, s)`` and the
-        measured reduced shear ``e`` ``(n, 2)`` with its success flag ``ok`` ``(n,)``."""
+        measured reduced shear ``e`` ``(n, 2)`` with its success flag ``ok`` ``(n,)``.
+        ``mag`` ``(n,)``: AB magnitudes for a magnitude-conditioned prior (``z ~ p(z | m)``)."""
         eps = torch.randn(n, self.latent_dim, generator=gen, device=self.device)
-        z = eps if self.flow is None else self.flow(eps)[0]
+        z = eps if self.flow is None else self.flow(eps, mag)[0]
         stamps = self.decoder(z)
         g1, g2, ok = shape_torch(stamps.mean(1), self.model_psf_sigma)
         return z, stamps, torch.stack([g1, g2], -1).nan_to_num(0.0), ok
@@ -251,23 +270,37 @@ class BlendSimulator:
         z = torch.zeros(batch, K, D, device=dev)
         e_all = torch.zeros(batch, K, 2, device=dev)
         ok_all = torch.ones(batch, K, dtype=torch.bool, device=dev)
-        n_dec = int(need.sum())
-        if n_dec:
-            z_d, st_d, e_d, ok_d = self._galaxies(n_dec, gen)
-            stamps[need], z[need], e_all[need], ok_all[need] = st_d, z_d, e_d, ok_d
-        rows = torch.randint(0, self.flux.shape[0], (batch, K), generator=gen, device=dev)
-        flux = self.flux[rows]
-        k = int(sel.sum())
-        if k:
-            a_st, a_flux, a_g = self.analytic.sample(k, gen)
-            stamps[sel], flux[sel], e_all[sel] = a_st, a_flux, a_g
+        def decoded(mag=None):
+            n_dec = int(need.sum())
+            if n_dec:
+                z_d, st_d, e_d, ok_d = (self._galaxies(n_dec, gen) if mag is None
+                                        else self.draw_galaxies(n_dec, gen, mag[need]))
+                stamps[need], z[need], e_all[need], ok_all[need] = st_d, z_d, e_d, ok_d
+
+        def fluxes():
+            rows = torch.randint(0, self.flux.shape[0], (batch, K), generator=gen, device=dev)
+            flux = self.flux[rows]
+            k = int(sel.sum())
+            if k:
+                a_st, a_flux, a_g = self.analytic.sample(k, gen)
+                stamps[sel], flux[sel], e_all[sel] = a_st, a_flux, a_g
+            if cfg.faint_fraction > 0:
+                dim = torch.where(rand(batch) < cfg.faint_fraction,
+                                  10 ** (-0.4 * cfg.faint_mags * rand(batch)),
+                                  torch.ones(batch, device=dev))
+                flux = torch.cat([flux[:, :1] * dim[:, None, None], flux[:, 1:]], 1)
+            return flux
+
+        if self.mag_band >= 0 and not cfg.pool_size:
+            # a magnitude-conditioned prior: fluxes first, then each galaxy given its magnitude
+            flux = fluxes()
+            decoded(self.mag_zero - MAG_PER_LN * torch.log(
+                flux[..., self.mag_band].clamp_min(1e-3)))
+        else:  # unconditional (or a pool of galaxies shared across fluxes)
+            decoded()
+            flux = fluxes()
         z_known = ~sel
         ok = ok_all[:, 0]
-        if cfg.faint_fraction > 0:
-            dim = torch.where(rand(batch) < cfg.faint_fraction,
-                              10 ** (-0.4 * cfg.faint_mags * rand(batch)),
-                              torch.ones(batch, device=dev))
-            flux = torch.cat([flux[:, :1] * dim[:, None, None], flux[:, 1:]], 1)
         flux = flux * present[..., None]
         c = (n - 1) / 2.0
         off = (rand(batch, 2) - 0.5) + cfg.target_jitter * randn(batch, 2)
