@@ -43,9 +43,7 @@ def simulate(prior, n: int, mag_range, seed: int, chunk: int = 2000):
     """Noiseless isolated galaxies in the prior's model frame and their r magnitudes."""
     from probdeblend.simulate import Frame, GalaxyPopulation, isolated_stamps
 
-    f = prior.full_frame
-    frame = Frame(survey=f.survey.lower(), bands=f.bands, stamp_size=f.stamp_size,
-                  pixel_scale=f.pixel_scale, psf_fwhm=f.psf_fwhm)
+    frame = Frame.of_model_frame(prior.full_frame)
     pop = GalaxyPopulation(mag_range=tuple(mag_range))
     images, mags = [], []
     for k in range(0, n, chunk):

@@ -187,13 +187,7 @@ def simulate_heldout(frame, n: int, seed: int, batch: int) -> dict:
     """Noiseless held-out galaxies in a prior's model frame and their statistics."""
     from probdeblend.simulate import Frame, isolated_stamps
 
-    sim_frame = Frame(
-        survey=frame.survey.lower(),
-        bands=tuple(frame.bands),
-        stamp_size=frame.stamp_size,
-        pixel_scale=frame.pixel_scale,
-        psf_fwhm=frame.psf_fwhm,
-    )
+    sim_frame = Frame.of_model_frame(frame)
     t0 = time.perf_counter()
     res = isolated_stamps(n, sim_frame, seed=seed)
     t_sim = time.perf_counter() - t0

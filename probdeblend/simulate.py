@@ -238,6 +238,14 @@ class Frame:
     psf_fwhm: float | None = None
     psf_size: int = 41
 
+    @classmethod
+    def of_model_frame(cls, frame) -> Frame:
+        """The simulation frame of a prior's :class:`~probdeblend.priors.frame.ModelFrame`:
+        its survey, bands, grid and Gaussian model PSF (noiseless galaxies the prior sees)."""
+        return cls(survey=frame.survey.lower(), bands=tuple(frame.bands),
+                   stamp_size=frame.stamp_size, pixel_scale=frame.pixel_scale,
+                   psf_fwhm=frame.psf_fwhm)
+
     @property
     def survey_obj(self) -> Survey:
         s = get_survey(self.survey)

@@ -431,3 +431,13 @@ def test_frame_defaults_and_psf_images():
     assert d["bands"] == ["r", "g"] and d["pixel_scale"] == pytest.approx(0.2)
     cfg = sim.with_shear(SMALL, 0.01, -0.02)
     assert cfg.shear == (0.01, -0.02) and cfg.frame == SMALL.frame
+
+
+def test_frame_of_model_frame_draws_what_the_prior_sees():
+    from probdeblend.priors import LSST_FRAME
+    from probdeblend.simulate import Frame
+
+    f = Frame.of_model_frame(LSST_FRAME)
+    assert (f.survey, f.bands, f.stamp_size, f.scale, f.psf_fwhm) == (
+        "lsst", tuple(LSST_FRAME.bands), LSST_FRAME.stamp_size, LSST_FRAME.pixel_scale,
+        LSST_FRAME.psf_fwhm)

@@ -270,6 +270,7 @@ class BlendSimulator:
         z = torch.zeros(batch, K, D, device=dev)
         e_all = torch.zeros(batch, K, 2, device=dev)
         ok_all = torch.ones(batch, K, dtype=torch.bool, device=dev)
+
         def decoded(mag=None):
             n_dec = int(need.sum())
             if n_dec:

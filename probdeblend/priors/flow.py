@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LatentFlow", "MagnitudeConditional"]
+__all__ = ["LatentFlow", "MagnitudeConditional", "magnitude_features"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -96,6 +96,15 @@ class _Coupling(nn.Module):
         return x[..., self.inv_perm], -s.sum(-1)
 
 
+def magnitude_features(mag, mag_range, mag_ref: float, mag_scale: float, degree: int, xp):
+    """``phi(c) = (c, c^2, ..., c^degree)`` ``(..., degree)`` of AB magnitudes ``(...)``,
+    ``c = (clip(mag, *mag_range) - mag_ref) / mag_scale``, in the array namespace ``xp``
+    (``numpy``, ``torch`` or ``jax.numpy``): the one definition the torch map, its JAX twin
+    and the least-squares fit share."""
+    c = (xp.clip(mag, mag_range[0], mag_range[1]) - mag_ref) / mag_scale
+    return xp.stack([c ** (k + 1) for k in range(int(degree))], -1)
+
+
 class MagnitudeConditional(nn.Module):
     """The magnitude-conditioned base map of a :class:`LatentFlow` (see the module docstring).
 
@@ -136,8 +145,8 @@ class MagnitudeConditional(nn.Module):
         lo, hi = (float(m.min()), float(m.max())) if mag_range is None else map(float, mag_range)
         ref = float(np.median(m)) if mag_ref is None else float(mag_ref)
         scale = float(np.std(m)) if mag_scale is None else float(mag_scale)
-        c = (np.clip(m, lo, hi) - ref) / scale
-        x = np.stack([np.ones_like(c)] + [c ** (k + 1) for k in range(int(degree))], -1)
+        phi = magnitude_features(m, (lo, hi), ref, scale, degree, np)
+        x = np.concatenate([np.ones((len(m), 1)), phi], -1)
         coef, *_ = np.linalg.lstsq(x, u, rcond=None)          # (1 + degree, D)
         resid = u - x @ coef
         cov = resid.T @ resid / max(len(u) - x.shape[1], 1)
@@ -160,8 +169,8 @@ class MagnitudeConditional(nn.Module):
 
     def mean(self, mag: torch.Tensor) -> torch.Tensor:
         """Base-space mean ``loc + W phi(c)`` for magnitudes ``(...)`` -> ``(..., D)``."""
-        c = (mag.clamp(*self.mag_range) - self.mag_ref) / self.mag_scale
-        phi = torch.stack([c ** (k + 1) for k in range(self.degree)], -1)
+        phi = magnitude_features(mag, self.mag_range, self.mag_ref, self.mag_scale,
+                                 self.degree, torch)
         return self.loc + phi.to(self.weight.dtype) @ self.weight.T
 
     def log_det(self) -> torch.Tensor:

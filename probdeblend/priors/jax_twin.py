@@ -38,6 +38,7 @@ from jax import lax
 from numpyro.distributions import constraints
 
 from ..errors import ArgumentError, PriorLoadError
+from .flow import magnitude_features
 from .frame import ModelFrame
 
 __all__ = ["JaxPrior", "LearnedPriorNumPyro"]
@@ -359,8 +360,8 @@ class JaxPrior:
     def _context_mean(self, mag):
         """Base-space mean of the magnitude-conditioned map for AB magnitudes ``(...)``."""
         ctx = self.context
-        c = (jnp.clip(mag, *ctx["mag_range"]) - ctx["mag_ref"]) / ctx["mag_scale"]
-        phi = jnp.stack([c ** (k + 1) for k in range(ctx["weight"].shape[-1])], -1)
+        phi = magnitude_features(jnp.asarray(mag), ctx["mag_range"], ctx["mag_ref"],
+                                 ctx["mag_scale"], ctx["weight"].shape[-1], jnp)
         return ctx["loc"] + phi.astype(jnp.float32) @ ctx["weight"].T
 
     def flow_forward(self, u, mag=None):
