@@ -223,6 +223,7 @@ def _nuts_row(family, kind, i, sim, post, r_idx, t_ctx, args) -> dict:
     return row_of(family, kind, "nuts", i, sim, r_idx, per["flux_r"].ravel(),
                   per["e1"].ravel(), per["e2"].ravel(), t_n, engine=d.method,
                   divergences=int(np.sum(d.sample_stats.get("diverging", 0))),
+                  chain_method=d.info.get("chain_method", ""),
                   draws=int(np.asarray(per["flux_r"]).size), **diag, **img)
 
 
@@ -364,7 +365,9 @@ def report(out: Path, args):
              "`_sys08` the same with the first calibration (0.008, df 4, 100 held-out "
              "scenes); `_nosys` the same without that term; `nuts`: NumPyro NUTS from the "
              "MAP with the Laplace mass matrix, 2 chains x (100 warm-up + 100 draws), chains "
-             "one after the other (`nuts_uncond`: with the prior before the map); "
+             "one after the other (scenes 0-7) or one per core on two threads (later rows; "
+             "the same draws, less wall time; `nuts_uncond`: with the prior before the "
+             "map); "
              "`_v04exact` the same with plain L-BFGS and the "
              "exact Hessian (before the decoder ran in CPU blocks); `laplace_v02` with the "
              "v0.2 encoder's q as the MAP's starting point. Rows of earlier calibration "

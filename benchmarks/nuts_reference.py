@@ -76,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--chain-method", default="auto",
-                    choices=("auto", "sequential", "vectorized"))
+                    choices=("auto", "threaded", "sequential", "vectorized"))
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--out", default="benchmarks/results/nuts")
     a = ap.parse_args(argv)

@@ -37,8 +37,9 @@ __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig"
 class NutsConfig:
     """NUTS settings (:func:`probdeblend.inference.run_nuts`): dense mass matrix from the
     Laplace covariance, step size adapted in ``num_warmup``; ``chain_method`` (NumPyro engine)
-    ``"auto"`` runs the chains one after the other on CPU and vectorised on an accelerator
-    (``"sequential"`` / ``"vectorized"`` force one)."""
+    ``"auto"`` runs one chain per core at a time on CPU (``"threaded"``) and the chains
+    vectorised on an accelerator (``"threaded"`` / ``"sequential"`` / ``"vectorized"`` force
+    one)."""
 
     num_warmup: int = 300
     num_chains: int = 4

@@ -327,12 +327,14 @@ def test_nuts_chain_methods_agree(tiny_prior, small_scene):
     stacked (chain, draw, ...) with the method recorded; both sample the same posterior."""
     post = ScenePosterior(small_scene, tiny_prior, encoder=None)
     out = {}
-    for cm in ("sequential", "vectorized"):
+    for cm in ("sequential", "vectorized", "threaded"):
         d = post.nuts(15, seed=4, config=NutsConfig(num_warmup=15, num_chains=2,
                                                      chain_method=cm))
         assert d.flat.shape[:2] == (2, 15) and d.info["chain_method"] == cm
         out[cm] = d.flat
     assert not np.allclose(out["sequential"][0], out["sequential"][1])  # distinct chains
+    # chains on threads run the same compiled chain with the same keys: the same draws
+    np.testing.assert_allclose(out["threaded"], out["sequential"], rtol=1e-6, atol=1e-6)
     # a second scene of the same shape reuses the compiled loop (compiled ahead of time once)
     from probdeblend import inference
 
@@ -346,7 +348,7 @@ def test_nuts_chain_methods_agree(tiny_prior, small_scene):
     spread = np.sqrt(0.5 * (a.var(0) + b.var(0))) + 1e-3
     assert np.median(np.abs(a.mean(0) - b.mean(0)) / spread) < 1.0
     with pytest.raises(ArgumentError, match="chain_method"):
-        post.nuts(5, config=NutsConfig(num_warmup=5, num_chains=1, chain_method="parallel"))
+        post.nuts(5, config=NutsConfig(num_warmup=5, num_chains=1, chain_method="pmap"))
 
 
 def test_map_diagnostics(tiny_prior, small_scene):

@@ -326,7 +326,7 @@ FIT_CASES = [
     ("seed-float", {"seed": 1.5}, E.ArgumentTypeError, "seed"),
     ("seed-negative", {"seed": -1}, E.ArgumentError, "seed"),
     ("engine", {"nuts": NutsConfig(engine="stan")}, E.ArgumentError, "nuts.engine"),
-    ("chain-method", {"nuts": NutsConfig(chain_method="parallel")}, E.ArgumentError,
+    ("chain-method", {"nuts": NutsConfig(chain_method="pmap")}, E.ArgumentError,
      "nuts.chain_method"),
     ("nuts-not-a-config", {"nuts": {"num_chains": 2}}, E.ArgumentTypeError, "nuts"),
     ("svi-steps-zero", {"svi": SviConfig(num_steps=0)}, E.ArgumentError, "svi.num_steps"),
