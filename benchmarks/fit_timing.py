@@ -50,8 +50,10 @@ def main(argv=None):
         idata = pb.fit(scene, prior=prior, method=a.method, num_samples=200, **kw)
         ts.append(time.perf_counter() - t0)
         ns.append(idata.posterior.sizes["source"])
+        print(f"scene {i}: {ns[-1]} sources, {ts[-1]:.2f} s, {idata.attrs['path']}",
+              flush=True)
     print(f"fit(method={a.method!r}, 200 draws{', refine=' + str(a.refine) if a.refine else ''}): "
-          f"median {np.median(ts):.2f} s/scene, "
+          f"median {np.median(ts):.2f} s/scene, mean {np.mean(ts):.2f}, max {np.max(ts):.2f}, "
           f"{sum(ns) / sum(ts):.2f} sources/s over {len(ts)} scenes")
     scene = scene_of("a", 1)[0].to_scene()
     t0 = time.perf_counter()

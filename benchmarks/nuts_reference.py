@@ -38,7 +38,8 @@ def scene_of(i: int):
 
 def config_of(args) -> str:
     """The NUTS settings of a row, e.g. ``4x(100+150) sequential``."""
-    return f"{args.chains}x({args.warmup}+{args.num_samples}) {args.chain_method}"
+    acc = "" if args.target_accept == 0.8 else f" accept {args.target_accept:g}"
+    return f"{args.chains}x({args.warmup}+{args.num_samples}) {args.chain_method}{acc}"
 
 
 def run_one(i, prior, args) -> dict:
@@ -47,7 +48,7 @@ def run_one(i, prior, args) -> dict:
     t0 = time.perf_counter()
     post = ScenePosterior(sim.to_scene(), prior)
     cfg = NutsConfig(num_warmup=args.warmup, num_chains=args.chains,
-                     chain_method=args.chain_method)
+                     chain_method=args.chain_method, target_accept=args.target_accept)
     d = post.nuts(args.num_samples, seed=i, config=cfg)
     t_nuts = time.perf_counter() - t0
     v = post.measure(d)
@@ -77,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--chain-method", default="auto",
                     choices=("auto", "threaded", "sequential", "vectorized"))
+    ap.add_argument("--target-accept", type=float, default=0.8,
+                    help="NUTS target acceptance probability of the step-size adaptation")
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--out", default="benchmarks/results/nuts")
     a = ap.parse_args(argv)

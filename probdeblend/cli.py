@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prior", default="lsst-vae", help="shipped prior name or prior card path")
     d.add_argument("--method", default="auto", choices=list(METHODS),
                    help="inference engine")
-    d.add_argument("--num-samples", type=_POSITIVE, default=300, help="draws per chain")
+    d.add_argument("--num-samples", type=_POSITIVE, default=300,
+                   help="posterior draws (per chain with --method nuts)")
     d.add_argument("--num-chains", type=_POSITIVE, default=2, help="MCMC chains")
     d.add_argument("--num-warmup", type=_POSITIVE, default=150, help="NUTS warm-up steps")
     d.add_argument("--detect", action="store_true", help="detect sources instead of using truth")
@@ -330,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/inference.md)")
     f.add_argument("--exact", action="store_true",
                    help="auto starts at laplace (MAP + Laplace + PSIS) instead of q")
-    f.add_argument("--num-samples", type=_POSITIVE, default=1000, help="draws per chain")
+    f.add_argument("--num-samples", type=_POSITIVE, default=1000,
+                   help="posterior draws (per chain with --method nuts; the auto ladder's "
+                        "NUTS rung splits them over the chains)")
     f.add_argument("--num-chains", type=_POSITIVE, default=4, help="MCMC chains")
     f.add_argument("--seed", type=_SEED, default=0, help="random seed (>= 0)")
     f.set_defaults(func=_cmd_fit)

@@ -20,7 +20,8 @@
 * ``"auto"`` (default): a ladder. q first; ``laplace`` when ``exact=True`` or when q fails its
   check (the q-mean model leaves a residual chi^2 / pixel above ``q_chi2_max`` around a source:
   a scene unlike the training simulations); ``nuts`` only when the Laplace + PSIS k-hat
-  exceeds ``pareto_k_threshold``. ``attrs["path"]`` records every step and why.
+  exceeds ``pareto_k_threshold`` (with ``num_samples`` draws in all, split over the chains,
+  from the MAP the laplace rung found). ``attrs["path"]`` records every step and why.
 
 Conventions: flux in the image's units (total flux of the PSF-convolved galaxy); e1, e2 GalSim
 reduced shear of the PSF-free galaxy; ``x_pix``, ``y_pix`` in the Scene's 0-based pixel
@@ -115,7 +116,9 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
     method : {"auto", "amortized", "laplace", "nuts", "svi"}
         See the module docstring.
     num_samples : int
-        Posterior draws (per chain for NUTS).
+        Posterior draws. ``method="nuts"``: per chain. On the ``auto`` ladder every rung
+        returns about ``num_samples`` draws in all: its NUTS rung runs
+        ``ceil(num_samples / nuts.num_chains)`` per chain.
     seed : int
         Seeds every random step; the same seed gives the same result.
     positions : array (S, 2), optional
@@ -186,8 +189,10 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
             path.append(f"laplace (k-hat {k:.2f})")
             if k > pareto_k_threshold:
                 path[-1] = f"laplace (k-hat {k:.2f} > {pareto_k_threshold})"
-                draws = post.nuts(num_samples, seed, nuts, progress)
-                path.append(f"nuts ({nuts.engine})")
+                per_chain = -(-num_samples // nuts.num_chains)  # the rung's draws in total
+                draws = post.nuts(per_chain, seed, nuts, progress)
+                path.append(f"nuts ({nuts.engine}, {nuts.num_chains} x ({nuts.num_warmup} + "
+                            f"{per_chain}))")
     else:
         engines = {"amortized": lambda: post.amortized(num_samples, seed, refine=refine),
                    "laplace": lambda: post.laplace(num_samples, seed, laplace),

@@ -39,9 +39,11 @@ class NutsConfig:
     Laplace covariance, step size adapted in ``num_warmup``; ``chain_method`` (NumPyro engine)
     ``"auto"`` runs one chain per core at a time on CPU (``"threaded"``) and the chains
     vectorised on an accelerator (``"threaded"`` / ``"sequential"`` / ``"vectorized"`` force
-    one)."""
+    one). ``num_warmup`` 150: the mass matrix is fixed (the Laplace covariance), so the
+    warm-up only adapts the step size (2 chains of 100 warm-up gave max R-hat 1.05 over the
+    benchmark's NUTS scenes)."""
 
-    num_warmup: int = 300
+    num_warmup: int = 150
     num_chains: int = 4
     max_tree_depth: int = 8
     target_accept: float = 0.8

@@ -247,13 +247,17 @@ def test_refined_amortized_moves_q_to_higher_density(tiny_prior, tiny_encoder, s
 
 def test_auto_ladder_without_encoder_starts_at_laplace(tiny_prior, small_scene):
     idata = _fit(small_scene, tiny_prior, method="auto", num_samples=30, n_predictive=2,
-                 nuts=NutsConfig(num_warmup=20, num_chains=1))
+                 nuts=NutsConfig(num_warmup=20, num_chains=2))
     path = idata.attrs["path"]
     assert path.startswith("laplace (k-hat")
     if idata.attrs["pareto_k"][0] > 0.7:
         assert "nuts" in path and idata.attrs["method"] == "nuts"
+        assert "2 x (20 + 15)" in path
     else:
         assert idata.attrs["method"] == "laplace+psis"
+    # every rung returns num_samples draws in all (NUTS: split over its chains)
+    post = idata.posterior
+    assert post.sizes["chain"] * post.sizes["draw"] == 30
 
 
 def test_psis_resample_no_collapse_when_proposal_is_target():
