@@ -41,8 +41,8 @@ class NutsConfig:
     ``"threaded"`` (opt-in) runs one chain per CPU core at once, ~2x faster on 2 cores but its
     memory grows during the run (:func:`~probdeblend.inference.run_nuts`). ``num_warmup``
     150: the mass matrix is fixed (the Laplace covariance), so the warm-up only adapts the
-    step size (2 chains of 100 warm-up gave max R-hat 1.05 over the benchmark's NUTS scenes;
-    10 leave the step size far too small: draws then cost trees of up to 256 steps)."""
+    step size (2 chains of 100 warm-up gave max R-hat 1.05 over the benchmark's NUTS
+    scenes)."""
 
     num_warmup: int = 150
     num_chains: int = 4
