@@ -443,7 +443,7 @@ def _compiled(runner, args):
 CHAIN_METHODS = ("auto", "vectorized", "threaded", "sequential")
 
 
-def cpu_threads() -> int:
+def _cpu_threads() -> int:
     """CPU cores this process may run on (its affinity mask where the OS reports one)."""
     try:
         return max(len(os.sched_getaffinity(0)), 1)
@@ -451,7 +451,7 @@ def cpu_threads() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
-def _chain_method(chain_method: str, num_chains: int) -> str:
+def _chain_method(chain_method: str) -> str:
     """Resolve ``"auto"``: ``"vectorized"`` on an accelerator, ``"sequential"`` on CPU
     (``"threaded"`` is opt-in: see :func:`run_nuts`)."""
     if chain_method not in CHAIN_METHODS:
@@ -495,7 +495,7 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     import jax
     import jax.numpy as jnp
 
-    method = _chain_method(chain_method, num_chains)
+    method = _chain_method(chain_method)
     vectorized = method == "vectorized"
     rng = np.random.default_rng(seed)
     chol = np.linalg.cholesky(cov + 1e-12 * np.eye(len(cov)))
@@ -515,7 +515,7 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
         def chain(c):
             return jax.block_until_ready(exe(keys[c], u0[c], *args))
 
-        workers = min(num_chains, cpu_threads()) if method == "threaded" else 1
+        workers = min(num_chains, _cpu_threads()) if method == "threaded" else 1
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
