@@ -37,6 +37,7 @@ import numpy as np
 
 from .scene import Scene
 from .scene_posterior import (
+    LAPLACE_SHAPES,
     PRIORS,
     LaplaceConfig,
     NutsConfig,
@@ -94,6 +95,7 @@ def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, 
     check_int("svi.num_steps", svi.num_steps, minimum=1)
     check_float("svi.lr", svi.lr, minimum=0.0, exclusive_minimum=True)
     check_choice("laplace.proposal", laplace.proposal, ("t", "gaussian"))
+    check_choice("laplace.shapes", laplace.shapes, LAPLACE_SHAPES)
     check_float("laplace.df", laplace.df, minimum=1.0)
     check_int("laplace.n_proposals", laplace.n_proposals, minimum=1, allow_none=True)
 

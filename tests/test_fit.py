@@ -185,6 +185,40 @@ def test_laplace_flux_model_error_term(tiny_prior, small_scene):
     assert np.std(f[0, :, 0, 0]) > 1.5 * np.std(f0[0, :, 0, 0])
 
 
+def test_laplace_linearised_shapes(tiny_prior, small_scene):
+    """LaplaceConfig.shapes="linear": every draw's e1, e2 to first order around the MAP, with
+    no decode per draw. At the MAP they equal its decoded shape; for draws a small step from
+    it they agree with the decoded shapes to second order; |e| < 1. "auto" uses them for the
+    unweighted Laplace draws only; an unknown mode names the argument."""
+    from probdeblend.scene_posterior import Draws
+
+    post = ScenePosterior(small_scene, tiny_prior, cache=PriorCache())
+    x0 = np.asarray(post.map()[0], np.float64)
+    d = post.laplace(200, seed=0, config=LaplaceConfig(shapes="linear"))
+    assert d.info["shapes"] == "linear" and d.extra["e1"].shape == (1, 200, 2)
+    v = post.measure(d)
+    assert np.all(np.hypot(v["e1"], v["e2"]) < 1.0)
+
+    def decoded(flat):
+        w = post.measure(Draws(flat[None], "x"))
+        return np.stack([w["e1"][0], w["e2"][0]], -1)  # (n, S, 2)
+
+    near = x0 + 0.05 * (d.flat[0, :20] - x0)
+    lin = np.stack(post.linearised_shapes(x0, near), -1)
+    np.testing.assert_allclose(np.stack(post.linearised_shapes(x0, x0[None]), -1),
+                               decoded(x0[None]), atol=1e-6)
+    dec = decoded(near)
+    move = np.abs(dec - decoded(x0[None])).max()
+    assert move > 1e-6, "the draws do not move the shapes: nothing is tested"  # tiny prior: ~round
+    assert np.abs(lin - dec).max() < 0.1 * move
+    auto = post.laplace(200, seed=0)
+    assert auto.info["shapes"] == ("decoded" if auto.method == "laplace+psis" else "linear")
+    with pytest.raises(ArgumentError, match="config.shapes"):
+        post.laplace(10, config=LaplaceConfig(shapes="hsm"))
+    with pytest.raises(ArgumentError, match="laplace.shapes"):
+        _fit(small_scene, tiny_prior, method="laplace", laplace=LaplaceConfig(shapes="hsm"))
+
+
 def test_linear_products_equal_rendered_ones(tiny_prior, tiny_encoder, small_scene):
     """Photometry draws carry their morphology templates, so the per-draw log-likelihood, lp,
     predictive and deblended images are linear in the fluxes and need no render. When each
