@@ -34,6 +34,7 @@ Hierarchy::
     +-- CorruptFileError (ValueError)               path, message, hdu
     |   +-- FITSChecksumError
     +-- InferenceError (RuntimeError)               message
+        +-- BudgetExceededError                     message, projected_s, elapsed_s
 
     ProbdeblendWarning (UserWarning)
     +-- MeasurementWarning (RuntimeWarning)
@@ -67,6 +68,7 @@ __all__ = [
     "CorruptFileError",
     "FITSChecksumError",
     "InferenceError",
+    "BudgetExceededError",
     "ProbdeblendWarning",
     "MeasurementWarning",
     "all_error_classes",
@@ -328,6 +330,16 @@ class FITSChecksumError(CorruptFileError):
 # -- inference -----------------------------------------------------------------------------------
 class InferenceError(ProbdeblendError, RuntimeError):
     """Inference could not produce a usable posterior (e.g. every draw failed)."""
+
+
+class BudgetExceededError(InferenceError):
+    """A sampler stopped because its projected run time exceeded the time budget it was
+    given (``argument`` names the budget; ``projected_s`` and ``elapsed_s`` in seconds)."""
+
+    def __init__(self, message: str, *, argument: str | None = None,
+                 projected_s: float = float("nan"), elapsed_s: float = float("nan")) -> None:
+        super().__init__(message, argument=argument)
+        self.projected_s, self.elapsed_s = float(projected_s), float(elapsed_s)
 
 
 # -- warnings --------------------------------------------------------------------------------------

@@ -21,7 +21,11 @@
   check (the q-mean model leaves a residual chi^2 / pixel above ``q_chi2_max`` around a source:
   a scene unlike the training simulations); ``nuts`` only when the Laplace + PSIS k-hat
   exceeds ``pareto_k_threshold`` (with ``num_samples`` draws in all, split over the chains,
-  from the MAP the laplace rung found). ``attrs["path"]`` records every step and why.
+  from the MAP the laplace rung found), within a budget: ``nuts.max_seconds``, or
+  :data:`~probdeblend.scene_posterior.LADDER_NUTS_SECONDS` (120 s of sampling) when that is
+  None. NUTS's run time is projected after each compiled segment of ~50 iterations; over
+  the budget it stops and the laplace draws are kept, with a warning.
+  ``attrs["path"]`` records every step and why.
 
 Conventions: flux in the image's units (total flux of the PSF-convolved galaxy); e1, e2 GalSim
 reduced shear of the PSF-free galaxy; ``x_pix``, ``y_pix`` in the Scene's 0-based pixel
@@ -35,8 +39,10 @@ import time
 
 import numpy as np
 
+from .errors import BudgetExceededError
 from .scene import Scene
 from .scene_posterior import (
+    LADDER_NUTS_SECONDS,
     LAPLACE_SHAPES,
     PRIORS,
     LaplaceConfig,
@@ -90,6 +96,8 @@ def _validate(scene, method, num_samples, seed, pareto_k_threshold, q_chi2_max, 
     check_int("nuts.num_warmup", nuts.num_warmup, minimum=1)
     check_int("nuts.num_chains", nuts.num_chains, minimum=1)
     check_int("nuts.max_tree_depth", nuts.max_tree_depth, minimum=1)
+    check_float("nuts.max_seconds", nuts.max_seconds, minimum=0.0, exclusive_minimum=True,
+                allow_none=True)
     check_choice("nuts.engine", nuts.engine, ("numpyro", "pyro"))
     check_choice("nuts.chain_method", nuts.chain_method, CHAIN_METHODS)
     check_int("svi.num_steps", svi.num_steps, minimum=1)
@@ -144,7 +152,7 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
         Posterior-predictive images kept (evenly spaced draws; ``None`` = one per draw).
         The log-likelihood is always stored for every draw.
     progress : bool
-        Progress bars of the engines that have them (NUTS with ``engine="pyro"``, SVI).
+        Progress bars of the engines that have them (NUTS, SVI).
     check : bool
         Warn (:func:`probdeblend.diagnostics.check_convergence`) when NUTS has not converged.
     refine : int
@@ -171,7 +179,7 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
     t0 = time.perf_counter()
     post = ScenePosterior(scene, prior, positions, detect_kwargs=detect_kwargs,
                           model_error=model_error, cache=PRIORS)
-    path = []
+    path, stopped = [], None
     if method == "auto":
         stage = "laplace"
         if not exact and post.encoder is not None:
@@ -192,9 +200,18 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
             if k > pareto_k_threshold:
                 path[-1] = f"laplace (k-hat {k:.2f} > {pareto_k_threshold})"
                 per_chain = -(-num_samples // nuts.num_chains)  # the rung's draws in total
-                draws = post.nuts(per_chain, seed, nuts, progress)
-                path.append(f"nuts ({nuts.engine}, {nuts.num_chains} x ({nuts.num_warmup} + "
-                            f"{per_chain}))")
+                rung = nuts if nuts.max_seconds is not None or nuts.engine != "numpyro" else \
+                    dataclasses.replace(nuts, max_seconds=LADDER_NUTS_SECONDS)
+                name = (f"nuts ({nuts.engine}, {nuts.num_chains} x ({nuts.num_warmup} + "
+                        f"{per_chain}))")
+                try:
+                    draws = post.nuts(per_chain, seed, rung, progress)
+                    path.append(name)
+                except BudgetExceededError as err:  # keep the laplace draws, flagged
+                    stopped = (f"{name} stopped after {err.elapsed_s:.0f} s: projected "
+                               f"{err.projected_s:.0f} s > budget {rung.max_seconds:g} s; "
+                               f"laplace draws kept")
+                    path.append(stopped)
     else:
         engines = {"amortized": lambda: post.amortized(num_samples, seed, refine=refine),
                    "laplace": lambda: post.laplace(num_samples, seed, laplace),
@@ -212,12 +229,17 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
         if draws.method == "nuts":
             diagnostics.check_convergence(
                 idata, ess_min=min(400, 0.5 * num_samples * nuts.num_chains))
+        import warnings
+
+        from .errors import ProbdeblendWarning
+
         k = draws.info.get("pareto_k")
-        if k is not None and np.max(k) > pareto_k_threshold:
-            import warnings
-
-            from .errors import ProbdeblendWarning
-
+        if stopped:
+            warnings.warn(f"{stopped} (Pareto k-hat {np.max(k):.2f} > {pareto_k_threshold}: "
+                          f"unweighted Laplace draws). Give NUTS more time with "
+                          f"nuts=NutsConfig(max_seconds=...) or method='nuts'",
+                          ProbdeblendWarning, stacklevel=2)
+        elif k is not None and np.max(k) > pareto_k_threshold:
             warnings.warn(f"{draws.method}: Pareto k-hat {np.max(k):.2f} > "
                           f"{pareto_k_threshold}; the importance-sampled draws are unreliable "
                           f"(use method='nuts' or method='auto')", ProbdeblendWarning,

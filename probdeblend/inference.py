@@ -379,17 +379,21 @@ def floored_inverse(H, min_eig: float = 0.1):
 _NUTS_RUNNERS: dict = {}
 
 
-def _nuts_runner(logp, num_warmup: int, num_samples: int, max_tree_depth: int,
+def _nuts_runner(logp, num_warmup: int, segment: int, max_tree_depth: int,
                  target_accept: float, vectorized: bool = True):
-    """A jitted NUTS loop over a *whitened* scene posterior: chain-vectorized (``jax.vmap``
-    over the chains' keys and starts) or one chain (``vectorized=False``; the caller loops).
+    """Jitted NUTS over a *whitened* scene posterior, in two functions: ``init(rng_key, u0,
+    spec, mu, chol) -> state`` and ``advance(state, spec, mu, chol) -> (state, trace)``, which
+    runs ``segment`` iterations (warm-up or sampling: the state counts them). Chain-vectorized
+    (``jax.vmap`` over the chains' keys, starts and states) or one chain (``vectorized=False``;
+    the caller loops).
 
     The scene (``spec``), the MAP ``mu`` and the Cholesky factor ``L`` of the Laplace covariance
     are traced arguments, so the loop compiles once per (number of sources, image shape) and is
     reused for every scene of that shape. Sampling ``u`` with ``x = mu + L u`` and a unit mass
-    matrix is NUTS with the dense mass matrix ``L L^T``.
+    matrix is NUTS with the dense mass matrix ``L L^T``. Segments bound what one compiled call
+    holds and let the caller show progress and stop on a time budget between them.
     """
-    key = (logp, num_warmup, num_samples, max_tree_depth, float(target_accept), vectorized)
+    key = (logp, num_warmup, segment, max_tree_depth, float(target_accept), vectorized)
     if key in _NUTS_RUNNERS:
         return _NUTS_RUNNERS[key]
     import jax
@@ -400,24 +404,36 @@ def _nuts_runner(logp, num_warmup: int, num_samples: int, max_tree_depth: int,
 
     init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
 
-    def one_chain(rng_key, u0, spec, mu, chol):
-        args = (spec, mu, chol)
-        state = init_kernel(u0, num_warmup, step_size=0.5, adapt_mass_matrix=False,
-                            target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                            model_args=args, rng_key=rng_key)
+    def init(rng_key, u0, spec, mu, chol):
+        return init_kernel(u0, num_warmup, step_size=0.5, adapt_mass_matrix=False,
+                           target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                           model_args=(spec, mu, chol), rng_key=rng_key)
 
+    def advance(state, spec, mu, chol):
         def body(st, _):
-            st = sample_kernel(st, model_args=args)
+            st = sample_kernel(st, model_args=(spec, mu, chol))
             return st, (st.z, st.potential_energy, st.diverging, st.accept_prob, st.num_steps)
 
-        state, trace = jax.lax.scan(body, state, None, length=num_warmup + num_samples)
-        trace = jax.tree_util.tree_map(lambda t: t[num_warmup:], trace)
-        return (mu + trace[0] @ chol.T,) + trace[1:] + (state.adapt_state.step_size,)
+        state, trace = jax.lax.scan(body, state, None, length=segment)
+        return state, (mu + trace[0] @ chol.T,) + trace[1:]
 
-    runner = jax.jit(jax.vmap(one_chain, in_axes=(0, 0, None, None, None)) if vectorized
-                     else one_chain)
+    if vectorized:
+        init = jax.vmap(init, in_axes=(0, 0, None, None, None))
+        advance = jax.vmap(advance, in_axes=(0, None, None, None))
+    # init must be traced before advance: sample_kernel reads settings that init_kernel sets
+    runner = (jax.jit(init), jax.jit(advance))
     _NUTS_RUNNERS[key] = runner
     return runner
+
+
+def _segment_length(total: int, longest: int = 50) -> int:
+    """Iterations per compiled NUTS call: a divisor of ``total`` in [longest / 2, longest]
+    when there is one (no wasted iterations), else ``longest`` (the last call's surplus
+    iterations are dropped)."""
+    for n in range(min(longest, total), max(longest // 2, 1) - 1, -1):
+        if total % n == 0:
+            return n
+    return min(longest, total)
 
 
 #: compiled NUTS executables, keyed by (runner, argument structure and shapes)
@@ -469,7 +485,7 @@ def _chain_method(chain_method: str) -> str:
 def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
              num_samples: int = 500, num_chains: int = 4, seed: int = 0,
              target_accept: float = 0.8, max_tree_depth: int = 8, progress: bool = False,
-             chain_method: str = "auto"):
+             chain_method: str = "auto", max_seconds: float | None = None):
     """NUTS (NumPyro) with a dense mass matrix fixed to the Laplace covariance.
 
     Only the step size is adapted during warm-up (dual averaging, NumPyro's). Chains start at
@@ -479,19 +495,26 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     accelerator hides and a CPU pays; ``"threaded"`` runs one compiled chain per CPU core at
     a time, on Python threads (XLA releases the GIL; one 2-galaxy chain keeps only one core
     busy, so two cores sample two chains in about the time of one). But with jax 0.10.2 the
-    process's memory grows by ~12 MB per second of sampling while two chains run at once
-    (measured on a 3-galaxy scene: +1 GB in 90 s, +8 GB in a 12-minute run; a single chain
-    stays flat, and neither ``malloc_trim`` nor single-threaded XLA stops it), so it is
-    opt-in, for short runs. ``"sequential"`` runs one chain after the other. Threaded and
-    sequential chains are identical (same keys and starts). ``"auto"`` (default):
-    vectorized on an accelerator, sequential on CPU. The loop is
-    reused across scenes with the same number of sources and image shape (the first call per
-    shape pays the compilation, ~10-60 s on CPU, reported apart as
-    ``timings["nuts_compile_s"]``; ``timings["nuts_s"]`` is the sampling alone). ``progress``
-    is accepted for API symmetry; the compiled loop has no progress bar. Returns a
-    :class:`Posterior` with draws of the flat sites plus the ``latent`` and ``position``
-    deterministics.
+    process's memory grows while two chains run at once (measured with one compiled call per
+    chain: ~12 MB per second of sampling on a 3-galaxy scene; a single chain stays flat), so
+    it is opt-in, for short runs. ``"sequential"`` runs one chain after the other. Threaded
+    and sequential chains are identical (same keys and starts). ``"auto"`` (default):
+    vectorized on an accelerator, sequential on CPU.
+
+    The loop runs in compiled segments of ~50 iterations (:func:`_segment_length`) that carry
+    the sampler's state, reused across scenes with the same number of sources and image shape
+    (the first call per shape pays the compilation, ~10-60 s on CPU, reported apart as
+    ``timings["nuts_compile_s"]``; ``timings["nuts_s"]`` is the sampling alone).
+    ``progress``: a tqdm bar over the iterations of all chains, moved once per segment.
+    ``max_seconds``: a budget on the sampling time; after each segment the run time is
+    projected from the segments done, and when the projection exceeds the budget the run
+    stops and raises :class:`~probdeblend.errors.BudgetExceededError` (``projected_s``,
+    ``elapsed_s``; a heavily blended scene is known after its first segment, ~1/5 of the
+    run with the default settings). Returns a :class:`Posterior` with draws of the flat
+    sites plus the ``latent`` and ``position`` deterministics.
     """
+    import threading
+
     import jax
     import jax.numpy as jnp
 
@@ -499,33 +522,78 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     vectorized = method == "vectorized"
     rng = np.random.default_rng(seed)
     chol = np.linalg.cholesky(cov + 1e-12 * np.eye(len(cov)))
-    u0 = 0.5 * rng.standard_normal((num_chains, len(cov)))
-    runner = _nuts_runner(problem.fn("logp"), int(num_warmup), int(num_samples),
-                          int(max_tree_depth), target_accept, vectorized)
+    u0 = jnp.asarray(0.5 * rng.standard_normal((num_chains, len(cov))), jnp.float32)
+    total = int(num_warmup) + int(num_samples)
+    seg = _segment_length(total)
+    n_seg = -(-total // seg)
+    init, advance = _nuts_runner(problem.fn("logp"), int(num_warmup), seg,
+                                 int(max_tree_depth), target_accept, vectorized)
     keys = jax.random.split(jax.random.PRNGKey(seed), num_chains)
     args = (problem.spec, jnp.asarray(flat_map, jnp.float32), jnp.asarray(chol, jnp.float32))
-    u0 = jnp.asarray(u0, jnp.float32)
+    starts = [(keys, u0)] if vectorized else [(keys[c], u0[c]) for c in range(num_chains)]
     t0 = time.perf_counter()
-    exe = _compiled(runner, (keys, u0) + args if vectorized else (keys[0], u0[0]) + args)
+    exe_init = _compiled(init, starts[0] + args)
+    exe_advance = _compiled(advance, (exe_init(*starts[0], *args),) + args)
     t_compile = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if vectorized:
-        out = jax.block_until_ready(exe(keys, u0, *args))
-    else:  # one chain per call, on threads or in turn; stacked like the vectorized output
-        def chain(c):
-            return jax.block_until_ready(exe(keys[c], u0[c], *args))
 
+    calls = n_seg * len(starts)  # compiled segment calls in the whole run
+    done, stop, lock = [0], threading.Event(), threading.Lock()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=calls * seg * (num_chains if vectorized else 1), desc="NUTS",
+                   unit="it", leave=False)
+    t0 = time.perf_counter()
+
+    def chain(start):  # one chain (or all, vectorized): its segments' traces
+        state, parts = exe_init(*start, *args), []
+        for _ in range(n_seg):
+            if stop.is_set():
+                return None
+            state, trace = exe_advance(state, *args)
+            parts.append(jax.tree_util.tree_map(np.asarray, trace))
+            with lock:
+                done[0] += 1
+                if bar is not None:
+                    bar.update(seg * (num_chains if vectorized else 1))
+                elapsed = time.perf_counter() - t0
+                if max_seconds is not None and elapsed * calls / done[0] > max_seconds:
+                    stop.set()
+                    return None
+        axis = 1 if vectorized else 0  # the iterations' axis: (chain, iteration, ...)
+        return (state.adapt_state.step_size,) + tuple(
+            np.concatenate(p, axis=axis) for p in zip(*parts))
+
+    try:
         workers = min(num_chains, _cpu_threads()) if method == "threaded" else 1
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(workers, thread_name_prefix="nuts-chain") as pool:
-                per = list(pool.map(chain, range(num_chains)))
+                per = list(pool.map(chain, starts))
         else:
-            per = [chain(c) for c in range(num_chains)]
-        out = tuple(np.stack([np.asarray(p[i]) for p in per]) for i in range(len(per[0])))
+            per = [chain(st) for st in starts]
+    finally:
+        if bar is not None:
+            bar.close()
     wall = time.perf_counter() - t0
-    x, pe, div, acc, num_steps, step = (np.asarray(o) for o in out)
+    if stop.is_set():
+        from .errors import BudgetExceededError
+
+        projected = wall * calls / max(done[0], 1)
+        raise BudgetExceededError(
+            f"NUTS stopped after {wall:.0f} s: {done[0]} of {calls} segments of {seg} "
+            f"iterations done, the whole run projected to take {projected:.0f} s > "
+            f"max_seconds={max_seconds:g}. Raise the budget (NutsConfig(max_seconds=...)), "
+            f"draw fewer samples, or use method='laplace'", argument="max_seconds",
+            projected_s=projected, elapsed_s=wall)
+    if vectorized:
+        step, *out = per[0]
+    else:
+        step = np.stack([np.asarray(p[0]) for p in per])
+        out = [np.stack([p[i] for p in per]) for i in range(1, len(per[0]))]
+    x, pe, div, acc, num_steps = (np.asarray(o)[:, num_warmup:total] for o in out)
     samples = problem.deterministic(x.astype(np.float64))
     stats = {
         "lp": -pe.astype(np.float64),
@@ -534,9 +602,9 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
         "n_steps": num_steps,
         "tree_depth": np.floor(np.log2(np.maximum(num_steps, 1))).astype(int) + 1,
     }
-    info = {"step_size": step.tolist(), "num_warmup": num_warmup,
+    info = {"step_size": np.asarray(step).tolist(), "num_warmup": num_warmup,
             "num_chains": num_chains, "mean_leapfrog_steps": float(num_steps.mean()),
-            "chain_method": method}
+            "chain_method": method, "segment": seg}
     return Posterior(samples, stats, "nuts", {"nuts_compile_s": t_compile, "nuts_s": wall},
                      info)
 

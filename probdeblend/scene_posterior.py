@@ -30,7 +30,7 @@ from .errors import ArgumentError, ProbdeblendError, ProbdeblendWarning
 from .scene import Scene
 
 __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
-           "PriorCache", "PRIORS"]
+           "LADDER_NUTS_SECONDS", "PriorCache", "PRIORS"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,11 @@ class NutsConfig:
     memory grows during the run (:func:`~probdeblend.inference.run_nuts`). ``num_warmup``
     150: the mass matrix is fixed (the Laplace covariance), so the warm-up only adapts the
     step size (2 chains of 100 warm-up gave max R-hat 1.05 over the benchmark's NUTS
-    scenes)."""
+    scenes). ``max_seconds``: a budget on the sampling time (NumPyro engine; projected after
+    each compiled segment of ~50 iterations, :func:`~probdeblend.inference.run_nuts`), over
+    which NUTS stops with :class:`~probdeblend.errors.BudgetExceededError`; None: no budget,
+    except on :func:`probdeblend.fit`'s ``auto`` ladder, whose NUTS rung then gets
+    :data:`LADDER_NUTS_SECONDS` and keeps the laplace draws when it runs out."""
 
     num_warmup: int = 150
     num_chains: int = 4
@@ -50,6 +54,12 @@ class NutsConfig:
     target_accept: float = 0.8
     engine: str = "numpyro"
     chain_method: str = "auto"
+    max_seconds: float | None = None
+
+
+#: the ``auto`` ladder's NUTS budget in seconds of sampling when ``NutsConfig.max_seconds`` is
+#: None (on 2 CPU cores a 2-galaxy scene's 4 x (150 + 50) iterations take ~150-250 s)
+LADDER_NUTS_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -740,7 +750,8 @@ class ScenePosterior:
         cov = laplace(self.problem, flat_map)
         t_map = time.perf_counter() - t0
         runner = run_nuts if cfg.engine == "numpyro" else run_nuts_pyro
-        extra = {"chain_method": cfg.chain_method} if cfg.engine == "numpyro" else {}
+        extra = ({"chain_method": cfg.chain_method, "max_seconds": cfg.max_seconds}
+                 if cfg.engine == "numpyro" else {})
         post = runner(self.problem, flat_map, cov, num_warmup=cfg.num_warmup,
                       num_samples=num_samples, num_chains=cfg.num_chains, seed=seed,
                       target_accept=cfg.target_accept, max_tree_depth=cfg.max_tree_depth,

@@ -53,6 +53,9 @@ EXAMPLES = {
     "FITSChecksumError": (lambda: errors.FITSChecksumError("a.fits", "DATASUM", hdu="IMAGE"),
                           ValueError),
     "InferenceError": (lambda: errors.InferenceError("all draws failed"), RuntimeError),
+    "BudgetExceededError": (lambda: errors.BudgetExceededError(
+        "NUTS would take 300 s", argument="nuts.max_seconds", projected_s=300.0, elapsed_s=12.0),
+        RuntimeError),
 }
 
 
@@ -83,7 +86,7 @@ def test_error_pickles(name, protocol):
     assert back.args == err.args and str(back) == str(err)
     assert back.argument == err.argument
     assert back.value == err.value or (back.value is NO_VALUE and err.value is NO_VALUE)
-    for attr in ("path", "hdu", "message"):
+    for attr in ("path", "hdu", "message", "projected_s", "elapsed_s"):
         assert getattr(back, attr, None) == getattr(err, attr, None)
 
 

@@ -389,6 +389,33 @@ def test_nuts_chain_methods_agree(tiny_prior, small_scene):
         post.nuts(5, config=NutsConfig(num_warmup=5, num_chains=1, chain_method="pmap"))
 
 
+def test_nuts_segments_budget_and_ladder(tiny_prior, small_scene):
+    """NUTS runs in compiled segments that carry the sampler's state: a run over several
+    segments draws exactly what one segment does (here 15 + 60 iterations in 3 segments of
+    25 against 15 + 35 in one of 50), with a progress bar. A budget that the projected run
+    time exceeds stops it with BudgetExceededError; the auto ladder then keeps the laplace
+    draws, says so in attrs["path"] and warns."""
+    from probdeblend.errors import BudgetExceededError, ProbdeblendWarning
+
+    post = ScenePosterior(small_scene, tiny_prior, encoder=None)
+    long = post.nuts(60, seed=1, config=NutsConfig(num_warmup=15, num_chains=2), progress=True)
+    short = post.nuts(35, seed=1, config=NutsConfig(num_warmup=15, num_chains=2))
+    assert long.flat.shape[:2] == (2, 60) and long.info["segment"] == 25
+    assert short.info["segment"] == 50
+    np.testing.assert_allclose(long.flat[:, :35], short.flat, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BudgetExceededError) as err:
+        post.nuts(60, config=NutsConfig(num_warmup=15, num_chains=2, max_seconds=1e-3))
+    assert err.value.argument == "max_seconds" and err.value.projected_s > 1e-3
+    with pytest.warns(ProbdeblendWarning, match="stopped after"):
+        idata = fit(small_scene, prior=tiny_prior, method="auto", exact=True, num_samples=40,
+                    pareto_k_threshold=0.0, nuts=NutsConfig(num_warmup=10, num_chains=2,
+                                                            max_seconds=1e-3))
+    assert "laplace draws kept" in idata.attrs["path"] and idata.attrs["method"] != "nuts"
+    assert idata.posterior["e1"].shape == (1, 40, 2)
+    with pytest.raises(ArgumentError, match="nuts.max_seconds"):
+        _fit(small_scene, tiny_prior, method="nuts", nuts=NutsConfig(max_seconds=-1.0))
+
+
 def test_map_diagnostics(tiny_prior, small_scene):
     """Blendedness and footprint chi^2 of each source at the MAP: shapes, ranges, and a
     source alone in its scene is unblended."""
