@@ -563,7 +563,7 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
                     return None
         axis = 1 if vectorized else 0  # the iterations' axis: (chain, iteration, ...)
         return (state.adapt_state.step_size,) + tuple(
-            np.concatenate(p, axis=axis) for p in zip(*parts))
+            np.concatenate(p, axis=axis) for p in zip(*parts, strict=True))
 
     try:
         workers = min(num_chains, _cpu_threads()) if method == "threaded" else 1

@@ -387,8 +387,9 @@ class ScenePosterior:
         flux in the prior's magnitude band. Its Jacobian in those flat coordinates is taken by
         central differences of ``step`` times each coordinate's spread over the draws (so the
         slope is the secant at the posterior's own scale), in the distortion-like coordinates
-        ``eta = e atanh|e| / |e|`` so that every draw keeps ``|e| < 1``. A draw's shape is then ``eta_map + J
-        (x - x_map)`` mapped back to e: no decode per draw (2 (D + 1) + 1 decodes per source).
+        ``eta = e atanh|e| / |e|`` so that every draw keeps ``|e| < 1``. A draw's shape is then
+        ``eta_map + J (x - x_map)`` mapped back to e: no decode per draw (2 (D + 1) + 1 decodes
+        per source).
 
         Why: a Gaussian (Laplace) cloud in the latent is too wide in directions where the
         likelihood is flat at the MAP but grows fast away from it (the decoder's image moves
@@ -703,7 +704,6 @@ class ScenePosterior:
                 config: LaplaceConfig | None = None) -> Draws:
         """MAP + Laplace covariance + Pareto-smoothed importance sampling (k-hat in info)."""
         from .inference import run_laplace
-
         from .validate import check_choice
 
         cfg = config or LaplaceConfig()
