@@ -13,9 +13,11 @@ posterior (``ScenePosterior`` + draws) and ``to_inference_data``. Prints the fig
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ def main(argv=None):
     ap.add_argument("--prior", default="lsst-vae")
     ap.add_argument("--refine", type=int, default=0, help="fit(..., refine=K)")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up scenes (0..warmup-1)")
+    ap.add_argument("--out", default="benchmarks/results/fit_timing",
+                    help="folder of report.md, to which each run appends its line")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     prior = pb.load_prior(a.prior)
@@ -43,18 +47,32 @@ def main(argv=None):
     for i in range(a.warmup):
         pb.fit(scene_of("a", i)[0].to_scene(), prior=prior, method=a.method, num_samples=200,
                **kw)
-    ts, ns = [], []
+    ts, ns, paths = [], [], []
     for i in range(a.warmup, a.warmup + a.n):
         scene = scene_of("a", i)[0].to_scene()
         t0 = time.perf_counter()
         idata = pb.fit(scene, prior=prior, method=a.method, num_samples=200, **kw)
         ts.append(time.perf_counter() - t0)
         ns.append(idata.posterior.sizes["source"])
+        rungs = re.findall(r"(?:^| -> )(\w+)", idata.attrs["path"])
+        paths.append(" -> ".join(rungs) + (" (stopped)" if "stopped" in idata.attrs["path"]
+                                           else ""))
         print(f"scene {i}: {ns[-1]} sources, {ts[-1]:.2f} s, {idata.attrs['path']}",
               flush=True)
-    print(f"fit(method={a.method!r}, 200 draws{', refine=' + str(a.refine) if a.refine else ''}): "
-          f"median {np.median(ts):.2f} s/scene, mean {np.mean(ts):.2f}, max {np.max(ts):.2f}, "
-          f"{sum(ns) / sum(ts):.2f} sources/s over {len(ts)} scenes")
+    line = (f"fit(method={a.method!r}, 200 draws{', refine=' + str(a.refine) if a.refine else ''}"
+            f"): median {np.median(ts):.2f} s/scene, mean {np.mean(ts):.2f}, max "
+            f"{np.max(ts):.2f}, {sum(ns) / sum(ts):.2f} sources/s over {len(ts)} scenes "
+            f"(scenes {a.warmup}-{a.warmup + a.n - 1} of family (a), {time.strftime('%Y-%m-%d')})")
+    print(line)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "report.md"
+    if not report.exists():
+        report.write_text("# End-to-end `fit` time (`benchmarks/fit_timing.py`)\n\n"
+                          "One line per run, appended: 2 CPU cores unless said otherwise.\n\n")
+    with report.open("a") as fh:
+        fh.write(f"- `python benchmarks/fit_timing.py {' '.join(argv or sys.argv[1:])}`: "
+                 f"{line}; paths: {dict(Counter(paths))}\n")
     scene = scene_of("a", 1)[0].to_scene()
     t0 = time.perf_counter()
     post = ScenePosterior(scene, prior)

@@ -208,9 +208,10 @@ def fit(scene: Scene, prior="lsst-vae", *, method: str = "auto", num_samples: in
                     draws = post.nuts(per_chain, seed, rung, progress)
                     path.append(name)
                 except BudgetExceededError as err:  # keep the laplace draws, flagged
-                    stopped = (f"{name} stopped after {err.elapsed_s:.0f} s: projected "
-                               f"{err.projected_s:.0f} s > budget {rung.max_seconds:g} s; "
-                               f"laplace draws kept")
+                    how = (f"stopped after {err.elapsed_s:.0f} s: projected" if
+                           err.elapsed_s > 0 else "not started: predicted at least")
+                    stopped = (f"{name} {how} {err.projected_s:.0f} s > budget "
+                               f"{rung.max_seconds:g} s; laplace draws kept")
                     path.append(stopped)
     else:
         engines = {"amortized": lambda: post.amortized(num_samples, seed, refine=refine),

@@ -392,9 +392,11 @@ def test_nuts_chain_methods_agree(tiny_prior, small_scene):
 def test_nuts_segments_budget_and_ladder(tiny_prior, small_scene):
     """NUTS runs in compiled segments that carry the sampler's state: a run over several
     segments draws exactly what one segment does (here 15 + 60 iterations in 3 segments of
-    25 against 15 + 35 in one of 50), with a progress bar. A budget that the projected run
-    time exceeds stops it with BudgetExceededError; the auto ladder then keeps the laplace
-    draws, says so in attrs["path"] and warns."""
+    25 against 15 + 35 in one of 50), with a progress bar. A budget is enforced twice: a run
+    whose optimistic prediction (min_leapfrog gradients per iteration) exceeds it is refused
+    before compiling, and one whose projected run time exceeds it stops after a segment,
+    both with BudgetExceededError; the auto ladder then keeps the laplace draws, says so in
+    attrs["path"] and warns."""
     from probdeblend.errors import BudgetExceededError, ProbdeblendWarning
 
     post = ScenePosterior(small_scene, tiny_prior, encoder=None)
@@ -403,10 +405,18 @@ def test_nuts_segments_budget_and_ladder(tiny_prior, small_scene):
     assert long.flat.shape[:2] == (2, 60) and long.info["segment"] == 25
     assert short.info["segment"] == 50
     np.testing.assert_allclose(long.flat[:, :35], short.flat, rtol=1e-5, atol=1e-5)
-    with pytest.raises(BudgetExceededError) as err:
+    with pytest.raises(BudgetExceededError) as err:  # refused before compiling
         post.nuts(60, config=NutsConfig(num_warmup=15, num_chains=2, max_seconds=1e-3))
     assert err.value.argument == "max_seconds" and err.value.projected_s > 1e-3
-    with pytest.warns(ProbdeblendWarning, match="stopped after"):
+    assert err.value.elapsed_s == 0.0 and "not started" in str(err.value)
+    from probdeblend.inference import run_nuts
+
+    cov = np.eye(post.problem.dim) * 0.01
+    with pytest.raises(BudgetExceededError) as err:  # no prediction: stopped after a segment
+        run_nuts(post.problem, post.map()[0], cov, num_warmup=15, num_samples=60,
+                 num_chains=2, max_seconds=1e-3, min_leapfrog=0)
+    assert err.value.elapsed_s > 0 and "segments" in str(err.value)
+    with pytest.warns(ProbdeblendWarning, match="laplace draws kept"):
         idata = fit(small_scene, prior=tiny_prior, method="auto", exact=True, num_samples=40,
                     pareto_k_threshold=0.0, nuts=NutsConfig(num_warmup=10, num_chains=2,
                                                             max_seconds=1e-3))
