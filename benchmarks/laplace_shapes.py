@@ -118,7 +118,7 @@ def report(rows: list[dict], out: Path) -> None:
             shift = np.median(np.sum((med - ee) * ee, 1) / np.sum(ee**2, 1))
             width = (np.median(v[:, [1, 3]] / ex[:, [1, 3]]) if name != "map" else np.nan)
             lines.append(f"| {name} | {dev:.4f} | {shift:+.3f} | {width:.2f} |")
-    write_text(out / "report.md", "\n".join(lines) + "\n")
+    write_text("\n".join(lines) + "\n", out / "report.md", overwrite=True)
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@
   exceeds ``pareto_k_threshold`` (with ``num_samples`` draws in all, split over the chains,
   from the MAP the laplace rung found), within a budget: ``nuts.max_seconds``, or
   :data:`~probdeblend.scene_posterior.LADDER_NUTS_SECONDS` (120 s of sampling) when that is
-  None. NUTS's run time is projected after each compiled segment of ~50 iterations; over
+  None. NUTS's run time is projected after each compiled segment of ~25 iterations; over
   the budget it stops and the laplace draws are kept, with a warning.
   ``attrs["path"]`` records every step and why.
 

@@ -426,7 +426,7 @@ def _nuts_runner(logp, num_warmup: int, segment: int, max_tree_depth: int,
     return runner
 
 
-def _segment_length(total: int, longest: int = 50) -> int:
+def _segment_length(total: int, longest: int = 25) -> int:
     """Iterations per compiled NUTS call: a divisor of ``total`` in [longest / 2, longest]
     when there is one (no wasted iterations), else ``longest`` (the last call's surplus
     iterations are dropped)."""
@@ -523,7 +523,7 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     and sequential chains are identical (same keys and starts). ``"auto"`` (default):
     vectorized on an accelerator, sequential on CPU.
 
-    The loop runs in compiled segments of ~50 iterations (:func:`_segment_length`) that carry
+    The loop runs in compiled segments of ~25 iterations (:func:`_segment_length`) that carry
     the sampler's state, reused across scenes with the same number of sources and image shape
     (the first call per shape pays the compilation, ~10-60 s on CPU, reported apart as
     ``timings["nuts_compile_s"]``; ``timings["nuts_s"]`` is the sampling alone).
@@ -531,8 +531,9 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     ``max_seconds``: a budget on the sampling time; after each segment the run time is
     projected from the segments done, and when the projection exceeds the budget the run
     stops and raises :class:`~probdeblend.errors.BudgetExceededError` (``projected_s``,
-    ``elapsed_s``; a heavily blended scene is known after its first segment, ~1/5 of the
-    run with the default settings). Before compiling anything, chains that run on the CPU
+    ``elapsed_s``; a heavily blended scene is known after its first segment: the early
+    warm-up's long trajectories took 28-61 s for 50 iterations on one core, hence short
+    segments). Before compiling anything, chains that run on the CPU
     (sequential or threaded) are checked against the budget with an optimistic prediction:
     every iteration of every chain at ``min_leapfrog`` gradient evaluations (the benchmark's
     scenes take 11-17 per draw) at the measured cost of one; a run that cannot fit is refused

@@ -43,7 +43,7 @@ class NutsConfig:
     150: the mass matrix is fixed (the Laplace covariance), so the warm-up only adapts the
     step size (2 chains of 100 warm-up gave max R-hat 1.05 over the benchmark's NUTS
     scenes). ``max_seconds``: a budget on the sampling time (NumPyro engine; projected after
-    each compiled segment of ~50 iterations, :func:`~probdeblend.inference.run_nuts`), over
+    each compiled segment of ~25 iterations, :func:`~probdeblend.inference.run_nuts`), over
     which NUTS stops with :class:`~probdeblend.errors.BudgetExceededError`; None: no budget,
     except on :func:`probdeblend.fit`'s ``auto`` ladder, whose NUTS rung then gets
     :data:`LADDER_NUTS_SECONDS` and keeps the laplace draws when it runs out."""
