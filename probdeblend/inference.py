@@ -507,7 +507,7 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
              num_samples: int = 500, num_chains: int = 4, seed: int = 0,
              target_accept: float = 0.8, max_tree_depth: int = 8, progress: bool = False,
              chain_method: str = "auto", max_seconds: float | None = None,
-             min_leapfrog: int = 8):
+             min_leapfrog: int = 12):
     """NUTS (NumPyro) with a dense mass matrix fixed to the Laplace covariance.
 
     Only the step size is adapted during warm-up (dual averaging, NumPyro's). Chains start at
@@ -534,10 +534,12 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     ``elapsed_s``; a heavily blended scene is known after its first segment: the early
     warm-up's long trajectories took 28-61 s for 50 iterations on one core, hence short
     segments). Before compiling anything, chains that run on the CPU
-    (sequential or threaded) are checked against the budget with an optimistic prediction:
-    every iteration of every chain at ``min_leapfrog`` gradient evaluations (the benchmark's
-    scenes take 11-17 per draw) at the measured cost of one; a run that cannot fit is refused
-    at once (``elapsed_s`` 0). ``min_leapfrog=0`` turns the prediction off. Returns a
+    (sequential or threaded) are checked against the budget with a low prediction: every
+    iteration of every chain at ``min_leapfrog`` gradient evaluations (the benchmark's
+    2-galaxy scenes take 11-17 per draw after warm-up, more during it) at the measured cost
+    of one; a run that cannot fit is refused at once (``elapsed_s`` 0), before it pays a
+    compile and a first segment (up to a minute on one core). ``min_leapfrog=0`` turns the
+    prediction off. Returns a
     :class:`Posterior` with draws of the flat sites plus the ``latent`` and ``position``
     deterministics.
     """
