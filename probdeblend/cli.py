@@ -188,7 +188,8 @@ def _cmd_fit(args) -> int:
     scene = Scene.from_fits(args.scene)
     prior = PRIORS.prior(args.prior)  # a bad prior name fails here, before any sampling
     idata = fit(scene, prior=prior, method=args.method, num_samples=args.num_samples,
-                seed=args.seed, nuts=NutsConfig(num_chains=args.num_chains),
+                seed=args.seed, nuts=NutsConfig(num_chains=args.num_chains,
+                                                max_seconds=args.nuts_budget),
                 exact=args.exact, progress=True)
     write_netcdf(idata, paths["posterior"], overwrite=args.overwrite)
     table = diagnostics.summary_table(idata)
@@ -335,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior draws (per chain with --method nuts; the auto ladder's "
                         "NUTS rung splits them over the chains)")
     f.add_argument("--num-chains", type=_POSITIVE, default=4, help="MCMC chains")
+    f.add_argument("--nuts-budget", type=_float_arg(0.0, exclusive=True), default=None,
+                   metavar="SECONDS",
+                   help="NUTS sampling-time budget; over it NUTS stops (--method nuts: an "
+                        "error; auto: the laplace draws are kept). Default: none for "
+                        "--method nuts, 120 s on the auto ladder")
     f.add_argument("--seed", type=_SEED, default=0, help="random seed (>= 0)")
     f.set_defaults(func=_cmd_fit)
 

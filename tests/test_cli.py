@@ -178,7 +178,9 @@ def test_fit_writes_distinct_products_and_refuses_to_overwrite(tmp_path, scene_f
     from astropy.table import Table
 
     out = tmp_path / "out" / "res.nc"
-    assert main(["fit", str(scene_fits), "--out", str(out), "--num-samples", "30"]) == 0
+    assert main(["fit", str(scene_fits), "--out", str(out), "--num-samples", "30",
+                 "--nuts-budget", "90"]) == 0
+    assert stub_fit[-1]["nuts"].max_seconds == 90.0  # the budget reaches fit's NutsConfig
     summary = out.with_suffix(".ecsv")
     assert az.from_netcdf(out).posterior["flux"].shape == (2, 30, 1)
     assert Table.read(summary)["flux_r"][0] == 1.0
