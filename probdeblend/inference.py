@@ -517,9 +517,10 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     accelerator hides and a CPU pays; ``"threaded"`` runs one compiled chain per CPU core at
     a time, on Python threads (XLA releases the GIL; one 2-galaxy chain keeps only one core
     busy, so two cores sample two chains in about the time of one). But with jax 0.10.2 the
-    process's memory grows while two chains run at once (measured with one compiled call per
-    chain: ~12 MB per second of sampling on a 3-galaxy scene; a single chain stays flat), so
-    it is opt-in, for short runs. ``"sequential"`` runs one chain after the other. Threaded
+    process's memory grows while two chains run at once (with one compiled call per chain:
+    ~12 MB per second of sampling on a 3-galaxy scene for 12 minutes; in segments, as fast
+    for the first ~90 s and then mostly flat over the next 180 s; a single chain stays
+    flat), so it is opt-in, for short runs. ``"sequential"`` runs one chain after the other. Threaded
     and sequential chains are identical (same keys and starts). ``"auto"`` (default):
     vectorized on an accelerator, sequential on CPU.
 

@@ -368,34 +368,48 @@ def test_batched_functions_match_one_at_a_time(tiny_prior):
 
 def test_simulation_based_calibration(tiny_prior):
     """SBC (Talts et al. 2018) on scenes drawn from the model itself: the rank of each true
-    parameter among posterior draws is uniform when inference is exact. NUTS on a 1-source
+    parameter among posterior draws is uniform when inference is exact. NUTS (NumPyro's
+    kernel, dense mass adapted in 100 warm-up iterations, tree depth <= 5) on a 1-source
     scene, 24 replicates, ranks of flux_r and offset x among 49 draws; a chi-square test on 5
-    bins must not reject uniformity at p < 0.001.
+    bins must not reject uniformity at p < 0.001. The replicates run as one ``vmap``-ed
+    compiled loop, each with its own image (a third of the time of 24 ``MCMC.run`` calls).
 
     Known limitation (see the issue notes): ranks of the *latent* coordinates came out U-shaped
     with these short chains (counts [7, 0, 2, 1, 14] for u0): the 49 draws are autocorrelated in
     the weakly identified latent directions. Longer chains thinned to their ESS are needed for a
     latent SBC; this test covers the quantities the deblender reports."""
-    from numpyro.infer import MCMC, NUTS, Predictive
+    from numpyro.infer import Predictive
+    from numpyro.infer.hmc import hmc
+    from numpyro.infer.util import initialize_model, potential_energy
     from scipy import stats
 
     _, spec, backend, _ = _scene_for(tiny_prior, n_src=1, size=24)
     model = lambda spec, observe=True: scene_model(backend, spec, observe)  # noqa: E731
-    n_rep = 24
-    prior_pred = Predictive(model, num_samples=n_rep)
-    draws = prior_pred(jax.random.PRNGKey(0), spec, observe=False)
-    mcmc = MCMC(NUTS(model, dense_mass=True, max_tree_depth=5), num_warmup=100,
-                num_samples=49, progress_bar=False, jit_model_args=True)
-    ranks = {"log_flux": [], "offset": []}
-    for i in range(n_rep):
-        spec_i = spec.with_arrays(lambda a: a)
-        spec_i.image = draws["obs"][i]
-        mcmc.run(jax.random.PRNGKey(100 + i), spec_i)
-        s = mcmc.get_samples()
-        ranks["log_flux"].append(int((s["log_flux"][:, 0, 1] < draws["log_flux"][i, 0, 1]).sum()))
-        ranks["offset"].append(int((s["offset"][:, 0, 0] < draws["offset"][i, 0, 0]).sum()))
-    for name, r in ranks.items():
-        counts = np.histogram(r, bins=5, range=(0, 50))[0]
+    n_rep, n_warm, n_draw = 24, 100, 49
+    draws = Predictive(model, num_samples=n_rep)(jax.random.PRNGKey(0), spec, observe=False)
+    z0 = initialize_model(jax.random.PRNGKey(1), model, model_args=(spec,)).param_info.z
+    init_kernel, sample_kernel = hmc(
+        potential_fn_gen=lambda s: (lambda z: potential_energy(model, (s,), {}, z)), algo="NUTS")
+
+    def replicate(key, image):
+        s = spec.with_arrays(lambda a: a)
+        s.image = image
+        state = init_kernel(z0, n_warm, dense_mass=True, max_tree_depth=5, model_args=(s,),
+                            rng_key=key)
+
+        def body(st, _):
+            st = sample_kernel(st, model_args=(s,))
+            return st, st.z
+
+        _, zs = jax.lax.scan(body, state, None, length=n_warm + n_draw)
+        return jax.tree_util.tree_map(lambda a: a[n_warm:], zs)
+
+    keys = jax.random.split(jax.random.PRNGKey(100), n_rep)
+    post = jax.jit(jax.vmap(replicate))(keys, draws["obs"])
+    for name, got, truth in (("log_flux", post["log_flux"][:, :, 0, 1], draws["log_flux"][:, 0, 1]),
+                             ("offset", post["offset"][:, :, 0, 0], draws["offset"][:, 0, 0])):
+        ranks = (np.asarray(got) < np.asarray(truth)[:, None]).sum(1)
+        counts = np.histogram(ranks, bins=5, range=(0, n_draw + 1))[0]
         p = stats.chisquare(counts).pvalue
         assert p > 1e-3, f"{name}: SBC ranks not uniform, counts {counts}, p={p:.2g}"
 
