@@ -55,8 +55,8 @@ def main(argv=None):
         ts.append(time.perf_counter() - t0)
         ns.append(idata.posterior.sizes["source"])
         rungs = re.findall(r"(?:^| -> )(\w+)", idata.attrs["path"])
-        paths.append(" -> ".join(rungs) + (" (stopped)" if "stopped" in idata.attrs["path"]
-                                           else ""))
+        kept = "laplace draws kept" in idata.attrs["path"]  # the NUTS rung ran out of budget
+        paths.append(" -> ".join(rungs) + (" (budget: laplace kept)" if kept else ""))
         print(f"scene {i}: {ns[-1]} sources, {ts[-1]:.2f} s, {idata.attrs['path']}",
               flush=True)
     line = (f"fit(method={a.method!r}, 200 draws{', refine=' + str(a.refine) if a.refine else ''}"

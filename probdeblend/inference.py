@@ -520,8 +520,8 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     process's memory grows while two chains run at once (with one compiled call per chain:
     ~12 MB per second of sampling on a 3-galaxy scene for 12 minutes; in segments, as fast
     for the first ~90 s and then mostly flat over the next 180 s; a single chain stays
-    flat), so it is opt-in, for short runs. ``"sequential"`` runs one chain after the other. Threaded
-    and sequential chains are identical (same keys and starts). ``"auto"`` (default):
+    flat), so it is opt-in, for short runs. ``"sequential"`` runs one chain after the other.
+    Threaded and sequential chains are identical (same keys and starts). ``"auto"`` (default):
     vectorized on an accelerator, sequential on CPU.
 
     The loop runs in compiled segments of ~25 iterations (:func:`_segment_length`) that carry
