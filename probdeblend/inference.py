@@ -568,7 +568,7 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     starts = [(keys, u0)] if vectorized else [(keys[c], u0[c]) for c in range(num_chains)]
     t0 = time.perf_counter()
     exe_init = _compiled(init, starts[0] + args)
-    exe_advance = _compiled(advance, (exe_init(*starts[0], *args),) + args)
+    exe_advance = _compiled(advance, (jax.eval_shape(init, *starts[0], *args),) + args)
     t_compile = time.perf_counter() - t0
 
     calls = n_seg * len(starts)  # compiled segment calls in the whole run
