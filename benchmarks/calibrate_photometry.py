@@ -41,6 +41,7 @@ from deblend_benchmark import _encoder, scene_of  # noqa: E402
 
 import probdeblend as pb  # noqa: E402
 from probdeblend.atomic import write_json  # noqa: E402
+from probdeblend.measure import shear_to_half_eta  # noqa: E402
 from probdeblend.scene_posterior import LaplaceConfig, ScenePosterior  # noqa: E402
 
 
@@ -55,10 +56,19 @@ def collect(args) -> list[dict]:
         post = ScenePosterior(sim.to_scene(), prior, encoder=enc)
         extra = {}
         if args.laplace:  # the laplace posterior's fluxes, without the systematic
-            d = post.laplace(400, seed=i, config=LaplaceConfig(flux_sys=0.0))
-            f, infl = post.measure(d)["flux"][0, :, 0, r], 1.0
+            d = post.laplace(400, seed=i, config=LaplaceConfig(flux_sys=0.0, shape_sys=0.0))
+            v = post.measure(d)
+            f, infl = v["flux"][0, :, 0, r], 1.0
             diag = post.map_diagnostics()  # candidates to scale the model error with
-            extra = {"blend_model": float(diag["blendedness"][0]),
+            h = shear_to_half_eta(np.stack([v["e1"][0, :, 0], v["e2"][0, :, 0]], -1))  # (draw, 2)
+            h = h[np.isfinite(h).all(1)]
+            t = sim.truth[0]
+            extra = {"eta_truth": shear_to_half_eta(np.array([t["g1"], t["g2"]], float)).tolist(),
+                     "eta_median": np.median(h, 0).tolist(),
+                     "eta_half_width": (np.diff(np.percentile(h, [16, 84], 0), axis=0)[0]
+                                        / 2).tolist(),
+                     "shapes": d.info["shapes"], "method": d.method,
+                     "blend_model": float(diag["blendedness"][0]),
                      "chi2_model": float(diag["chi2"][0, r]),
                      "snr_model": float(diag["snr"][0, r]),
                      "median": float(np.median(f)),
@@ -123,11 +133,11 @@ def fit_sys(rows, grid=None, powers=(1.0,)) -> tuple[tuple[float, float], dict]:
 
 
 def coverage_mc(rows, eps: float, power: float, df: float, sel=None, n: int = 4000,
-                seed: int = 0) -> tuple[float, float]:
+                seed: int = 0, relative: bool = True) -> tuple[float, float]:
     """(68, 95) % coverage of the central intervals of the photometry's draws, simulated:
     ``mean + sd * N(0, 1) + eps * mean * inflation ** (power / 2) * t_df`` (``df`` inf:
     Gaussian), as :func:`probdeblend.photometry.flux_draws` draws them (common random numbers
-    across calls)."""
+    across calls). ``relative`` False: an absolute error ``eps * t_df`` (the shapes')."""
     t, m, sd, infl = _arrays(rows)
     if sel is not None:
         t, m, sd, infl = t[sel], m[sel], sd[sel], infl[sel]
@@ -136,14 +146,15 @@ def coverage_mc(rows, eps: float, power: float, df: float, sel=None, n: int = 40
     u = rng.standard_normal((len(t), n))
     if np.isfinite(df):
         u = u * np.sqrt(df / rng.chisquare(df, size=(len(t), n)))
-    x = m[:, None] + sd[:, None] * g + (eps * np.clip(m, 0, None) * infl ** (0.5 * power))[
-        :, None] * u
+    scale = eps * np.clip(m, 0, None) * infl ** (0.5 * power) if relative else eps + 0 * m
+    x = m[:, None] + sd[:, None] * g + scale[:, None] * u
     q = np.quantile(x, [0.025, 0.16, 0.84, 0.975], axis=1)
     return (float(np.mean((q[1] <= t) & (t <= q[2]))),
             float(np.mean((q[0] <= t) & (t <= q[3]))))
 
 
-def fit_tail(rows, power: float, grid=None, dfs=(3.0, 4.0, 6.0, 10.0, np.inf)):
+def fit_tail(rows, power: float, grid=None, dfs=(3.0, 4.0, 6.0, 10.0, np.inf),
+             relative: bool = True):
     """``(flux_sys, df)`` at fixed ``power`` whose simulated 68 and 95 % intervals hold the
     truth closest to 68 and 95 % of the time in every S/N bin (squared misses weighted by the
     bin's rows). ``df`` >= 3 by default: the tail keeps a finite variance, so the catalogue's
@@ -157,26 +168,53 @@ def fit_tail(rows, power: float, grid=None, dfs=(3.0, 4.0, 6.0, 10.0, np.inf)):
     for df in dfs:
         for eps in grid:
             key = (float(eps), float(df))
-            cov[key] = coverage_mc(arr, eps, power, df)
+            cov[key] = coverage_mc(arr, eps, power, df, relative=relative)
             loss[key] = 0.0
             for b in bins:
-                c68, c95 = coverage_mc(arr, eps, power, df, b)
+                c68, c95 = coverage_mc(arr, eps, power, df, b, relative=relative)
                 loss[key] += b.sum() * ((c68 - 0.68) ** 2 + (c95 - 0.95) ** 2)
     best = min(loss, key=loss.get)
     return best, cov
 
 
-def per_bin(rows, eps, power, df=None) -> list:
-    """``[lo, hi, n, cov68, cov95]`` per S/N bin (``df`` given: simulated with the t tail)."""
+def per_bin(rows, eps, power, df=None, relative: bool = True) -> list:
+    """``[lo, hi, n, cov68, cov95]`` per S/N bin (``df`` given: simulated with the t tail;
+    ``relative`` False: an absolute systematic, see :func:`coverage_mc`)."""
     snr = np.array([r.get("snr", np.nan) for r in rows])
     out = []
     for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:], strict=True):
         sel = (snr > lo) & (snr <= hi)
         if sel.any():
             c = (coverage(rows, eps, power, sel) if df is None
-                 else coverage_mc(rows, eps, power, df, sel))
+                 else coverage_mc(rows, eps, power, df, sel, relative=relative))
             out.append([lo, None if np.isinf(hi) else hi, int(sel.sum()), *c])
     return out
+
+
+def fit_shapes(rows, grid=None, dfs=(3.0, 4.0, 6.0, 10.0, np.inf)) -> dict:
+    """The laplace shapes' model-error term: ``shape_sys`` (an absolute error in half the
+    conformal shear, :func:`probdeblend.measure.shear_to_half_eta`) and its Student-t
+    ``shape_df``, fitted like the fluxes' (:func:`fit_tail`) so that the 68 and 95 % intervals
+    of e1 and e2 (pooled) hold the true intrinsic g in every S/N bin. Returns the card entries
+    and the coverage per S/N bin before and after, per component."""
+    comp = [{"truth": r["eta_truth"][c], "mean": r["eta_median"][c],
+             "sd": r["eta_half_width"][c], "snr": r["snr"], "c": c}
+            for r in rows for c in (0, 1) if np.isfinite(r["eta_median"][c])]
+    grid = np.round(np.arange(0.0, 0.0801, 0.002), 4) if grid is None else grid
+    (eps, df), _ = fit_tail(comp, 1.0, grid=grid, dfs=dfs, relative=False)
+    by = {}
+    for c, name in ((0, "e1"), (1, "e2")):
+        sub = [r for r in comp if r["c"] == c]
+        by[name] = {"without": per_bin(sub, 0.0, 1.0, np.inf, relative=False),
+                    "with": per_bin(sub, eps, 1.0, df, relative=False)}
+    err = np.array([r["mean"] - r["truth"] for r in comp])
+    return {"shape_sys": float(eps), "shape_df": None if not np.isfinite(df) else float(df),
+            "shape_coverage_68_95_without": coverage_mc(_arrays(comp), 0.0, 1.0, np.inf,
+                                                        relative=False),
+            "shape_coverage_68_95_at_shape_sys": coverage_mc(_arrays(comp), eps, 1.0, df,
+                                                             relative=False),
+            "shape_coverage_per_snr_bin": by,
+            "half_eta_error_nmad": float(1.4826 * np.median(np.abs(err - np.median(err))))}
 
 
 def main(argv=None):
@@ -214,6 +252,7 @@ def main(argv=None):
     if a.fit_tail:  # then the systematic's scale and tail, at that power, by simulation
         (eps, df), cov_t = fit_tail(rows, power)
         cov = {(eps, power): cov_t[(eps, df)]}
+    shape = fit_shapes(rows) if a.laplace and rows and "eta_median" in rows[0] else {}
     rel = np.array([r["mean"] / r["truth"] - 1 for r in rows])
     res = {"encoder": a.encoder, "scenes": f"family a {a.start}..{a.start + len(rows) - 1}",
            "n_morph": a.n_morph, "refine": a.refine, "laplace": a.laplace,
@@ -225,7 +264,8 @@ def main(argv=None):
            "coverage_per_snr_bin_power1": per_bin(rows, fit_sys(rows)[0][0], 1.0),
            "r_flux_rel_median": float(np.median(rel)),
            "r_flux_rel_nmad": float(1.4826 * np.median(np.abs(rel - np.median(rel)))),
-           "seconds_per_scene": float(np.median([r["seconds"] for r in rows])), "rows": rows}
+           "seconds_per_scene": float(np.median([r["seconds"] for r in rows])), **shape,
+           "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(res, a.out, overwrite=True)
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
@@ -242,6 +282,7 @@ def main(argv=None):
             entry["refine"] = a.refine
         if a.laplace:  # one entry: the Laplace posterior has no morphology draws
             cal["laplace"] = {**entry, "coverage_68_95_without": res["coverage_68_95_without"],
+                              **{k: v for k, v in shape.items() if k != "shape_rows"},
                               "method": "benchmarks/calibrate_photometry.py --laplace"}
         else:
             by[str(a.n_morph)] = entry

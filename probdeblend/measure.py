@@ -217,6 +217,22 @@ def shear_to_distortion(g1, g2) -> tuple[np.ndarray, np.ndarray]:
     return g1 * f, g2 * f
 
 
+def shear_to_half_eta(g) -> np.ndarray:
+    """Reduced shears ``g (..., 2)`` -> half their conformal shear, ``eta / 2 = g atanh(|g|) /
+    |g|`` (``|g| = tanh(|eta| / 2)``): unbounded coordinates of the unit disk, in which an
+    additive error or a linearisation keeps every shape an ellipse. NaN stays NaN."""
+    g = np.asarray(g, dtype=np.float64)
+    r = np.linalg.norm(g, axis=-1, keepdims=True)
+    return g * np.where(r > 1e-8, np.arctanh(np.minimum(r, 1 - 1e-7)) / np.maximum(r, 1e-8), 1.0)
+
+
+def half_eta_to_shear(h) -> np.ndarray:
+    """Inverse of :func:`shear_to_half_eta`: ``g = h tanh(|h|) / |h|`` (``|g| < 1``)."""
+    h = np.asarray(h, dtype=np.float64)
+    r = np.linalg.norm(h, axis=-1, keepdims=True)
+    return h * np.where(r > 1e-8, np.tanh(r) / np.maximum(r, 1e-8), 1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # moments
 # --------------------------------------------------------------------------------------------

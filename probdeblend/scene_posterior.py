@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ArgumentError, ProbdeblendError, ProbdeblendWarning
+from .measure import half_eta_to_shear, shear_to_half_eta
 from .scene import Scene
 
 __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
@@ -95,6 +96,14 @@ class LaplaceConfig:
     ``calibration.laplace`` (``benchmarks/calibrate_photometry.py --laplace``, fitted on
     held-out simulations), none without one; 0 turns it off.
 
+    ``shape_sys``: the model-error term of the shapes, the same idea for e1, e2: every draw's
+    half conformal shear ``eta / 2`` (:meth:`ScenePosterior.linearised_shapes`) gets
+    ``shape_sys * u`` added, ``u`` two independent Student-t (``shape_sys_df`` degrees of
+    freedom) per source and draw. The prior's galaxies are not the sky's: at high S/N the
+    shape they fit is off from the true one by more than the photon noise. ``None``
+    (default): the encoder card's ``calibration.laplace`` (``shape_sys``, ``shape_df``;
+    ``benchmarks/calibrate_photometry.py --laplace``), none without one; 0 turns it off.
+
     ``shapes``: how each draw's e1, e2 are measured. ``"linear"``: to first order around the
     MAP (:meth:`ScenePosterior.linearised_shapes`; no decode per draw); ``"decoded"``: the
     decoded galaxy of every draw; ``"auto"`` (default): decoded for PSIS-weighted draws
@@ -112,6 +121,8 @@ class LaplaceConfig:
     hessian: str = "gauss-newton"
     flux_sys: float | None = None
     flux_sys_df: float | None = None
+    shape_sys: float | None = None
+    shape_sys_df: float | None = None
     shapes: str = "auto"
 
 
@@ -420,9 +431,9 @@ class ScenePosterior:
             "latent"]  # (1 + S n 2, S, D)
         own = lat[1:].reshape(S, n, 2, S, D)[np.arange(S), :, :, np.arange(S)]  # (S, n, 2, D)
         e = np.stack(self._decoded_shapes(np.concatenate([lat[0], own.reshape(-1, D)])), -1)
-        eta0, eta_p = _half_eta(e[:S]), _half_eta(e[S:]).reshape(S, n, 2, 2)
+        eta0, eta_p = shear_to_half_eta(e[:S]), shear_to_half_eta(e[S:]).reshape(S, n, 2, 2)
         J = (eta_p[:, :, 0] - eta_p[:, :, 1]) / (2 * h[..., None])  # (S, n, 2)
-        out = _from_half_eta(eta0 + np.einsum("isn,snc->isc", xs[:, cols] - x0[cols], J))
+        out = half_eta_to_shear(eta0 + np.einsum("isn,snc->isc", xs[:, cols] - x0[cols], J))
         bad = ~(np.isfinite(eta0).all(-1) & np.isfinite(eta_p).all((1, 2, 3)))
         if bad.any():  # shapes not measurable at or around the MAP: decode those sources
             d = self._decoded_shapes(self.problem.deterministic(xs)["latent"][:, bad])
@@ -706,31 +717,47 @@ class ScenePosterior:
                            proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals,
                            k_max=cfg.k_max, compute_lp=False, hessian=cfg.hessian)
         flat = post.samples["flat"][None]
-        sys_, df = self._laplace_systematic(cfg)
+        (sys_, df), (e_sys, e_df) = self._laplace_systematic(cfg)
         extra = {}
-        if cfg.shapes == "linear" or (cfg.shapes == "auto" and post.method != "laplace+psis"):
+        linear = cfg.shapes == "linear" or (cfg.shapes == "auto" and post.method != "laplace+psis")
+        if linear:
             e1, e2 = self.linearised_shapes(flat_map, flat[0])
             extra["e1"], extra["e2"] = e1[None], e2[None]
-        if sys_ > 0:
+        elif e_sys > 0:  # the decoded shapes now (measure would decode them anyway)
+            extra["e1"], extra["e2"] = (e[None] for e in self._decoded_shapes(
+                self.problem.deterministic(flat[0])["latent"]))
+        if sys_ > 0 or e_sys > 0:
             from .photometry import systematic_noise
 
+            rng = np.random.default_rng([int(seed), 1])
+        if sys_ > 0:
             flux = np.exp(self.problem.deterministic(flat)["log_flux"])  # (1, n, S, B)
-            u = systematic_noise(np.random.default_rng([int(seed), 1]), flux.shape[:3], df)
+            u = systematic_noise(rng, flux.shape[:3], df)
             extra["flux"] = flux * (1.0 + sys_ * u)[..., None]
+        if e_sys > 0:  # in half the conformal shear: every draw keeps |e| < 1
+            h = shear_to_half_eta(np.stack([extra["e1"], extra["e2"]], -1))
+            e = half_eta_to_shear(h + e_sys * systematic_noise(rng, h.shape, e_df))
+            extra["e1"], extra["e2"] = e[..., 0], e[..., 1]
         return Draws(flat, post.method, "probdeblend",
                      {k: v[None] for k, v in post.sample_stats.items()},
-                     {**map_info, **post.info, "flux_sys": sys_,
-                      "shapes": "linear" if "e1" in extra else "decoded"},
+                     {**map_info, **post.info, "flux_sys": sys_, "shape_sys": e_sys,
+                      "shapes": "linear" if linear else "decoded"},
                      post.timings, extra=extra)
 
-    def _laplace_systematic(self, cfg: LaplaceConfig) -> tuple[float, float]:
-        """``(flux_sys, df)`` of the laplace fluxes: the config's, else the encoder card's
-        ``calibration.laplace``, else none."""
+    def _laplace_systematic(self, cfg: LaplaceConfig) -> tuple[tuple[float, float],
+                                                                tuple[float, float]]:
+        """``((flux_sys, df), (shape_sys, shape_df))`` of the laplace posterior: the config's,
+        else the encoder card's ``calibration.laplace``, else none."""
         cal = ((getattr(self.encoder, "card", None) or {}).get("calibration") or {}).get(
             "laplace") or {}
-        sys_ = cfg.flux_sys if cfg.flux_sys is not None else float(cal.get("flux_sys", 0.0))
-        df = cfg.flux_sys_df if cfg.flux_sys_df is not None else cal.get("df")
-        return float(sys_), (np.inf if df is None else float(df))
+
+        def pick(given, key, dkey, given_df):
+            sys_ = given if given is not None else float(cal.get(key, 0.0))
+            df = given_df if given_df is not None else cal.get(dkey)
+            return float(sys_), (np.inf if df is None else float(df))
+
+        return (pick(cfg.flux_sys, "flux_sys", "df", cfg.flux_sys_df),
+                pick(cfg.shape_sys, "shape_sys", "shape_df", cfg.shape_sys_df))
 
     def nuts(self, num_samples: int = 1000, seed: int = 0, config: NutsConfig | None = None,
              progress: bool = False) -> Draws:
@@ -1009,19 +1036,6 @@ class ScenePosterior:
             predictive_draws=idx if ppc is not None else None,
             source_images_mean=mean, source_images_std=std, positions_given=self.positions0,
             attrs=all_attrs)
-
-
-def _half_eta(g):
-    """Half the conformal shear, ``eta / 2 = g atanh(|g|) / |g|``, of reduced shears
-    ``g (..., 2)`` (``|g| = tanh(|eta| / 2)``): unbounded coordinates of the unit disk."""
-    r = np.linalg.norm(g, axis=-1, keepdims=True)
-    return g * np.where(r > 1e-8, np.arctanh(np.minimum(r, 1 - 1e-7)) / np.maximum(r, 1e-8), 1.0)
-
-
-def _from_half_eta(h):
-    """Inverse of :func:`_half_eta`: ``g = h tanh(|h|) / |h|`` (|g| < 1)."""
-    r = np.linalg.norm(h, axis=-1, keepdims=True)
-    return h * np.where(r > 1e-8, np.tanh(r) / np.maximum(r, 1e-8), 1.0)
 
 
 def _predictive_index(n_draw: int, n_predictive: int | None) -> np.ndarray:

@@ -185,6 +185,29 @@ def test_laplace_flux_model_error_term(tiny_prior, small_scene):
     assert np.std(f[0, :, 0, 0]) > 1.5 * np.std(f0[0, :, 0, 0])
 
 
+def test_laplace_shape_model_error_term(tiny_prior, small_scene):
+    """LaplaceConfig(shape_sys=s) adds s u to every draw's half conformal shear (u standard
+    normal with df inf, independent per source, draw and component), on linear and on decoded
+    shapes alike; the draws' own shapes (0) are what it perturbs, and |e| stays < 1."""
+    from probdeblend.measure import shear_to_half_eta
+
+    post = ScenePosterior(small_scene, tiny_prior, cache=PriorCache())
+    for shapes in ("linear", "decoded"):
+        base = post.laplace(400, seed=3, config=LaplaceConfig(shapes=shapes, shape_sys=0.0))
+        d = post.laplace(400, seed=3, config=LaplaceConfig(shapes=shapes, shape_sys=0.15,
+                                                           shape_sys_df=np.inf))
+        assert base.info["shape_sys"] == 0.0 and d.info["shape_sys"] == 0.15
+        assert d.info["shapes"] == shapes
+        v0, v = post.measure(base), post.measure(d)
+        e0, e = (np.stack([w["e1"], w["e2"]], -1) for w in (v0, v))
+        assert np.all(np.hypot(v["e1"], v["e2"]) < 1.0)
+        du = (shear_to_half_eta(e) - shear_to_half_eta(e0)).reshape(-1, 2)
+        du = du[np.isfinite(du).all(1)]
+        assert len(du) > 500
+        np.testing.assert_allclose(du.std(0), 0.15, rtol=0.15)
+        assert abs(np.corrcoef(du.T)[0, 1]) < 0.15
+
+
 def test_laplace_linearised_shapes(tiny_prior, small_scene):
     """LaplaceConfig.shapes="linear": every draw's e1, e2 to first order around the MAP, with
     no decode per draw. At the MAP they equal its decoded shape; for draws a small step from

@@ -667,3 +667,18 @@ def test_shear_response_on_prior():
     assert measure.shear_response(prior, n=64, seed=1) == r  # reproducible
     with pytest.raises(ValueError, match="delta"):
         measure.shear_response(prior, n=8, delta=0.5)
+
+
+def test_half_eta_round_trip_and_unit_disk():
+    """shear_to_half_eta / half_eta_to_shear are inverses on |g| < 1, keep the direction, and
+    any finite half-eta maps inside the unit disk (so an additive shape error stays an
+    ellipse); |eta / 2| = atanh|g|."""
+    rng = np.random.default_rng(0)
+    g = rng.uniform(-0.7, 0.7, (500, 2))
+    g = g[np.hypot(g[:, 0], g[:, 1]) < 0.99]
+    h = measure.shear_to_half_eta(g)
+    np.testing.assert_allclose(measure.half_eta_to_shear(h), g, atol=1e-12)
+    np.testing.assert_allclose(np.hypot(*h.T), np.arctanh(np.hypot(*g.T)), rtol=1e-12)
+    assert np.all(np.sum(h * g, -1) >= 0)
+    far = measure.half_eta_to_shear(rng.normal(0, 5.0, (500, 2)))
+    assert np.all(np.hypot(*far.T) < 1.0)
