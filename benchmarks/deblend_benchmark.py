@@ -361,7 +361,10 @@ def report(out: Path, args):
              "(`docs/priors.md`), the flux model-error term of the encoder card "
              "(`calibration.laplace`, refitted on 240 held-out scenes with that prior), e of "
              "the unweighted Laplace draws linearised around the MAP "
-             "(`LaplaceConfig(shapes='auto')`); `_decoded` the same with e measured on each "
+             "(`LaplaceConfig(shapes='auto')`) and the shape model-error term of the card "
+             "(`calibration.laplace.shape_sys` 0.006 in half the conformal shear, df 10, "
+             "fitted on the same 240 held-out scenes); `_noesys` the same without the shape "
+             "term (the run before it); `_decoded` the same with e measured on each "
              "decoded draw (before the linearised shapes; they shrink e, m ~ -0.06); "
              "`_uncond` the same with the prior before its magnitude-conditioned map and "
              "the term fitted then (flux_sys 0.016, df 3); "
@@ -415,7 +418,7 @@ def report(out: Path, args):
                   "| method | " + " | ".join(f"SNR {lo}-{hi if hi < 1e8 else 'inf'}"
                                             for lo, hi in SNR_BINS) + " |",
                   "|---|" + "---|" * len(SNR_BINS)]
-        for m in ("amortized", "laplace", "nuts"):
+        for m in ("amortized", "laplace", "auto", "nuts"):
             cells = []
             for lo, hi in SNR_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["snr"] < hi]

@@ -468,8 +468,8 @@ def _cpu_threads() -> int:
 
 
 def _chain_method(chain_method: str) -> str:
-    """Resolve ``"auto"``: ``"vectorized"`` on an accelerator, ``"sequential"`` on CPU
-    (``"threaded"`` is opt-in: see :func:`run_nuts`)."""
+    """Resolve ``"auto"``: ``"vectorized"`` on an accelerator; on CPU ``"threaded"`` where the
+    process may use two or more cores, else ``"sequential"`` (see :func:`run_nuts`)."""
     if chain_method not in CHAIN_METHODS:
         from .errors import ArgumentError
 
@@ -479,7 +479,9 @@ def _chain_method(chain_method: str) -> str:
         return chain_method
     import jax
 
-    return "vectorized" if jax.default_backend() != "cpu" else "sequential"
+    if jax.default_backend() != "cpu":
+        return "vectorized"
+    return "threaded" if _cpu_threads() >= 2 else "sequential"
 
 
 def _refuse_over_budget(problem: SceneProblem, flat, n_grad: int, max_seconds: float) -> None:
@@ -516,13 +518,14 @@ def run_nuts(problem: SceneProblem, flat_map, cov, num_warmup: int = 200,
     costs the *longest* trajectory of the chains (they move in lock step), which an
     accelerator hides and a CPU pays; ``"threaded"`` runs one compiled chain per CPU core at
     a time, on Python threads (XLA releases the GIL; one 2-galaxy chain keeps only one core
-    busy, so two cores sample two chains in about the time of one). But with jax 0.10.2 the
-    process's memory grows while two chains run at once (with one compiled call per chain:
-    ~12 MB per second of sampling on a 3-galaxy scene for 12 minutes; in segments, as fast
-    for the first ~90 s and then mostly flat over the next 180 s; a single chain stays
-    flat), so it is opt-in, for short runs. ``"sequential"`` runs one chain after the other.
-    Threaded and sequential chains are identical (same keys and starts). ``"auto"`` (default):
-    vectorized on an accelerator, sequential on CPU.
+    busy, so two cores sample two chains in about the time of one). Its memory: with one
+    compiled call per chain (an earlier version) the process grew ~12 MB per second of
+    sampling for 12 minutes; in segments it grows for the first ~90 s (two threads' buffers
+    and allocator arenas, +0.8 GB over one chain at a time on a 3-galaxy scene) and then
+    stays flat (2.0-2.2 GB over the next 340 s, where one chain at a time holds 1.3 GB).
+    ``"sequential"`` runs one chain after the other. Threaded and sequential chains are
+    identical (same keys and starts). ``"auto"`` (default): vectorized on an accelerator,
+    threaded on a CPU with two or more cores for this process, else sequential.
 
     The loop runs in compiled segments of ~25 iterations (:func:`_segment_length`) that carry
     the sampler's state, reused across scenes with the same number of sources and image shape

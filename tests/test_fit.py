@@ -383,6 +383,22 @@ def test_package_fit_stays_the_function():
     assert callable(pb.fit) and pb.fit.__name__ == "fit"
 
 
+def test_nuts_auto_chain_method_follows_the_cores(monkeypatch):
+    """chain_method "auto" on CPU: one chain per core on threads where the process has two
+    or more cores, one after the other on one core; explicit methods pass through."""
+    import jax
+
+    from probdeblend import inference
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU rule; an accelerator vectorises")
+    monkeypatch.setattr(inference, "_cpu_threads", lambda: 2)
+    assert inference._chain_method("auto") == "threaded"
+    monkeypatch.setattr(inference, "_cpu_threads", lambda: 1)
+    assert inference._chain_method("auto") == "sequential"
+    assert inference._chain_method("vectorized") == "vectorized"
+
+
 def test_nuts_chain_methods_agree(tiny_prior, small_scene):
     """Sequential chains (CPU default) run the same kernel, keys and starts as vectorised ones,
     stacked (chain, draw, ...) with the method recorded; both sample the same posterior."""
