@@ -50,7 +50,9 @@ def collect(args) -> list[dict]:
     r = list(prior.bands).index("r")
     enc = _encoder(args.encoder)
     rows = []
-    for i in range(args.start, args.start + args.n):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(args.start, args.start + args.n), desc="held-out scenes"):
         sim, _ = scene_of("a", i)
         t0 = time.perf_counter()
         post = ScenePosterior(sim.to_scene(), prior, encoder=enc)
