@@ -59,7 +59,8 @@ class NutsConfig:
 
 
 #: the ``auto`` ladder's NUTS budget in seconds of sampling when ``NutsConfig.max_seconds`` is
-#: None (on 2 CPU cores a 2-galaxy scene's 4 x (150 + 50) iterations take ~150-250 s)
+#: None (on 2 CPU cores a 2-galaxy scene's 4 x (150 + 50) iterations take ~150-250 s one chain
+#: at a time, about half that with the chains on threads, the CPU default)
 LADDER_NUTS_SECONDS = 120.0
 
 
