@@ -148,7 +148,8 @@ def coverage_mc(rows, eps: float, power: float, df: float, sel=None, n: int = 40
     u = rng.standard_normal((len(t), n))
     if np.isfinite(df):
         u = u * np.sqrt(df / rng.chisquare(df, size=(len(t), n)))
-    scale = eps * np.clip(m, 0, None) * infl ** (0.5 * power) if relative else eps + 0 * m
+    scale = (eps * np.clip(m, 0, None) * infl ** (0.5 * power) if relative
+             else np.full_like(m, eps, dtype=float))
     x = m[:, None] + sd[:, None] * g + scale[:, None] * u
     q = np.quantile(x, [0.025, 0.16, 0.84, 0.975], axis=1)
     return (float(np.mean((q[1] <= t) & (t <= q[2]))),
@@ -284,7 +285,7 @@ def main(argv=None):
             entry["refine"] = a.refine
         if a.laplace:  # one entry: the Laplace posterior has no morphology draws
             cal["laplace"] = {**entry, "coverage_68_95_without": res["coverage_68_95_without"],
-                              **{k: v for k, v in shape.items() if k != "shape_rows"},
+                              **shape,
                               "method": "benchmarks/calibrate_photometry.py --laplace"}
         else:
             by[str(a.n_morph)] = entry

@@ -721,18 +721,17 @@ class ScenePosterior:
         (sys_, df), (e_sys, e_df) = self._laplace_systematic(cfg)
         extra = {}
         linear = cfg.shapes == "linear" or (cfg.shapes == "auto" and post.method != "laplace+psis")
+        det = self.problem.deterministic(flat) if (sys_ > 0 or e_sys > 0) else None
         if linear:
             e1, e2 = self.linearised_shapes(flat_map, flat[0])
             extra["e1"], extra["e2"] = e1[None], e2[None]
         elif e_sys > 0:  # the decoded shapes now (measure would decode them anyway)
-            extra["e1"], extra["e2"] = (e[None] for e in self._decoded_shapes(
-                self.problem.deterministic(flat[0])["latent"]))
-        if sys_ > 0 or e_sys > 0:
-            from .photometry import systematic_noise
+            extra["e1"], extra["e2"] = (e[None] for e in self._decoded_shapes(det["latent"][0]))
+        from .photometry import systematic_noise
 
-            rng = np.random.default_rng([int(seed), 1])
+        rng = np.random.default_rng([int(seed), 1])
         if sys_ > 0:
-            flux = np.exp(self.problem.deterministic(flat)["log_flux"])  # (1, n, S, B)
+            flux = np.exp(det["log_flux"])  # (1, n, S, B)
             u = systematic_noise(rng, flux.shape[:3], df)
             extra["flux"] = flux * (1.0 + sys_ * u)[..., None]
         if e_sys > 0:  # in half the conformal shear: every draw keeps |e| < 1
