@@ -62,6 +62,15 @@ METHODS = ("amortized", "fit")
 GROUPINGS = ("footprint", "linkage")
 #: default linking length (arcsec) of ``grouping="linkage"``
 LINK_LENGTH_ARCSEC = 2.5
+#: pixels added to the prior's stamp for the catalogue's photometry boxes (rounded up to a fast
+#: FFT length: 72 px for 48 px stamps). The PSF-convolved template's far wings fold back in
+#: from the opposite edge (<= ~0.15 % of its flux on LSST PSFs), against the exact
+#: stamp + PSF box (90 px): templates and the group solves cost ~0.6x.
+CATALOG_BOX_MARGIN = 24
+#: most bytes :func:`deblend` keeps of first-pass templates between the residual pass and the
+#: photometry (float16, 62 KB per LSST source: ~17,000 sources); beyond it they are rendered
+#: again (same catalogue, ~30 % slower).
+TEMPLATE_CACHE_BYTES = 1 << 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +255,7 @@ def _encoder(prior):
 
 def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_samples: int,
                              seed: int, groups=None, photometry: bool = True,
-                             q=None) -> dict[str, Any]:
+                             q=None, templates=None) -> dict[str, Any]:
     """Posterior draws of every source at ``positions`` of ``scene``, in one batched pass.
 
     This is the single entry point of the catalogue to per-source inference; the rest of
@@ -284,6 +293,10 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     q : AmortizedQ, optional
         The encoder's q of these sources in ``scene``'s coordinates, when already computed
         (the residual pass encodes every first-pass source; :func:`deblend` reuses it).
+    templates : (array (n, band, L, L), int array (n, 2)), optional
+        The sources' q-mean templates and box origins in ``scene``'s pixels
+        (:func:`_q_mean_templates`), when already rendered (the residual pass renders every
+        first-pass source's); default: rendered here.
 
     Returns
     -------
@@ -310,7 +323,7 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     # flux: q's bands are the encoder's; put them in the scene's band order
     band_idx = [list(post.bands).index(b) for b in scene.bands]
     if photometry:
-        flux = _catalog_photometry(scene, q, prior, post, band_idx, S, rng, groups)
+        flux = _catalog_photometry(scene, q, prior, post, band_idx, S, rng, groups, templates)
     else:
         flux = np.exp(np.swapaxes(d["log_flux"], 0, 1))[..., band_idx]
     xy = np.swapaxes(d["position"], 0, 1)
@@ -351,24 +364,96 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     }
 
 
-def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int, rng,
-                        groups=None) -> np.ndarray:
-    """Flux draws ``(n, num_samples, band)`` of the closed-form photometry given q's mean
-    morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
-
-    from .photometry import REDISTRIBUTE, group_photometry, local_templates, systematic_of
+def _q_mean_templates(scene: Scene, q, prior, band_idx) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-flux templates of every source of ``q`` at q's mean morphology and position, in
+    local boxes of ``scene`` (:func:`probdeblend.photometry.local_templates`, boxes of the
+    stamp + ``CATALOG_BOX_MARGIN`` pixels), decoded and rendered 256 sources at a time.
+    Returns ``(templates (n, band, L, L) float32, origins (n, 2))`` (``scene``'s pixels)."""
+    from .photometry import local_templates
+    from .render import fft_size
 
     z = np.asarray(q.mean("z"), np.float32)
     pos = q.centres + q.mean("offset")
-    k = scene.psf.shape[-1]
-    mpsf = prior.frame.psf_image(k)
-    tmpl, origins = [], []
-    for i in range(0, len(z), 256):  # bounded: one batch of stamps at a time
+    mpsf = prior.frame.psf_image(scene.psf.shape[-1])
+    box = fft_size(prior.frame.stamp_size + CATALOG_BOX_MARGIN)
+    tmpl = np.empty((len(z), len(band_idx), box, box), np.float32)
+    origins = np.empty((len(z), 2), np.int64)
+    for i in range(0, len(z), 256):  # bounded work arrays: one batch of stamps at a time
         st = prior.decode_numpy(z[i:i + 256])[:, band_idx]
-        t, o = local_templates(st, pos[i:i + 256], scene.psf, mpsf)
-        tmpl.append(t)
-        origins.append(o)
-    tmpl, origins = np.concatenate(tmpl), np.concatenate(origins)
+        tmpl[i:i + 256], origins[i:i + 256] = local_templates(st, pos[i:i + 256], scene.psf,
+                                                              mpsf, box=box)
+    return tmpl, origins
+
+
+class _TemplateCache:
+    """The residual pass's q-mean templates of the first-pass sources, kept for their
+    photometry so that each source is decoded and rendered once per :func:`deblend` call.
+
+    Stored as float16 scaled by each template band's peak (relative rounding <= 2.4e-4 of
+    the peak; the fluxes move by < 1e-5 of their errors), with box origins in the whole
+    scene's pixels: 62 KB per LSST source. Past ``max_bytes`` nothing is kept (``enabled``
+    False) and the photometry renders again: memory stays bounded on any image."""
+
+    def __init__(self, n: int, n_bands: int, box: int, max_bytes: int):
+        import torch  # torch: fast float16 conversion and row scatter / gather
+
+        self.n = int(n)
+        self.enabled = self.n * n_bands * box * box * 2 <= max_bytes
+        shape = (self.n if self.enabled else 0, n_bands, box, box)
+        self.data = torch.zeros(shape, dtype=torch.float16)
+        self.scale = np.zeros(shape[:2], np.float32)
+        self.origins = np.zeros((shape[0], 2), np.int64)
+
+    def put(self, rows: np.ndarray, tmpl: np.ndarray, origins: np.ndarray) -> None:
+        import torch
+
+        if self.enabled:
+            peak = np.abs(tmpl).max((-2, -1))
+            peak = np.where(peak > 0, peak, 1.0).astype(np.float32)
+            unit = torch.from_numpy(np.ascontiguousarray(tmpl / peak[..., None, None]))
+            self.data[torch.as_tensor(rows)] = unit.to(torch.float16)
+            self.scale[rows] = peak
+            self.origins[rows] = origins
+
+    def get(self, rows: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
+        """Templates (float32) and origins of ``rows``, origins moved by ``shift = (dx, dy)``
+        (integer pixels: into a sub-scene's coordinates)."""
+        import torch
+
+        tmpl = self.data[torch.as_tensor(rows)].float().numpy()
+        tmpl *= self.scale[rows][..., None, None]
+        return tmpl, self.origins[rows] + np.asarray(shift, np.int64)
+
+
+def _chunk_templates(cache: _TemplateCache | None, q, sub: Scene, members: np.ndarray,
+                     origin, prior):
+    """q-mean templates of a chunk's ``members`` in its sub-scene ``sub`` (origin ``(x0,
+    y0)``): cached for first-pass sources, rendered for the others; None without a cache
+    (the photometry renders them all)."""
+    if cache is None or not cache.enabled or q is None:
+        return None
+    band_idx = [list(_encoder(prior).bands).index(b) for b in sub.bands]
+    known = members < cache.n
+    tmpl, origins = cache.get(members[known], (-int(origin[0]), -int(origin[1])))
+    if known.all():
+        return tmpl, origins
+    t_new, o_new = _q_mean_templates(sub, q.take(np.flatnonzero(~known)), prior, band_idx)
+    out_t = np.empty((len(members),) + t_new.shape[1:], np.float32)
+    out_o = np.empty((len(members), 2), np.int64)
+    out_t[known], out_o[known] = tmpl, origins
+    out_t[~known], out_o[~known] = t_new, o_new
+    return out_t, out_o
+
+
+def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int, rng,
+                        groups=None, templates=None) -> np.ndarray:
+    """Flux draws ``(n, num_samples, band)`` of the closed-form photometry given q's mean
+    morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
+
+    from .photometry import REDISTRIBUTE, group_photometry, systematic_of
+
+    tmpl, origins = _q_mean_templates(scene, q, prior, band_idx) if templates is None \
+        else templates
     if groups is None:  # link sources whose boxes can overlap (friends-of-friends)
         size = tmpl.shape[-1]
         found, _ = blend_groups(origins, scene.shape, grouping="linkage",
@@ -386,35 +471,33 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
 # ----------------------------------------------------------------------------------------------
 
 
-def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 512):
-    """Noiseless model (band, ny, nx) of the sources at ``positions``, and their q
+def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 512,
+                 max_cache_bytes: int = 0):
+    """Noiseless model (band, ny, nx) of the sources at ``positions``, their q
     (:class:`~probdeblend.amortized.q.AmortizedQ` in ``scene``'s coordinates, rows in the order
-    of ``positions``; None without sources).
+    of ``positions``; None without sources) and the :class:`_TemplateCache` of their templates
+    (empty unless ``max_cache_bytes`` allows).
 
-    Each source's amortized q-mean galaxy (decoded latent x flux, in the prior's model frame)
-    is shifted by its sub-pixel offset (Fourier phase on its stamp) and added at its integer
-    position into a model-frame image; each band of that image is then convolved once with
-    the difference kernel ``PSF_band / PSF_model`` (:func:`probdeblend.render.
-    difference_kernel_ft`), the same forward model as :class:`~probdeblend.render.
-    SceneRenderer` but with one image-size FFT per band instead of one per source. Sources are
+    Each source's amortized q-mean galaxy (decoded latent, at q's mean offset) is rendered
+    through the scene's PSFs in its local box (:func:`_q_mean_templates`, the scene
+    renderer's forward model) and added, times q's mean flux, into the image. Sources are
     encoded in chunks of ``chunk_size`` (by rows), each on its strip of the image."""
-    import torch
-
-    from .render import difference_kernel_ft, fft_size
+    from .photometry import add_box
 
     post = _encoder(prior)
     ny, nx = scene.shape
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    n = prior.frame.stamp_size
-    placed = np.zeros((scene.n_bands, ny + 2 * n, nx + 2 * n), dtype=np.float32)
+    model = np.zeros((scene.n_bands, ny, nx), dtype=np.float32)
+    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    from .render import fft_size
+
+    box = fft_size(prior.frame.stamp_size + CATALOG_BOX_MARGIN)
+    cache = _TemplateCache(len(pos), scene.n_bands, box, max_cache_bytes)
     q_all = None
     if len(pos):
         from .amortized.q import AmortizedQ
 
         parts, where = [], []
-        band_idx = [list(post.bands).index(b) for b in scene.bands]
-        fy = torch.as_tensor(np.fft.fftfreq(n)[:, None], dtype=torch.float32)
-        fx = torch.as_tensor(np.fft.rfftfreq(n)[None, :], dtype=torch.float32)
         order = np.argsort(pos[:, 1], kind="stable")
         half = post.stamp_size // 2 + 2
         for start in range(0, len(order), int(chunk_size)):
@@ -425,44 +508,25 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
             q = q.take(np.arange(len(idx)), shift=(0.0, y0))  # scene coordinates
             parts.append(q)
             where.append(idx)
-            origin = q.centres + q.mean("offset") - (n - 1) / 2.0
-            i0 = np.floor(origin).astype(int)
-            frac = (origin - i0).astype(np.float32)
-            z_all = np.asarray(q.mean("z"), np.float32)
-            f_all = np.exp(q.mean("log_flux")[:, band_idx]).astype(np.float32)
-            for b0 in range(0, len(idx), 256):
-                sl = slice(b0, b0 + 256)
-                st = torch.from_numpy(prior.decode_numpy(z_all[sl])[:, band_idx])
-                with torch.inference_mode():
-                    st = st * torch.as_tensor(f_all[sl])[:, :, None, None]
-                    d = torch.as_tensor(frac[sl])
-                    ph = torch.exp(-2j * np.pi * (fx * d[:, 0, None, None]
-                                                  + fy * d[:, 1, None, None]))
-                    st = torch.fft.irfft2(torch.fft.rfft2(st) * ph[:, None], s=(n, n)).numpy()
-                for j, (xa, ya) in enumerate(i0[sl] + n):
-                    if 0 <= xa <= nx + n and 0 <= ya <= ny + n:
-                        placed[:, ya:ya + n, xa:xa + n] += st[j]
+            tmpl, origins = _q_mean_templates(scene, q, prior, band_idx)
+            cache.put(idx, tmpl, origins)
+            flux = np.exp(q.mean("log_flux")[:, band_idx]).astype(np.float32)
+            for j in range(len(idx)):
+                add_box(model, tmpl[j] * flux[j, :, None, None], origins[j])
+            del tmpl
         q_all = AmortizedQ.concatenate(parts).take(np.argsort(np.concatenate(where)))
-    k = scene.psf.shape[-1]
-    shape = (fft_size(ny + 2 * n + k), fft_size(nx + 2 * n + k))
-    mpsf = prior.frame.psf_image(k)
-    for b in range(scene.n_bands):  # one band at a time, in place: bounded buffers
-        kern = difference_kernel_ft(scene.psf[b:b + 1], mpsf, shape, scene.bands[b:b + 1])[0]
-        conv = np.fft.irfft2(np.fft.rfft2(placed[b], s=shape) * kern, s=shape)
-        placed[b, n:n + ny, n:n + nx] = conv[n:n + ny, n:n + nx]
-        del conv, kern
-    return placed[:, n:n + ny, n:n + nx], q_all  # a writable view (the caller may reuse it)
+    return model, q_all, cache
 
 
 def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: float,
-                         exclusion: float, chunk_size: int):
+                         exclusion: float, chunk_size: int, max_cache_bytes: int = 0):
     """Sources detected (:func:`~probdeblend.detection.detect_sources`, matched-filter and
     lowered-Gaussian S/N >= ``threshold``) in ``image - model`` farther than ``exclusion`` px
-    from every known source. Returns ``(positions (m, 2), snr (m,), q)``: q of the known
-    sources, computed for the model (see :func:`_model_image`)."""
+    from every known source. Returns ``(positions (m, 2), snr (m,), q, cache)``: q and the
+    template cache of the known sources, computed for the model (see :func:`_model_image`)."""
     from .detection import detect_sources
 
-    residual, q = _model_image(scene, positions, prior, chunk_size)
+    residual, q, cache = _model_image(scene, positions, prior, chunk_size, max_cache_bytes)
     np.subtract(scene.image, residual, out=residual)  # in place: image - model
     t = detect_sources(scene, threshold=threshold, split_snr=threshold, image=residual)
     del residual
@@ -474,7 +538,7 @@ def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: 
         d, _ = cKDTree(positions).query(new)
         keep = d > exclusion
         new, snr = new[keep], snr[keep]
-    return new, snr, q
+    return new, snr, q, cache
 
 
 def _chunk_q(q_first, sub: Scene, positions: np.ndarray, members: np.ndarray, origin,
@@ -710,6 +774,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
     segmap = None
     det_pass = None
     q_first = None  # q of the first-pass sources, from the residual pass
+    cache = None  # and their q-mean templates
     if scene.positions is not None and len(scene.positions):
         positions = np.asarray(scene.positions, dtype=np.float64)
         if grouping == "footprint":  # footprints only (no splitting needed)
@@ -721,10 +786,10 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         snr_det = np.asarray(table["snr"], np.float64)
         det_pass = np.zeros(len(positions), dtype=np.int64)
         if residual_pass and len(positions):
-            new, new_snr, q_first = _residual_detections(scene, positions, prior,
-                                                         float(residual_threshold),
-                                                         float(residual_exclusion),
-                                                         int(chunk_size))
+            new, new_snr, q_first, cache = _residual_detections(
+                scene, positions, prior, float(residual_threshold),
+                float(residual_exclusion), int(chunk_size),
+                TEMPLATE_CACHE_BYTES)
             if len(new):
                 positions = np.concatenate([positions, new])
                 snr_det = np.concatenate([snr_det, new_snr])
@@ -799,10 +864,12 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         try:
             bounds = np.cumsum([0] + [g.size for g in chunk])  # groups are contiguous
             local = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            q_chunk = _chunk_q(q_first, sub, positions, members, (x0, y0), prior)
             d = _amortized_catalog_draws(sub, positions[members] - [x0, y0], prior, S,
-                                         chunk_seed, groups=local,
-                                         q=_chunk_q(q_first, sub, positions, members,
-                                                    (x0, y0), prior))
+                                         chunk_seed, groups=local, q=q_chunk,
+                                         templates=_chunk_templates(cache, q_chunk, sub,
+                                                                    members, (x0, y0),
+                                                                    prior))
         except ProbdeblendError as err:
             rows = row_of[members]
             cols["flag_failed"][rows] = True

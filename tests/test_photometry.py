@@ -83,6 +83,47 @@ def test_group_solve_equals_scene_solve(post):
     assert not np.allclose(alone["mean"], ph["mean"], rtol=1e-3)
 
 
+def test_batched_groups_equal_group_by_group_solves(post, monkeypatch):
+    """Groups solved in one batch (same size, boxes padded with zero weight) give each group's
+    own answer: means, errors and chi^2 as when every group is solved on its own."""
+    tmpl, origins = _local(post)
+    full = _paste(tmpl, origins, post.scene.shape)
+    var = np.asarray(post.scene.variance, float)
+    rng = np.random.default_rng(2)
+    img = np.einsum("sb,sbyx->byx", np.full((3, full.shape[1]), 2e4), full)
+    img = img + rng.normal(size=var.shape) * np.sqrt(var)
+    w = 1.0 / var
+    # pad the scene so that no box is clipped: the three singletons share one batch
+    pad = tmpl.shape[-1]
+    img = np.pad(img, ((0, 0), (pad, pad), (pad, pad)))
+    w = np.pad(w, ((0, 0), (pad, pad), (pad, pad)))
+    origins = origins + pad
+    import probdeblend.photometry as phot
+
+    sizes = []
+    solve = phot.linear_fluxes
+
+    def spy(tm, *args, **kw):
+        sizes.append(tm.shape[0])
+        return solve(tm, *args, **kw)
+
+    monkeypatch.setattr(phot, "linear_fluxes", spy)
+    both = group_photometry(tmpl, origins, img, w, [[0], [1], [2]], 50, rng, flux_sys=0.02,
+                            redistribute=0.003)
+    assert sizes == [3]
+    for s in range(3):  # one group per call: no batch
+        one = group_photometry(tmpl, origins, img, w, [[s]], 50, rng, flux_sys=0.02,
+                               redistribute=0.003)
+        for key in ("mean", "sd", "chi2"):
+            np.testing.assert_allclose(both[key][s], one[key][s], rtol=1e-9)
+        assert np.all(np.isfinite(both["flux"][s]))
+    # a source in no group, or in a group whose boxes lie outside the image: NaN, not garbage
+    far = origins.copy()
+    far[2] = (10_000, 10_000)
+    out = group_photometry(tmpl, far, img, w, [[0, 1], [2]], 5, rng)
+    assert np.all(np.isnan(out["mean"][2])) and np.all(np.isfinite(out["mean"][:2]))
+
+
 def test_systematic_lookup():
     cal = {"calibration": {"flux_sys": 0.07, "power": 0.6, "n_morph": 8,
                            "by_n_morph": {"1": {"flux_sys": 0.11, "power": 0.5}}}}
