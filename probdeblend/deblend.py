@@ -319,7 +319,9 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
                 "e_draws_from": "q_mean", "method": "amortized", "pareto_k": np.zeros(0)}
     q = post.predict_q(scene, pos) if q is None else q
     rng = np.random.default_rng(seed)
-    d = q.sample(S, rng)  # each (S, n, width): q's own joint draws, no decode
+    # q's own joint draws of what the catalogue reports, (S, n, width) each; no decode
+    d = q.sample(S, rng, groups=[g for g in ("offset", "e", "log_flux") if g in q.groups
+                                 and (g != "log_flux" or not photometry)])
     # flux: q's bands are the encoder's; put them in the scene's band order
     band_idx = [list(post.bands).index(b) for b in scene.bands]
     if photometry:

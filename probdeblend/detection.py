@@ -711,36 +711,48 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
             # move each peak of F to the nearest lowered-Gaussian peak within refine px:
             # the zero-sum filter removes the neighbours' gradients that pull F's peaks
             lx, ly = _subpixel_peak(lg, ci, cj)
-            for k in range(len(X)):
-                dd = np.hypot(lx - X[k], ly - Y[k])
-                j = int(np.argmin(dd))
-                if dd[j] <= refine:
-                    X[k], Y[k] = float(lx[j]), float(ly[j])
+            dd, j = cKDTree(np.stack([lx, ly], -1)).query(np.stack([X, Y], -1))
+            move = dd <= refine
+            X = [float(lx[i]) if m else x for x, i, m in zip(X, j, move, strict=True)]
+            Y = [float(ly[i]) if m else y for y, i, m in zip(Y, j, move, strict=True)]
         next_label = int(segmap.max()) + 1
         boxes = ndimage.find_objects(segmap)  # footprint bounding boxes, by label - 1
-        xa, ya = np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+        # distance of every candidate to the first-pass peaks (one tree query), and to the
+        # splits accepted so far (a hash of min_separation-sized cells): O(n log n) in all
+        d_first = cKDTree(np.stack([X, Y], -1)).query(np.stack([ci, cj], -1).astype(float))[0]
+        cell = max(float(min_separation), 1e-9)
+        added: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        owners_of: dict[int, list[int]] = {}
+        for k, lb in enumerate(LB):
+            owners_of.setdefault(int(lb), []).append(k)
         for c in np.argsort(-vals, kind="stable"):
             x, y = float(ci[c]), float(cj[c])
-            v = float(f[cj[c], ci[c]])
-            d = np.hypot(xa - x, ya - y)
-            if d.min() < min_separation:
+            if d_first[c] < min_separation:
                 continue
+            gx, gy = int(x // cell), int(y // cell)
+            if any(math.hypot(x - ax, y - ay) < min_separation
+                   for i in (-1, 0, 1) for j in (-1, 0, 1)
+                   for ax, ay in added.get((gx + i, gy + j), ())):
+                continue
+            v = float(f[cj[c], ci[c]])
             sx, sy = _subpixel_peak(lg, np.array([int(x)]), np.array([int(y)]))
             X.append(float(sx[0]))
             Y.append(float(sy[0]))
-            xa, ya = np.append(xa, X[-1]), np.append(ya, Y[-1])
+            added.setdefault((int(X[-1] // cell), int(Y[-1] // cell)), []).append(
+                (X[-1], Y[-1]))
             P.append(v)
             parent = int(segmap[int(y), int(x)])
             NP.append(0)
             FL.append(0)
             LB.append(next_label)
+            owners_of.setdefault(next_label, []).append(len(LB) - 1)
             is_split.append(True)
             # split the parent footprint between its peaks (nearest peak wins)
             if 0 < parent <= len(boxes) and boxes[parent - 1] is not None:
                 sl = boxes[parent - 1]
                 jj, ii = np.nonzero(segmap[sl] == parent)
                 jj, ii = jj + sl[0].start, ii + sl[1].start
-                owners = [k for k, lb in enumerate(LB) if lb == parent] + [len(LB) - 1]
+                owners = owners_of.get(parent, []) + [len(LB) - 1]
                 dd = np.stack([np.hypot(ii - X[k], jj - Y[k]) for k in owners])
                 win = np.asarray(owners)[np.argmin(dd, axis=0)]
                 segmap[jj[win == len(LB) - 1], ii[win == len(LB) - 1]] = next_label

@@ -188,6 +188,33 @@ def test_rescaled_q_maps_marginal_widths_and_keeps_correlations():
     np.testing.assert_allclose(d["e"].std(0), r.sd("e"), rtol=0.03)
 
 
+def test_q_draws_of_some_groups_follow_their_joint_marginal():
+    """q.sample(groups=...) (what the catalogue draws: offset and e, no latents) has the
+    groups' joint law: mean and covariance, cross-group correlations included, of the full
+    q's; an unknown group is a KeyError naming the groups."""
+    from probdeblend.amortized.q import AmortizedQ
+
+    rng = np.random.default_rng(3)
+    S, P = 2, 7
+    groups = {"z": 3, "log_flux": 1, "offset": 2, "e": 1}
+    q = AmortizedQ(rng.normal(size=(S, P)), rng.uniform(0.05, 0.5, (S, P)),
+                   rng.normal(size=(S, P, 2)), groups, np.array([[5.0, 6.0], [7.0, 8.0]]))
+    d = q.sample(200_000, rng, groups=("offset", "e"))
+    assert set(d) == {"offset", "e", "position"} and d["e"].shape == (200_000, S, 1)
+    v = np.concatenate([d["offset"], d["e"]], -1)
+    sub = np.r_[4:7]
+    cov = q.covariance()[:, sub][:, :, sub]
+    for s in range(S):
+        np.testing.assert_allclose(v[:, s].mean(0), q.loc[s, sub], atol=0.01)
+        np.testing.assert_allclose(np.cov(v[:, s].T), cov[s], atol=0.01 * cov[s].max())
+    # the cross-group (offset, e) correlations checked above are not negligible ones
+    cross = cov[:, :2, 2] / np.sqrt(np.einsum("spp->sp", cov)[:, :2] * cov[:, 2:, 2])
+    assert np.abs(cross).max() > 0.3
+    np.testing.assert_allclose(d["position"], d["offset"] + q.centres)
+    with pytest.raises(KeyError, match="groups are"):
+        q.sample(3, rng, groups=("shear",))
+
+
 def test_simulator_draws_latents_given_the_magnitude(tiny):
     """With a magnitude-conditioned prior, each decoded galaxy's latent is drawn given its
     own flux's r magnitude: the target's base mean moves with its log flux exactly as the map
