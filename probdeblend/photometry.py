@@ -125,24 +125,28 @@ def _redistribute(t, y, wf, mean, cov, gram, tau: float):
     ``A V A^T`` with ``V`` the pixel variances.
     """
     tb = np.swapaxes(t, 2, 3)                                           # (G, M, B, S, P)
-    m_img = np.clip(mean, 0.0, None)[..., None] * tb
+    # the ratios are weights: their pixel work is done in float32 (half the memory traffic);
+    # every product is accumulated over one footprint's pixels, rounding ~1e-7 of the result
+    t32 = tb.astype(np.float32)
+    m_img = np.clip(mean, 0.0, None).astype(np.float32)[..., None] * t32
     total = m_img.sum(-2, keepdims=True)
-    foot = np.swapaxes(_footprint(t, wf[:, None, None], tau), 2, 3)
-    ratio = np.where(foot & (total > 0), m_img / np.where(total > 0, total, 1.0), 0.0)
+    foot = ((t32 > np.float32(tau) * t32.max(-1, keepdims=True))
+            & (wf[:, None, :, None, :] > 0) & (total > 0))
+    ratio = np.divide(m_img, total, out=np.zeros_like(m_img), where=foot)
     del m_img, foot, total
     model = (mean[..., None, :] @ tb)[..., 0, :]                        # (G, M, B, P)
-    mean = mean + (ratio @ (y[:, None] - model)[..., None])[..., 0]
+    resid = (y[:, None] - model).astype(np.float32)
+    mean = mean + (ratio @ resid[..., None])[..., 0]
     # A = K C T W + R with K = I - R T^T; with V W = 1 on unmasked pixels (R is 0 on masked
     # ones) A V A^T = K C G C K^T + K C rt^T + rt C K^T + R V R^T, G = T W T^T, rt = R T^T:
     # only (S, S) contractions over the pixels
-    tbt = np.swapaxes(tb, -1, -2)
-    rt = ratio @ tbt
-    var = np.where(wf > 0, 1.0 / np.where(wf > 0, wf, 1.0), 0.0)
+    rt = (ratio @ np.swapaxes(t32, -1, -2)).astype(np.float64)
+    var = np.where(wf > 0, 1.0 / np.where(wf > 0, wf, 1.0), 0.0).astype(np.float32)
+    rvr = ((ratio * var[:, None, :, None]) @ np.swapaxes(ratio, -1, -2)).astype(np.float64)
     k = np.eye(rt.shape[-1]) - rt
     kc = k @ cov
     cov = (kc @ gram @ np.swapaxes(kc, -1, -2) + kc @ np.swapaxes(rt, -1, -2)
-           + rt @ np.swapaxes(kc, -1, -2)
-           + (ratio * var[:, None, :, None]) @ np.swapaxes(ratio, -1, -2))
+           + rt @ np.swapaxes(kc, -1, -2) + rvr)
     return mean, cov
 
 
