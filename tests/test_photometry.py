@@ -248,3 +248,33 @@ def test_coincident_sources_do_not_break_the_flux_draws():
     d = flux_draws(np.full((1, 1, 3), 1e3), bad[None, None], np.ones((3, 1)), 4000, rng)
     np.testing.assert_allclose(np.cov(d["flux"][:, :, 0].T), f[0, 0] @ f[0, 0].T,
                                atol=0.1 * 4.9e5)
+
+
+def test_groups_are_solved_on_their_templates_support(post, monkeypatch):
+    """Each group is solved on the pixels where its templates exceed 1e-4 of their peak:
+    the box found is that support, and the fluxes equal those of the whole box to a few
+    per cent of their errors."""
+    import probdeblend.photometry as phot
+
+    yy, xx = np.mgrid[:40, :40]
+    blob = np.exp(-((xx - 12.0) ** 2 + (yy - 20.0) ** 2) / (2 * 2.0**2))
+    t = np.stack([np.stack([blob, 0.5 * blob]), np.zeros((2, 40, 40))])
+    lo, hi = phot._support(t, 1e-4)
+    above = np.argwhere(blob > 1e-4)  # (y, x) pixels of the support
+    assert tuple(lo[0]) == (above[:, 1].min(), above[:, 0].min())
+    assert tuple(hi[0]) == (above[:, 1].max() + 1, above[:, 0].max() + 1)
+    assert tuple(lo[1]) == (0, 0) and tuple(hi[1]) == (40, 40)  # no signal: the whole box
+
+    tmpl, origins = _local(post)
+    full = _paste(tmpl, origins, post.scene.shape)
+    var = np.asarray(post.scene.variance, float)
+    rng = np.random.default_rng(4)
+    img = np.einsum("sb,sbyx->byx", np.full((3, full.shape[1]), 3e4), full)
+    img = img + rng.normal(size=var.shape) * np.sqrt(var)
+    cut = group_photometry(tmpl, origins, img, 1.0 / var, [np.arange(3)], 10, rng,
+                           redistribute=0.003)
+    monkeypatch.setattr(phot, "_SUPPORT", 0.0)  # every pixel of the boxes
+    whole = group_photometry(tmpl, origins, img, 1.0 / var, [np.arange(3)], 10, rng,
+                             redistribute=0.003)
+    assert np.all(np.abs(cut["mean"] - whole["mean"]) < 0.05 * whole["sd"])
+    np.testing.assert_allclose(cut["sd"], whole["sd"], rtol=0.01)
