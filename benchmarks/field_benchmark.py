@@ -36,6 +36,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (512, 1024, 2048, 4096)
 SNR_BINS = (10, 20, 50, 100, 1e9)
+#: earlier timings kept in results.json (key -> what changed since), newest first
+BEFORE = {
+    "timing_before_one_render": "Before each source was decoded and rendered once per call "
+                                "(the residual pass's templates feed the photometry), the "
+                                "catalogue's boxes shrank to 72 px and its groups to their "
+                                "templates' support, the catalogue stopped drawing latents "
+                                "and detection's peak splitting became O(n log n) "
+                                "(2026-11-28; load average 1.6-2.1 then)",
+    "timing_before_cutouts": "Before the encoder's cutouts stopped padding a copy of the image "
+                             "for every call (the same cutouts, to float32 rounding of the "
+                             "noise level)",
+}
 BLEND_BINS = (0.0, 0.05, 0.2, 0.5, 1.01)
 
 
@@ -453,13 +465,12 @@ def report(args, res):
                          f"{r['n_groups']} | {r['max_group']} | {r['peak_rss_mb']} | "
                          f"{r['rss_before_mb']} | {r['image_mb']} | "
                          f"{r.get('load_avg_1min', 'n/a')} |")
-        before = res.get("timing_before_cutouts") or {}
-        if before:
-            lines += ["", "Before the encoder's cutouts stopped padding a copy of the image for "
-                          "every call (the same cutouts, to float32 rounding of the noise "
-                          "level): " + ", ".join(
-                              f"{s}^2 {before[s]['sources_per_s']}" for s in sorted(before, key=int)
-                              if "sources_per_s" in before[s]) + " sources/s."]
+        for key, what in BEFORE.items():
+            before = res.get(key) or {}
+            if before:
+                lines += ["", what + ": " + ", ".join(
+                    f"{s}^2 {before[s]['sources_per_s']}" for s in sorted(before, key=int)
+                    if "sources_per_s" in before[s]) + " sources/s."]
         lines += ["", "![scaling](scaling.png)", ""]
     if sim:
         lines += ["Simulation (not part of the timing): " + ", ".join(
