@@ -259,7 +259,7 @@ def systematic_of(card: dict | None, n_morph: int,
 
 
 def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
-                    model_psf: np.ndarray, box: int | None = None):
+                    model_psf: np.ndarray):
     """Unit-flux images of single sources in local boxes of the scene, through its PSFs.
 
     The scene renderer's forward model (:func:`probdeblend.render.render`, one source per
@@ -277,14 +277,6 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
         The scene's PSF images.
     model_psf : array (k', k')
         The prior's model PSF on the scene's grid.
-    box : int, optional
-        Edge ``L`` of the boxes in pixels (at least the stamp's). Default: the smallest fast
-        FFT length >= stamp + PSF size, on which the convolution does not wrap. A smaller box
-        is faster (and every later step on the templates too) but folds the light of the
-        PSF's far wings beyond the box back in from the opposite edge (the template keeps unit
-        sum); the catalogue uses ``stamp + 24`` pixels (72 for LSST stamps), where at most
-        ~0.15 % of a template's flux falls outside it.
-
     Returns
     -------
     templates : float32 array (n, band, L, L)
@@ -298,12 +290,7 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
     st = torch.as_tensor(np.asarray(stamps, np.float32))
     n, nb, ns = st.shape[0], st.shape[1], st.shape[-1]
     k = max(np.asarray(psf).shape[-1], np.asarray(model_psf).shape[-1])
-    size = fft_size(ns + k) if box is None else int(box)
-    if size < ns:
-        from .errors import ArgumentError
-
-        raise ArgumentError("box", f"the box ({size} px) must hold the stamps ({ns} px); "
-                                   f"pass box >= {ns} or None")
+    size = fft_size(ns + k, even=True)  # render() needs an even grid width
     p0 = (size - ns) // 2
     pos = np.asarray(positions, np.float64).reshape(-1, 2)
     origins = np.floor(pos - (ns - 1) / 2.0).astype(np.int64) - p0  # box pixel [0, 0]

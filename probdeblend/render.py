@@ -35,15 +35,17 @@ __all__ = ["SceneRenderer", "render", "shear_stamps", "difference_kernel_ft", "f
 _MAX_KERNEL_GAIN = 1.05
 
 
-def fft_size(n: int) -> int:
-    """Smallest integer >= n whose only prime factors are 2, 3 and 5 (fast FFT length)."""
+def fft_size(n: int, even: bool = False) -> int:
+    """Smallest integer >= n whose only prime factors are 2, 3 and 5 (fast FFT length);
+    ``even``: the smallest even one (what :func:`render` needs along x, whose real-FFT grid
+    width it infers as ``2 * (len(fx) - 1)``)."""
     m = max(int(n), 1)
     while True:
         k = m
         for p in (2, 3, 5):
             while k % p == 0:
                 k //= p
-        if k == 1:
+        if k == 1 and (m % 2 == 0 or not even):
             return m
         m += 1
 
@@ -199,7 +201,8 @@ def render(stamps, fluxes, positions, kernel_ft, freqs, image_shape, xp, shear=N
     kernel_ft : complex array (band, FY, FX // 2 + 1)
         Difference-kernel transform from :func:`difference_kernel_ft`.
     freqs : (array (FY, 1), array (1, FX // 2 + 1))
-        Spatial frequencies (cycles per pixel) of the FFT grid, rows and columns.
+        Spatial frequencies (cycles per pixel) of the FFT grid, rows and columns; ``FX`` must
+        be even (it is inferred as ``2 * (len(fx) - 1)``; ``fft_size(n, even=True)``).
     image_shape : (int, int)
         (ny, nx) of the scene.
     xp : module
@@ -267,8 +270,12 @@ class SceneRenderer:
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.stamp_size = int(stamp_size)
         k = max(psf.shape[-1], np.asarray(model_psf).shape[-1])
-        self.fft_shape = (fft_size(self.image_shape[0] + stamp_size + k),
-                          fft_size(self.image_shape[1] + stamp_size + k))
+        # even widths: render() infers the real-FFT grid width from the x frequencies as
+        # 2 * (len(fx) - 1); an odd one (e.g. 225 for a 128 px scene, before this was
+        # enforced) shifted sources by up to ~0.5 px across the image and misplaced the
+        # difference kernel
+        self.fft_shape = (fft_size(self.image_shape[0] + stamp_size + k, even=True),
+                          fft_size(self.image_shape[1] + stamp_size + k, even=True))
         self.kernel_ft = difference_kernel_ft(psf, model_psf, self.fft_shape, bands)
         self.freqs = (np.fft.fftfreq(self.fft_shape[0])[:, None],
                       np.fft.rfftfreq(self.fft_shape[1])[None, :])

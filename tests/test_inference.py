@@ -89,6 +89,31 @@ def test_render_matches_galsim_gaussian_psf(backend):
     assert out.sum() == pytest.approx(ref.sum(), rel=1e-4)
 
 
+@pytest.mark.parametrize("N", [64, 152])
+def test_render_matches_galsim_near_the_edges_for_any_image_size(N):
+    """Sources near every edge are placed exactly whatever the image size: with N = 152 the
+    fast FFT length of N + stamp + PSF (225) was odd, and render(), which infers the grid
+    width from the real-FFT frequencies, shifted sources by up to ~0.5 px (now the grid is
+    always even)."""
+    from probdeblend.render import fft_size
+
+    assert fft_size(225) == 225 and fft_size(225, even=True) == 240
+    n = 48
+    gal = galsim.Gaussian(sigma=0.4).shear(g1=0.2, g2=-0.1)
+    model_psf = galsim.Gaussian(fwhm=0.4)
+    obs_psf = galsim.Gaussian(fwhm=0.85)
+    stamp = galsim.Convolve(gal, model_psf).drawImage(nx=n, ny=n, scale=SCALE).array
+    stamp = stamp / stamp.sum()
+    R = SceneRenderer(_gaussian_psf(0.85)[None], (N, N), _gaussian_psf(0.4), n)
+    assert R.fft_shape[1] % 2 == 0
+    for x, y in [(N - 4.3, 3.6), (2.2, N - 5.7), (N / 2 + 0.4, N - 2.1)]:
+        ref = galsim.Convolve(gal, obs_psf).drawImage(
+            nx=N, ny=N, scale=SCALE, offset=(x - (N - 1) / 2, y - (N - 1) / 2)).array * 1000.0
+        out = R(torch.tensor(stamp[None, None]), torch.tensor([[1000.0]]),
+                torch.tensor([[x, y]])).numpy()[0]
+        assert np.abs(out - ref).max() / ref.max() < 1e-4
+
+
 def test_render_kolmogorov_close_to_galsim():
     """Same with a Kolmogorov PSF: limited by the 41-px PSF image cutting the wings."""
     n, N = 48, 64
