@@ -62,10 +62,12 @@ METHODS = ("amortized", "fit")
 GROUPINGS = ("footprint", "linkage")
 #: default linking length (arcsec) of ``grouping="linkage"``
 LINK_LENGTH_ARCSEC = 2.5
-#: pixels added to the prior's stamp for the catalogue's photometry boxes (rounded up to a fast
-#: FFT length: 72 px for 48 px stamps), the centre of each template's exact stamp + PSF box
-#: (90 px): the light outside (<= ~0.15 % of a template's flux on LSST PSFs) changes the
-#: fluxes by < 1e-7 relative, and the group solves cost ~0.6x.
+#: pixels added to the prior's stamp for the catalogue's boxes (rounded up to an even fast FFT
+#: length: 72 px for 48 px stamps). Against the exact stamp + PSF box (90 px), whose far PSF
+#: wings a 72 px render folds back in (<= ~0.15 % of a template's flux, <= 0.2 % of its peak
+#: per pixel on LSST PSFs), the fluxes agree to 1e-7 relative and the residual pass's model
+#: image to < 0.3 sigma (the same residual detections on a 2048^2 field: 168 with the
+#: image-size FFT model, 169 with exact boxes); renders and group solves cost ~0.6x.
 CATALOG_BOX_MARGIN = 24
 #: most bytes :func:`deblend` keeps of first-pass templates between the residual pass and the
 #: photometry (float16, 62 KB per LSST source: ~17,000 sources); beyond it they are rendered
@@ -369,15 +371,11 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
 def _q_mean_templates(scene: Scene, q, prior, band_idx,
                       model: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unit-flux templates of every source of ``q`` at q's mean morphology and position, in
-    local boxes of ``scene``, decoded and rendered 256 sources at a time.
-
-    Each is rendered exactly (:func:`probdeblend.photometry.local_templates` on its
-    non-wrapping stamp + PSF box) and its central stamp + ``CATALOG_BOX_MARGIN`` pixels are
-    returned (the photometry's box: the light outside it, <= ~0.15 % of a template's flux,
-    is below 1e-4 of the peak per pixel). With ``model`` (band, ny, nx), the whole exact
-    templates times q's mean fluxes are also added into it (the residual pass's model image:
-    a cut or wrapped box leaves >10 sigma edges around bright galaxies there).
-    Returns ``(templates (n, band, L, L) float32, origins (n, 2))`` (``scene``'s pixels)."""
+    local boxes of ``scene`` of the stamp + ``CATALOG_BOX_MARGIN`` pixels
+    (:func:`probdeblend.photometry.local_templates`), decoded and rendered 256 sources at a
+    time. With ``model`` (band, ny, nx), q's mean fluxes times the templates are also added
+    into it (the residual pass's model image). Returns ``(templates (n, band, L, L) float32,
+    origins (n, 2))`` (``scene``'s pixels)."""
     from .photometry import add_box, local_templates
     from .render import fft_size
 
@@ -391,13 +389,11 @@ def _q_mean_templates(scene: Scene, q, prior, band_idx,
         np.float32)
     for i in range(0, len(z), 256):  # bounded work arrays: one batch of stamps at a time
         st = prior.decode_numpy(z[i:i + 256])[:, band_idx]
-        full, o = local_templates(st, pos[i:i + 256], scene.psf, mpsf)
-        c = max((full.shape[-1] - box) // 2, 0)
-        tmpl[i:i + 256] = full[..., c:c + box, c:c + box]
-        origins[i:i + 256] = o + c
+        t, o = local_templates(st, pos[i:i + 256], scene.psf, mpsf, box=box)
+        tmpl[i:i + 256], origins[i:i + 256] = t, o
         if model is not None:
-            for j in range(len(full)):
-                add_box(model, full[j] * flux[i + j, :, None, None], o[j])
+            for j in range(len(t)):
+                add_box(model, t[j] * flux[i + j, :, None, None], o[j])
     return tmpl, origins
 
 
@@ -495,8 +491,8 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
     (empty unless ``max_cache_bytes`` allows).
 
     Each source's amortized q-mean galaxy (decoded latent, at q's mean offset) is rendered
-    through the scene's PSFs in its local, non-wrapping box (:func:`_q_mean_templates`, the
-    scene renderer's forward model) and added, times q's mean flux, into the image. Sources are
+    through the scene's PSFs in its local box (:func:`_q_mean_templates`, the scene
+    renderer's forward model) and added, times q's mean flux, into the image. Sources are
     encoded in chunks of ``chunk_size`` (by rows), each on its strip of the image."""
     post = _encoder(prior)
     ny, nx = scene.shape

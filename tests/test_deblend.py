@@ -223,11 +223,11 @@ def test_template_cache_gives_the_catalogue_of_rendering_again(field, cat, monke
 
 
 def test_residual_model_image_is_the_scene_renderers(field, cat):
-    """The residual pass's model image (overlap-add of every source's exact local template
+    """The residual pass's model image (overlap-add of every source's 72 px local template
     times q's mean flux) is what the scene renderer makes of the same galaxies on the whole
-    image: no cut or folded PSF wings (which left >10 sigma edges around bright galaxies and
-    spurious residual detections). (This test found the renderer's odd-FFT-width bug: on this
-    128 px field its grid was 225 px wide and sources near the right edge moved.)"""
+    image, to far below the noise (the boxes fold the PSF's far wings back in: <= 0.2 % of a
+    peak). (This test found the renderer's odd-FFT-width bug: on this 128 px field its grid
+    was 225 px wide and sources near the right edge moved by up to ~0.5 px.)"""
     import sys
 
     import torch
@@ -245,7 +245,7 @@ def test_residual_model_image_is_the_scene_renderers(field, cat):
     xy = torch.as_tensor(q.centres + q.mean("offset"), dtype=torch.float32)
     ref = SceneRenderer.from_scene(scene, prior.frame)(stamps, flux, xy).numpy()
     sigma = np.sqrt(np.median(np.asarray(scene.variance)))
-    assert np.abs(model - ref).max() < 0.01 * sigma  # far below the noise everywhere
+    assert np.abs(model - ref).max() < 0.2 * sigma  # far below the noise everywhere
     assert ref.max() > 50 * sigma  # with bright galaxies in it
 
 
