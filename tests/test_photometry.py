@@ -52,6 +52,17 @@ def _local(post):
                            post.prior.frame.psf_image(k))
 
 
+def _noisy_scene(post, flux: float, seed: int):
+    """The sources' local templates and an image of them, every band at ``flux``, plus the
+    scene's noise: ``(templates, origins, image, variance, rng)``."""
+    tmpl, origins = _local(post)
+    full = _paste(tmpl, origins, post.scene.shape)
+    var = np.asarray(post.scene.variance, float)
+    rng = np.random.default_rng(seed)
+    img = np.einsum("sb,sbyx->byx", np.full((len(tmpl), full.shape[1]), flux), full)
+    return tmpl, origins, img + rng.normal(size=var.shape) * np.sqrt(var), var, rng
+
+
 def test_local_templates_equal_scene_renderer(post):
     """The catalogue's per-source boxes render what the scene renderer renders."""
     full = post.flux_templates(post.q.mean("z")[None], post.positions0[None])[0]  # S,B,y,x
@@ -86,12 +97,7 @@ def test_group_solve_equals_scene_solve(post):
 def test_batched_groups_equal_group_by_group_solves(post, monkeypatch):
     """Groups solved in one batch (same size, boxes padded with zero weight) give each group's
     own answer: means, errors and chi^2 as when every group is solved on its own."""
-    tmpl, origins = _local(post)
-    full = _paste(tmpl, origins, post.scene.shape)
-    var = np.asarray(post.scene.variance, float)
-    rng = np.random.default_rng(2)
-    img = np.einsum("sb,sbyx->byx", np.full((3, full.shape[1]), 2e4), full)
-    img = img + rng.normal(size=var.shape) * np.sqrt(var)
+    tmpl, origins, img, var, rng = _noisy_scene(post, 2e4, seed=2)
     w = 1.0 / var
     # pad the scene so that no box is clipped: the three singletons share one batch
     pad = tmpl.shape[-1]
@@ -265,12 +271,7 @@ def test_groups_are_solved_on_their_templates_support(post, monkeypatch):
     assert tuple(hi[0]) == (above[:, 1].max() + 1, above[:, 0].max() + 1)
     assert tuple(lo[1]) == (0, 0) and tuple(hi[1]) == (40, 40)  # no signal: the whole box
 
-    tmpl, origins = _local(post)
-    full = _paste(tmpl, origins, post.scene.shape)
-    var = np.asarray(post.scene.variance, float)
-    rng = np.random.default_rng(4)
-    img = np.einsum("sb,sbyx->byx", np.full((3, full.shape[1]), 3e4), full)
-    img = img + rng.normal(size=var.shape) * np.sqrt(var)
+    tmpl, origins, img, var, rng = _noisy_scene(post, 3e4, seed=4)
     cut = group_photometry(tmpl, origins, img, 1.0 / var, [np.arange(3)], 10, rng,
                            redistribute=0.003)
     monkeypatch.setattr(phot, "_SUPPORT", 0.0)  # every pixel of the boxes
