@@ -538,13 +538,12 @@ def _convolve_same(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """``image * kernel`` (mode "same") by FFT in float32 on the cores this process may use:
     a detection statistic needs no more than float32's 1e-7 (2.5x faster than float64 on
     one thread for a 2048^2 image)."""
-    import os
-
     import scipy.fft
     from scipy.signal import fftconvolve
 
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    with scipy.fft.set_workers(max(1, workers)):
+    from .inference import _cpu_threads
+
+    with scipy.fft.set_workers(_cpu_threads()):
         return fftconvolve(np.asarray(image, np.float32), np.asarray(kernel, np.float32),
                            mode="same")
 
@@ -721,12 +720,13 @@ def detect_sources(scene, threshold: float = 5.0, min_area: int = 3, deblend_nth
         # local maxima (3x3, edges repeated) among the candidate pixels only: the same set
         # as lg == maximum_filter(lg, 3, mode="nearest") there, without a whole-image filter
         cj, ci = np.nonzero((lg >= split_snr) & (segmap > 0) & (f >= peak_threshold))
+        centre = lg[cj, ci]
         is_max = np.ones(len(ci), dtype=bool)
         for dj in (-1, 0, 1):
             for di in (-1, 0, 1):
                 if dj or di:
-                    nb = lg[np.clip(cj + dj, 0, ny - 1), np.clip(ci + di, 0, nx - 1)]
-                    is_max &= lg[cj, ci] >= nb
+                    is_max &= centre >= lg[np.clip(cj + dj, 0, ny - 1),
+                                           np.clip(ci + di, 0, nx - 1)]
         cj, ci = cj[is_max], ci[is_max]
         vals = lg[cj, ci]
         if refine and len(ci):

@@ -272,11 +272,11 @@ class SceneRenderer:
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.stamp_size = int(stamp_size)
         k = max(psf.shape[-1], np.asarray(model_psf).shape[-1])
-        # even widths: render() infers the real-FFT grid width from the x frequencies as
+        # an even width: render() infers the real-FFT grid width from the x frequencies as
         # 2 * (len(fx) - 1); an odd one (e.g. 225 for a 128 px scene, before this was
         # enforced) shifted sources by up to ~0.5 px across the image and misplaced the
-        # difference kernel
-        self.fft_shape = (fft_size(self.image_shape[0] + stamp_size + k, even=True),
+        # difference kernel (rows take any fast length)
+        self.fft_shape = (fft_size(self.image_shape[0] + stamp_size + k),
                           fft_size(self.image_shape[1] + stamp_size + k, even=True))
         self.kernel_ft = difference_kernel_ft(psf, model_psf, self.fft_shape, bands)
         self.freqs = (np.fft.fftfreq(self.fft_shape[0])[:, None],

@@ -116,10 +116,8 @@ class AmortizedQ:
         fraction of the cost. Draws of a subset differ from the same groups of a full draw
         with the same ``rng`` (fewer normals are drawn)."""
         names = list(self.groups) if groups is None else [str(g) for g in groups]
-        for name in names:
-            self.slice(name)  # KeyError naming the groups for an unknown one
-        idx = np.concatenate([np.arange(self.slice(k).start, self.slice(k).stop)
-                              for k in names]) if names else np.zeros(0, np.int64)
+        spans = [self.slice(k) for k in names]  # KeyError naming the groups for an unknown one
+        idx = np.r_[tuple(spans)].astype(np.int64) if spans else np.zeros(0, np.int64)
         n, S, r = int(num_samples), self.loc.shape[0], self.factor.shape[-1]
         eps = rng.standard_normal((n, S, len(idx)))
         if r:
