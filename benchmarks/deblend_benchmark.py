@@ -4,6 +4,7 @@
     python benchmarks/deblend_benchmark.py --family b --n 500 --methods amortized,sep
     python benchmarks/deblend_benchmark.py --family a --n 40 --methods laplace,auto
     python benchmarks/deblend_benchmark.py --family b --n 40 --methods laplace,auto
+    python benchmarks/deblend_benchmark.py --family a --n 500 --methods catalog   # deblend()
     python benchmarks/deblend_benchmark.py --report-only
 
 Only the public API is used (``ScenePosterior``, ``fit``'s ladder check ``q_residual_chi2``,
@@ -59,7 +60,8 @@ from probdeblend.simulate import BlendConfig, Frame, blend_scene
 sys.path.insert(0, str(Path(__file__).parent))
 B_BINS = [(0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.01)]
 SNR_BINS = [(0, 20), (20, 50), (50, 200), (200, 1e9)]
-ALL_METHODS = ("amortized", "laplace", "auto", "nuts", "sep")
+ALL_METHODS = ("amortized", "laplace", "auto", "nuts", "catalog", "sep")
+TAGGED = ("amortized", "laplace", "auto", "nuts", "catalog")
 
 
 def nmad(x):
@@ -184,6 +186,8 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
                      "wants_nuts": bool(not use_q and lap_row["pareto_k"] > 0.7)})
     if "nuts" in methods:
         rows.append(_nuts_row(family, kind, i, sim, post, r_idx, t_ctx, args))
+    if "catalog" in methods:
+        rows.append(_catalog_row(family, kind, i, sim, scene, r_idx, args))
     if "sep" in methods:
         t0 = time.perf_counter()
         tab = sep_baseline(scene)
@@ -197,6 +201,26 @@ def measure_scene(family, i, methods, prior, args) -> list[dict]:
         else:
             rows.append({"family": family, "kind": kind, "method": "sep_missed", "scene": i})
     return rows
+
+
+def _catalog_row(family, kind, i, sim, scene, r_idx, args) -> dict:
+    """The survey path on this scene: ``probdeblend.deblend`` with the true positions
+    (amortized q + per-group closed-form photometry, what a catalogue gets), timed end to end;
+    the target's draws are read back from ``draws_dir``."""
+    import tempfile
+
+    import arviz as az
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cat = pb.deblend(scene, num_samples=args.num_samples, seed=i, draws_dir=tmp)
+        seconds = time.perf_counter() - t0
+        row = int(np.flatnonzero(np.asarray(cat["id"]) == 0)[0])  # the target: truth row 0
+        post = az.from_netcdf(Path(tmp) / f"group_{int(cat['group'][row]):06d}.nc").posterior
+        tgt = post.sel(source=0)
+        flux_r = np.asarray(tgt["flux"].sel(band=scene.bands[r_idx])).ravel()
+        e1, e2 = np.asarray(tgt["e1"]).ravel(), np.asarray(tgt["e2"]).ravel()
+    return row_of(family, kind, "catalog", i, sim, r_idx, flux_r, e1, e2, seconds)
 
 
 def _nuts_row(family, kind, i, sim, post, r_idx, t_ctx, args) -> dict:
@@ -239,7 +263,7 @@ def run(args):
     if unknown := set(methods) - set(ALL_METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {ALL_METHODS}")
     def tagged(m):
-        return m + args.tag if m in ("amortized", "laplace", "auto", "nuts") else m
+        return m + args.tag if m in TAGGED else m
 
     todo = [(i, [m for m in methods if (args.family, tagged(m), i) not in done])
             for i in range(args.start, args.n)]
@@ -250,7 +274,7 @@ def run(args):
     with rows_path.open("a") as fh:
         for i, ms in tqdm(todo, desc=f"family {args.family}"):
             for row in measure_scene(args.family, i, ms, prior, args):
-                if args.tag and row["method"] in ("amortized", "laplace", "auto", "nuts"):
+                if args.tag and row["method"] in TAGGED:
                     row["method"] += args.tag
                 fh.write(json.dumps(row, default=float) + "\n")
             fh.flush()
@@ -379,7 +403,11 @@ def report(out: Path, args):
              "v0.2 encoder's q as the MAP's starting point. Rows of earlier calibration "
              "stages (`_gsys`, `_rawq`, `_sup`), and the `_gn1` laplace / auto rows (the same "
              "algorithm before the products of draws moved to the torch decoder; same "
-             "accuracy, 6.3 / 6.9 s per scene), are kept in `rows_archive.jsonl`.", ""]
+             "accuracy, 6.3 / 6.9 s per scene), are kept in `rows_archive.jsonl`. "
+             "`catalog`: the survey path, `probdeblend.deblend` on the scene with the true "
+             "positions (q's offset and e draws, closed-form photometry per blend group), "
+             "timed end to end per call (one scene per call: the fixed per-call costs "
+             "dominate; its sources/s at survey scale are in `benchmarks/results/field`).", ""]
     for fam, title in (("a", "Family (a): the project's own simulator"),
                        ("b", "Family (b): shifted populations (never seen in training)")):
         fr = [r for r in rows if r["family"] == fam]
@@ -418,7 +446,9 @@ def report(out: Path, args):
                   "| method | " + " | ".join(f"SNR {lo}-{hi if hi < 1e8 else 'inf'}"
                                             for lo, hi in SNR_BINS) + " |",
                   "|---|" + "---|" * len(SNR_BINS)]
-        for m in ("amortized", "laplace", "auto", "nuts"):
+        for m in ("amortized", "laplace", "auto", "nuts", "catalog"):
+            if not any(r["method"] == m for r in fr):
+                continue
             cells = []
             for lo, hi in SNR_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["snr"] < hi]
