@@ -16,7 +16,18 @@ stores ``calibration.by_n_morph[n_morph]`` (and, for the default ``n_morph`` 8, 
 (:func:`probdeblend.photometry.systematic_of`). The catalogue (``deblend``) uses one morphology
 draw, q's mean: calibrate it with ``--n-morph 1``. ``--laplace`` fits the model-error term of
 ``ScenePosterior.laplace``'s fluxes instead (``calibration.laplace``: ``flux_sys`` and ``df``
-of the fractional error shared by a source's bands; use ``--fit-tail``).
+of the fractional error shared by a source's bands; use ``--fit-tail``). ``--catalog``
+calibrates the catalogue itself: ``probdeblend.deblend`` on the held-out scenes with the true
+positions and ``flux_systematic=Systematic()`` (its statistical errors alone), every source of
+each scene (with its catalogue ``blendedness`` beta and footprint ``chi2_r``), and fits the
+whole error model of one morphology draw by maximum likelihood: the flux error is Student-t
+(``tail="total"``, ``df``) of scale ``sqrt(((1 + stat_blend * beta) * sd)^2 + ((flux_sys +
+flux_sys_blend * beta) * flux)^2 * inflation ** power)`` (``stat_scale`` 1: an isolated
+source's closed-form errors are right, measured); stored as ``calibration.by_n_morph["1"]``
+with its coverage per S/N and blendedness bin.
+
+    python benchmarks/calibrate_photometry.py --encoder priors/lsst-vae-amortized.json \
+        --catalog --n 400 --write-card
 
     python benchmarks/calibrate_photometry.py --encoder priors/lsst-vae-amortized.json \
         --n 100 --write-card
@@ -84,6 +95,33 @@ def collect(args) -> list[dict]:
         rows.append({"scene": i, "truth": float(sim.truth[0]["flux_r"]), "mean": float(f.mean()),
                      "sd": float(f.std()), "snr": float(sim.truth[0]["snr"]),
                      "inflation": infl, "seconds": time.perf_counter() - t0, **extra})
+    return rows
+
+
+def collect_catalog(args) -> list[dict]:
+    """Rows of every source of the held-out scenes, from the catalogue path with its
+    statistical errors alone: ``mean`` and ``sd`` (half the 16-84 % range of 2,000 Gaussian
+    draws) of the r flux, its ``blendedness`` and footprint chi^2 (``inflation`` = max(chi2,
+    1), already in ``sd``), the true flux and S/N."""
+    from tqdm.auto import tqdm
+
+    from probdeblend.photometry import Systematic
+
+    rows = []
+    for i in tqdm(range(args.start, args.start + args.n), desc="held-out scenes (catalogue)"):
+        sim, _ = scene_of("a", i)
+        scene = sim.to_scene()
+        t0 = time.perf_counter()
+        cat = pb.deblend(scene, prior=args.prior, num_samples=2000, seed=i,
+                         flux_systematic=Systematic())
+        seconds = (time.perf_counter() - t0) / len(sim.truth)
+        ids = np.asarray(cat["id"])
+        for j, t in enumerate(sim.truth):  # scene.positions are the truth's, in its order
+            row = cat[int(np.flatnonzero(ids == j)[0])]
+            rows.append({"scene": i, "source": j, "truth": float(t["flux_r"]),
+                         "mean": float(row["flux_r"]), "sd": float(row["flux_r_err"]),
+                         "snr": float(t["snr"]), "blendedness": float(row["blendedness"]),
+                         "inflation": max(float(row["chi2_r"]), 1.0), "seconds": seconds})
     return rows
 
 
@@ -194,6 +232,74 @@ def per_bin(rows, eps, power, df=None, relative: bool = True) -> list:
     return out
 
 
+BLEND_EDGES = (-np.inf, 0.05, 0.2, 0.5, np.inf)
+
+
+def catalog_scale(rows, p) -> np.ndarray:
+    """The catalogue error model's Student-t scale of each row for ``p = (stat_blend,
+    flux_sys, flux_sys_blend, power)`` (see the module docstring)."""
+    t, m, sd, infl = _arrays(rows)
+    beta = np.nan_to_num(np.array([r.get("blendedness", 0.0) for r in rows], float))
+    k1, a0, a1, power = p
+    return np.hypot((1.0 + k1 * beta) * sd,
+                    (a0 + a1 * beta) * np.clip(m, 0, None) * infl ** (0.5 * power))
+
+
+def fit_catalog(rows) -> dict:
+    """Maximum-likelihood fit of the catalogue's error model (module docstring): the flux
+    errors ``mean - truth`` of ``rows`` as Student-t of :func:`catalog_scale`. Returns the
+    card fields (``flux_sys``, ``flux_sys_blend``, ``stat_scale`` 1, ``stat_blend``,
+    ``power``, ``df``, ``tail`` "total")."""
+    from scipy import optimize, stats
+
+    t, m, _, _ = _arrays(rows)
+
+    def nll(x):
+        k1, a0, a1, power, log_df = x
+        if 1 + k1 <= 0 or a0 < 0 or a0 + a1 < 0 or not -2 < power < 4:
+            return 1e30
+        s = catalog_scale(rows, (k1, a0, a1, power))
+        return -float(np.sum(stats.t.logpdf((m - t) / s, np.exp(log_df)) - np.log(s)))
+
+    best = None
+    for x0 in ([2.0, 0.03, 0.2, 0.0, np.log(3.0)], [1.0, 0.02, 0.1, 1.0, np.log(5.0)]):
+        r = optimize.minimize(nll, x0, method="Nelder-Mead",
+                              options={"maxiter": 6000, "xatol": 1e-5, "fatol": 1e-3})
+        best = r if best is None or r.fun < best.fun else best
+    k1, a0, a1, power, log_df = best.x
+    return {"flux_sys": float(a0), "flux_sys_blend": float(a1), "stat_scale": 1.0,
+            "stat_blend": float(k1), "power": float(power), "df": float(np.exp(log_df)),
+            "tail": "total", "neg_log_lik": float(best.fun)}
+
+
+def catalog_coverage(rows, fit: dict) -> dict:
+    """(68, 95) % coverage of the fitted model's central intervals (the Student-t's exact
+    quantiles), overall, per S/N bin and per blendedness bin: ``{"all": [n, c68, c95],
+    "snr": [[lo, hi, n, c68, c95], ...], "blendedness": [...]}``."""
+    from scipy import stats
+
+    t, m, _, _ = _arrays(rows)
+    s = catalog_scale(rows, (fit["stat_blend"], fit["flux_sys"], fit["flux_sys_blend"],
+                             fit["power"]))
+    z = np.abs(m - t) / s
+    lim68, lim95 = stats.t.ppf([0.84, 0.975], fit["df"])
+    snr = np.array([r.get("snr", np.nan) for r in rows])
+    beta = np.nan_to_num(np.array([r.get("blendedness", 0.0) for r in rows], float))
+
+    def cells(x, edges):
+        out = []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            sel = (x > lo) & (x <= hi)
+            if sel.any():
+                out.append([None if np.isinf(lo) else lo, None if np.isinf(hi) else hi,
+                            int(sel.sum()), float(np.mean(z[sel] < lim68)),
+                            float(np.mean(z[sel] < lim95))])
+        return out
+
+    return {"all": [len(z), float(np.mean(z < lim68)), float(np.mean(z < lim95))],
+            "snr": cells(snr, SNR_EDGES), "blendedness": cells(beta, BLEND_EDGES)}
+
+
 def fit_shapes(rows, grid=None, dfs=(3.0, 4.0, 6.0, 10.0, np.inf)) -> dict:
     """The laplace shapes' model-error term: ``shape_sys`` (an absolute error in half the
     conformal shear, :func:`probdeblend.measure.shear_to_half_eta`) and its Student-t
@@ -240,6 +346,11 @@ def main(argv=None):
     ap.add_argument("--fit-tail", action="store_true",
                     help="also fit the Student-t tail (df) of the systematic, by simulation, "
                          "for 68 and 95 %% coverage per S/N bin")
+    ap.add_argument("--catalog", action="store_true",
+                    help="calibrate the catalogue (deblend) path: the whole error model of one "
+                         "morphology draw (stat_scale, flux_sys, df; tail 'total'), stored as "
+                         "calibration.by_n_morph['1']; --encoder must be the card of "
+                         "--prior's shipped encoder, which deblend uses")
     ap.add_argument("--from-rows", default=None,
                     help="refit the rows of an earlier output json instead of simulating")
     ap.add_argument("--out", default="benchmarks/results/deblend/photometry_calibration.json")
@@ -248,7 +359,34 @@ def main(argv=None):
     if a.from_rows:  # refit stored rows (no simulation)
         rows = json.loads(Path(a.from_rows).read_text())["rows"]
     else:
-        rows = collect(a)
+        rows = collect_catalog(a) if a.catalog else collect(a)
+    if a.catalog:  # the whole error model, by maximum likelihood
+        fit = fit_catalog(rows)
+        cc = catalog_coverage(rows, fit)
+        res = {"encoder": a.encoder, "prior": a.prior,
+               "scenes": f"family a {a.start}..{a.start + a.n - 1}, every source",
+               "n_morph": 1, "catalog": True, **fit,
+               "coverage_68_95_at_flux_sys": cc["all"][1:],
+               "coverage_per_snr_bin": cc["snr"], "coverage_per_blendedness_bin":
+                   cc["blendedness"],
+               "coverage_without": catalog_coverage(rows, {**fit, "stat_blend": 0.0,
+                                                           "flux_sys": 0.0,
+                                                           "flux_sys_blend": 0.0,
+                                                           "df": 1e9}),
+               "seconds_per_source": float(np.median([r["seconds"] for r in rows])),
+               "rows": rows}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(res, a.out, overwrite=True)
+        print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
+        if a.write_card:
+            keys = ("flux_sys", "flux_sys_blend", "stat_scale", "stat_blend", "power", "df",
+                    "tail", "scenes", "coverage_68_95_at_flux_sys", "coverage_per_snr_bin",
+                    "coverage_per_blendedness_bin")
+            _write_entry(Path(a.encoder), "by_n_morph", "1", {
+                **{k: res[k] for k in keys},
+                "path": "catalog (deblend, q-mean templates, every source of each scene)",
+                "method": "benchmarks/calibrate_photometry.py --catalog (maximum likelihood)"})
+        return
     powers = np.round(np.linspace(0.0, 1.5, 16), 3) if a.fit_power else (1.0,)
     (eps, power), cov = fit_sys(rows, powers=powers)
     df = None
@@ -297,6 +435,16 @@ def main(argv=None):
         cal["method"] = "benchmarks/calibrate_photometry.py"
         card["calibration"] = cal
         write_json(card, card_path, overwrite=True)
+
+def _write_entry(encoder: Path, table: str, key: str, entry: dict) -> None:
+    """Store ``entry`` as ``calibration[table][key]`` of the encoder's card."""
+    card_path = encoder.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    cal = dict(card.get("calibration") or {})
+    cal[table] = {**dict(cal.get(table) or {}), key: entry}
+    card["calibration"] = cal
+    write_json(card, card_path, overwrite=True)
+
 
 if __name__ == "__main__":
     main()

@@ -213,7 +213,8 @@ def _catalog_row(family, kind, i, sim, scene, r_idx, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        cat = pb.deblend(scene, num_samples=args.num_samples, seed=i, draws_dir=tmp)
+        cat = pb.deblend(scene, prior=args.prior, num_samples=args.num_samples, seed=i,
+                         draws_dir=tmp)
         seconds = time.perf_counter() - t0
         row = int(np.flatnonzero(np.asarray(cat["id"]) == 0)[0])  # the target: truth row 0
         post = az.from_netcdf(Path(tmp) / f"group_{int(cat['group'][row]):06d}.nc").posterior
@@ -467,15 +468,20 @@ def report(out: Path, args):
                              f"{nmad([r['flux_rel'] for r in rs]):.3f}; {e_nmad}{e_sd}; {cov} "
                              f"(n={len(rs)})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", "Per blendedness bin (r-flux NMAD):", "",
+        lines += ["", "Per blendedness bin (the target's true blendedness): r-flux NMAD; "
+                  "68 / 95 % coverage of the r flux:", "",
                   "| method | " + " | ".join(f"B {lo}-{hi}" for lo, hi in B_BINS) + " |",
                   "|---|" + "---|" * len(B_BINS)]
-        for m in ("amortized", "laplace", "nuts", "sep"):
+        for m in ("amortized", "laplace", "nuts", "catalog", "catalog_acccd58", "sep"):
             cells = []
             for lo, hi in B_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["blend"] < hi]
+                cov = [r for r in rs if m != "sep"]  # sep: no posterior
+                cov = ("" if not cov else
+                       f"; {np.mean([r['cov68_flux'] for r in cov]):.2f} / "
+                       f"{np.mean([r['cov95_flux'] for r in cov]):.2f}")
                 cells.append("-" if len(rs) < 3 else
-                             f"{nmad([r['flux_rel'] for r in rs]):.3f} (n={len(rs)})")
+                             f"{nmad([r['flux_rel'] for r in rs]):.3f}{cov} (n={len(rs)})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     runs = load_rows(out / "runs.jsonl")

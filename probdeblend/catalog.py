@@ -7,28 +7,39 @@ Identity and position
     ``id`` (int, unique within the image), ``group`` (int, blend group id), ``group_size``
     (number of sources in the group), ``x``, ``y`` [pix] (posterior mean; 0-based pixel centres,
     the :class:`~probdeblend.Scene` convention: the centre of ``image[b, j, i]`` is
-    ``(x=i, y=j)``), ``x_err``, ``y_err`` [pix] (posterior std), ``pos_err`` [pix]
+    ``(x=i, y=j)``), ``x_err``, ``y_err`` [pix] (posterior width, see below), ``pos_err`` [pix]
     (``sqrt((x_err**2 + y_err**2) / 2)``), ``ra``, ``dec`` [deg] (from the scene's WCS at the
     posterior-mean position; only when the scene has a WCS), ``x_init``, ``y_init`` [pix]
     (detection / input position), ``snr_det`` (detection S/N, NaN for input positions),
     ``det_pass`` (0: detected in the image, 1: in the residual of the first pass' model, -1:
     input position).
 Fluxes (per band ``b``) [scene units, e.g. electron]
-    ``flux_b`` (posterior mean of the total flux), ``flux_b_err`` (posterior std),
-    ``flux_b_q16``, ``flux_b_q50``, ``flux_b_q84`` (posterior quantiles). The amortized
-    catalogue's flux posterior has heavy tails (its morphology systematic is Student-t with
-    3 degrees of freedom, :mod:`probdeblend.photometry`), so ``flux_b_err`` is wider than
-    the 16-84 % half-width (about 1.5x when the systematic dominates): use the quantiles for
-    intervals and ``flux_b_q50`` as the robust point estimate. Fluxes can be <= 0 (a source
-    consistent with zero flux).
+    ``flux_b`` (posterior mean of the total flux), ``flux_b_err`` (posterior width, see
+    below), ``flux_b_q16``, ``flux_b_q50``, ``flux_b_q84`` (posterior quantiles). The
+    amortized catalogue's flux posterior has heavy tails (its error model is Student-t with
+    ~3 degrees of freedom, :mod:`probdeblend.photometry`): ``flux_b_q50`` is the robust
+    point estimate (the mean of a few hundred heavy-tailed draws carries Monte-Carlo noise of
+    ~0.15 ``flux_b_err``). Fluxes can be <= 0 (a source consistent with zero flux).
 Ellipticity (GalSim reduced shear of the PSF-free galaxy, :mod:`probdeblend.measure`)
-    ``e1``, ``e2`` (mean), ``e1_err``, ``e2_err`` (std), ``e1_q16`` ... ``e2_q84``.
+    ``e1``, ``e2`` (mean), ``e1_err``, ``e2_err`` (width), ``e1_q16`` ... ``e2_q84``.
     ``e_draws_from`` says where the ellipticity draws come from: ``"q"`` (the amortized q's
     joint draws from its shape head, the default), ``"posterior"`` (one shape per refined
     posterior draw) or ``"q_mean"`` (an encoder without a shape head: the shape of the q-mean
-    latent only; std 0 and all quantiles equal; not an uncertainty).
+    latent only; width 0 and all quantiles equal; not an uncertainty).
+Widths
+    Every ``*_err`` column is half the 16-84 % range of the source's posterior draws: the
+    standard deviation for a Gaussian posterior, and, unlike the draws' standard deviation,
+    stable for heavy-tailed ones (schema 2; schema 1 gave the standard deviation, whose
+    Monte-Carlo scatter over 200 Student-t(3) draws reached +-60 %).
 Inference and diagnostics
-    ``method`` (inference path, e.g. ``"amortized"``, ``"fit:amortized+is"``), ``num_samples``,
+    ``blendedness`` (``1 - <m_s, m_s> / <m_s, M>`` of the source's band-summed model image
+    ``m_s`` and its blend group's ``M``, from the amortized photometry's q-mean fit,
+    :func:`probdeblend.photometry.model_blendedness`: 0 isolated, towards 1 buried under
+    neighbours; NaN when not computed), ``chi2_b`` (per band: the reduced chi^2 of that fit
+    in the source's footprint, its template above 5 % of its peak; ~1 for a galaxy the prior
+    models well, large for one it does not, e.g. with star-forming knots; NaN when not
+    computed), ``method`` (inference path, e.g. ``"amortized"``, ``"fit:amortized+is"``),
+    ``num_samples``,
     ``pareto_k`` (PSIS k-hat; NaN when not computed), ``r_hat`` (max over the source's
     variables; NaN for single-chain methods), ``ess_bulk`` (min), ``n_divergent`` (in the
     source's group; -1 when not applicable).
@@ -69,7 +80,7 @@ __all__ = [
 ]
 
 #: Catalogue schema version (``PBSCHEMA`` in the table metadata).
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 #: Posterior quantiles reported for fluxes and ellipticities (percent).
 QUANTILES = (16, 50, 84)
 #: Radius (pixels) within which ``masked_frac`` is measured.
@@ -84,8 +95,8 @@ def schema(bands: Sequence[str], units: str = "electron", wcs: bool = True) -> l
         ("group_size", "i8", None, "number of sources in the group"),
         ("x", "f8", "pix", "posterior mean x (0-based pixel centre)"),
         ("y", "f8", "pix", "posterior mean y (0-based pixel centre)"),
-        ("x_err", "f8", "pix", "posterior std of x"),
-        ("y_err", "f8", "pix", "posterior std of y"),
+        ("x_err", "f8", "pix", "half the 16-84 % range of x"),
+        ("y_err", "f8", "pix", "half the 16-84 % range of y"),
         ("pos_err", "f8", "pix", "sqrt((x_err^2 + y_err^2) / 2)"),
     ]
     if wcs:
@@ -99,12 +110,12 @@ def schema(bands: Sequence[str], units: str = "electron", wcs: bool = True) -> l
     ]
     for b in bands:
         cols.append((f"flux_{b}", "f8", units, f"posterior mean total flux, band {b}"))
-        cols.append((f"flux_{b}_err", "f8", units, f"posterior std of flux_{b}"))
+        cols.append((f"flux_{b}_err", "f8", units, f"half the 16-84 % range of flux_{b}"))
         for q in QUANTILES:
             cols.append((f"flux_{b}_q{q}", "f8", units, f"{q}% posterior quantile of flux_{b}"))
     for e in ("e1", "e2"):
         cols.append((e, "f8", None, f"posterior mean {e} (reduced shear, PSF-free)"))
-        cols.append((f"{e}_err", "f8", None, f"posterior std of {e}"))
+        cols.append((f"{e}_err", "f8", None, f"half the 16-84 % range of {e}"))
         for q in QUANTILES:
             cols.append((f"{e}_q{q}", "f8", None, f"{q}% posterior quantile of {e}"))
     cols += [
@@ -112,6 +123,11 @@ def schema(bands: Sequence[str], units: str = "electron", wcs: bool = True) -> l
          "'q' (the encoder's joint q), 'posterior' (refined) or 'q_mean' (zero width)"),
         ("method", "U24", None, "inference path"),
         ("num_samples", "i8", None, "posterior draws per source"),
+        ("blendedness", "f8", None, "1 - <m,m>/<m,M> of the q-mean model (0: isolated)"),
+    ]
+    cols += [(f"chi2_{b}", "f8", None, f"footprint reduced chi^2 of the q-mean model, band {b}")
+             for b in bands]
+    cols += [
         ("pareto_k", "f8", None, "PSIS k-hat (NaN if not computed)"),
         ("r_hat", "f8", None, "max R-hat of the source's variables (NaN single chain)"),
         ("ess_bulk", "f8", None, "min bulk ESS of the source's variables"),
@@ -125,9 +141,11 @@ def schema(bands: Sequence[str], units: str = "electron", wcs: bool = True) -> l
 
 
 def summarize_draws(values: np.ndarray, axis: int = 1) -> dict[str, np.ndarray]:
-    """Mean, std and :data:`QUANTILES` of draws along ``axis`` (NaN-safe: NaN draws ignored).
+    """Mean, std, :data:`QUANTILES` and width of draws along ``axis`` (NaN-safe: NaN draws
+    ignored).
 
-    Returns a dict with keys ``mean``, ``std``, ``q16``, ``q50``, ``q84``; sources whose draws
+    Returns a dict with keys ``mean``, ``std``, ``q16``, ``q50``, ``q84`` and ``width``
+    (``(q84 - q16) / 2``, the catalogue's ``*_err``); sources whose draws
     are all NaN get NaN.
     """
     v = np.asarray(values, dtype=np.float64)
@@ -151,27 +169,28 @@ def summarize_draws(values: np.ndarray, axis: int = 1) -> dict[str, np.ndarray]:
             qs = np.nanpercentile(v, QUANTILES, axis=axis)
     for q, arr in zip(QUANTILES, qs, strict=True):
         out[f"q{q}"] = arr
+    out["width"] = 0.5 * (out["q84"] - out["q16"])
     return out
 
 
 def summary_columns(draws: Mapping[str, np.ndarray], bands: Sequence[str]) -> dict:
-    """Catalogue columns (means, stds, quantiles) from posterior draws ``flux`` ``(n, S, B)``,
+    """Catalogue columns (means, widths, quantiles) from posterior draws ``flux`` ``(n, S, B)``,
     ``e1``, ``e2``, ``x``, ``y`` ``(n, S)``."""
     cols: dict[str, np.ndarray] = {}
     flux = np.asarray(draws["flux"], dtype=np.float64)
     for k, b in enumerate(bands):
         s = summarize_draws(flux[:, :, k])
-        cols[f"flux_{b}"], cols[f"flux_{b}_err"] = s["mean"], s["std"]
+        cols[f"flux_{b}"], cols[f"flux_{b}_err"] = s["mean"], s["width"]
         for q in QUANTILES:
             cols[f"flux_{b}_q{q}"] = s[f"q{q}"]
     for e in ("e1", "e2"):
         s = summarize_draws(draws[e])
-        cols[e], cols[f"{e}_err"] = s["mean"], s["std"]
+        cols[e], cols[f"{e}_err"] = s["mean"], s["width"]
         for q in QUANTILES:
             cols[f"{e}_q{q}"] = s[f"q{q}"]
     for c in ("x", "y"):
         s = summarize_draws(draws[c])
-        cols[c], cols[f"{c}_err"] = s["mean"], s["std"]
+        cols[c], cols[f"{c}_err"] = s["mean"], s["width"]
     return cols
 
 

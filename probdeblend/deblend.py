@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArgumentError, ProbdeblendError, SceneError
+from .errors import ArgumentError, ArgumentTypeError, ProbdeblendError, SceneError
 from .scene import Scene
 
 __all__ = ["deblend", "blend_groups", "BlendGroup", "METHODS", "GROUPINGS"]
@@ -257,7 +257,7 @@ def _encoder(prior):
 
 def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_samples: int,
                              seed: int, groups=None, photometry: bool = True,
-                             q=None, templates=None) -> dict[str, Any]:
+                             q=None, templates=None, systematic=None) -> dict[str, Any]:
     """Posterior draws of every source at ``positions`` of ``scene``, in one batched pass.
 
     This is the single entry point of the catalogue to per-source inference; the rest of
@@ -274,8 +274,9 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     morphology (:mod:`probdeblend.photometry`): every source's q-mean galaxy is decoded once
     and rendered through the scene's PSFs in a local box, and the fluxes of each blend group
     are solved jointly, with the encoder's calibrated systematic for one morphology draw
-    (``systematic_of(card, 1)``). Flux draws can be <= 0. ``photometry=False``: q's own
-    log-normal flux draws.
+    (``systematic_of(card, 1)``) unless ``systematic`` gives another
+    (:class:`probdeblend.photometry.Systematic`). Flux draws can be <= 0.
+    ``photometry=False``: q's own log-normal flux draws.
 
     Parameters
     ----------
@@ -305,7 +306,9 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     dict
         ``flux`` ``(n, S, B)`` (scene units, bands in ``scene.bands`` order), ``e1``, ``e2``,
         ``x``, ``y`` ``(n, S)`` (pixels of ``scene``), ``e_draws_from`` (str), ``method``
-        (str), ``pareto_k`` ``(n,)`` (NaN: not computed).
+        (str), ``pareto_k`` ``(n,)`` (NaN: not computed), ``blendedness`` ``(n,)`` (of the
+        photometry's q-mean model, :func:`probdeblend.photometry.model_blendedness`) and
+        ``chi2`` ``(n, B)`` (its footprint reduced chi^2 per band); NaN without photometry.
     """
     import torch
 
@@ -318,7 +321,8 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     if n == 0:
         z = np.zeros((0, S))
         return {"flux": np.zeros((0, S, B)), "e1": z, "e2": z, "x": z, "y": z,
-                "e_draws_from": "q_mean", "method": "amortized", "pareto_k": np.zeros(0)}
+                "e_draws_from": "q_mean", "method": "amortized", "pareto_k": np.zeros(0),
+                "blendedness": np.zeros(0), "chi2": np.zeros((0, B))}
     q = post.predict_q(scene, pos) if q is None else q
     rng = np.random.default_rng(seed)
     # q's own joint draws of what the catalogue reports, (S, n, width) each; no decode
@@ -327,15 +331,18 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     # flux: q's bands are the encoder's; put them in the scene's band order
     band_idx = [list(post.bands).index(b) for b in scene.bands]
     if photometry:
-        flux = _catalog_photometry(scene, q, prior, post, band_idx, S, rng, groups, templates)
+        ph = _catalog_photometry(scene, q, prior, post, band_idx, S, rng, groups, templates,
+                                 systematic)
+        flux, blend, chi2 = ph["flux"], ph["blendedness"], ph["chi2"]
     else:
         flux = np.exp(np.swapaxes(d["log_flux"], 0, 1))[..., band_idx]
+        blend, chi2 = np.full(n, np.nan), np.full((n, B), np.nan)
     xy = np.swapaxes(d["position"], 0, 1)
     if "e" in d:  # the encoder's shape head: e draws from q's joint Gaussian
         e = np.swapaxes(d["e"], 0, 1)
         return {"flux": flux, "e1": e[..., 0], "e2": e[..., 1], "x": xy[..., 0],
                 "y": xy[..., 1], "e_draws_from": "q", "method": "amortized",
-                "pareto_k": np.full(n, np.nan)}
+                "pareto_k": np.full(n, np.nan), "blendedness": blend, "chi2": chi2}
     # an encoder without a shape head: e of the decoded q-mean latent (zero-width draws)
     frame = prior.frame
     psf_sigma = frame.psf_fwhm / frame.pixel_scale / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -365,6 +372,8 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
         "e_draws_from": "q_mean",
         "method": "amortized",
         "pareto_k": np.full(n, np.nan),
+        "blendedness": blend,
+        "chi2": chi2,
     }
 
 
@@ -466,9 +475,11 @@ def _chunk_templates(cache: _TemplateCache | None, q, sub: Scene, members: np.nd
 
 
 def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int, rng,
-                        groups=None, templates=None) -> np.ndarray:
-    """Flux draws ``(n, num_samples, band)`` of the closed-form photometry given q's mean
-    morphology, solved per blend group (see :func:`_amortized_catalog_draws`)."""
+                        groups=None, templates=None, systematic=None) -> dict:
+    """The closed-form photometry given q's mean morphology, solved per blend group, with
+    the error model ``systematic`` (default the encoder card's for one morphology draw; see
+    :func:`_amortized_catalog_draws`): :func:`probdeblend.photometry.group_photometry`'s
+    dict (``flux`` draws ``(n, num_samples, band)``, ``blendedness`` ``(n,)``...)."""
 
     from .photometry import REDISTRIBUTE, group_photometry, systematic_of
 
@@ -479,11 +490,12 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
         found, _ = blend_groups(origins, scene.shape, grouping="linkage",
                                 link_length=size * math.sqrt(2), margin=0)
         groups = [g.members for g in found]
-    card = getattr(post, "card", None) or {}
+    if systematic is None:
+        systematic = systematic_of(getattr(post, "card", None) or {}, 1)
     ph = group_photometry(tmpl, origins, np.asarray(scene.image, np.float64),
                           np.asarray(scene.weight, np.float64), groups, num_samples, rng,
-                          *systematic_of(card, 1), redistribute=REDISTRIBUTE)
-    return ph["flux"]
+                          systematic, redistribute=REDISTRIBUTE)
+    return ph
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,7 +654,7 @@ def _fit_group(sub: Scene, prior, fit_method: str, num_samples: int, seed: int,
 # ----------------------------------------------------------------------------------------------
 # the public entry point
 # ----------------------------------------------------------------------------------------------
-def _check(scene, method, num_samples, seed, chunk_size, grouping):
+def _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systematic=None):
     if not isinstance(scene, Scene):
         raise SceneError("scene", f"expected a probdeblend.Scene, got {type(scene).__name__}; "
                                   "build one with probdeblend.Scene(...) or Scene.from_fits(path)")
@@ -655,6 +667,14 @@ def _check(scene, method, num_samples, seed, chunk_size, grouping):
             raise ArgumentError(name, v, "must be a positive integer")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ArgumentError("seed", seed, "must be an int")
+    if flux_systematic is not None:
+        from .photometry import Systematic
+
+        if not isinstance(flux_systematic, Systematic):
+            raise ArgumentTypeError("flux_systematic", flux_systematic,
+                                    "give None (the encoder's calibration) or a "
+                                    "probdeblend.photometry.Systematic")
+        flux_systematic.check("flux_systematic")
 
 
 def _chunks(groups: Sequence[BlendGroup], chunk_size: int) -> list[list[BlendGroup]]:
@@ -697,7 +717,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
             chunk_size: int = 512, residual_pass: bool = True, residual_threshold: float = 10.0,
             residual_exclusion: float = 3.0, fit_method: str = "amortized",
             fit_kwargs: dict | None = None, draws_dir: str | Path | None = None,
-            progress: bool = False, return_groups: bool = False):
+            progress: bool = False, return_groups: bool = False, flux_systematic=None):
     """Deblend a whole image into a catalogue with posterior summaries (one row per source).
 
     Parameters
@@ -748,6 +768,12 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         tqdm progress bar over chunks / groups.
     return_groups : bool
         Also return the list of :class:`BlendGroup`.
+    flux_systematic : probdeblend.photometry.Systematic, optional
+        The amortized catalogue's flux error model beyond the statistical errors given q's
+        mean morphology. Default: the encoder card's calibration for one morphology draw
+        (:func:`probdeblend.photometry.systematic_of`, fitted on held-out simulated scenes by
+        ``benchmarks/calibrate_photometry.py --catalog``). ``Systematic()``: the statistical
+        errors alone (Gaussian), e.g. to calibrate the model on your own simulations.
 
     Returns
     -------
@@ -762,7 +788,7 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
     """
     from .catalog import MASK_RADIUS, make_catalog, schema, summary_columns
 
-    _check(scene, method, num_samples, seed, chunk_size, grouping)
+    _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systematic)
     t_start = time.perf_counter()
     prior = _resolve_prior(prior)
     missing = [b for b in prior.bands if b not in scene.bands]
@@ -881,7 +907,8 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
                                          chunk_seed, groups=local, q=q_chunk,
                                          templates=_chunk_templates(cache, q_chunk, sub,
                                                                     members, (x0, y0),
-                                                                    prior))
+                                                                    prior),
+                                         systematic=flux_systematic)
         except ProbdeblendError as err:
             rows = row_of[members]
             cols["flag_failed"][rows] = True
@@ -903,6 +930,9 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
         cols["e_draws_from"][rows] = d.get("e_draws_from", "posterior")
         cols["method"][rows] = d.get("method", "amortized")
         cols["pareto_k"][rows] = d.get("pareto_k", np.full(len(rows), np.nan))
+        cols["blendedness"][rows] = d["blendedness"]
+        for k, b in enumerate(scene.bands):
+            cols[f"chi2_{b}"][rows] = d["chi2"][:, k]
         bad = ~np.isfinite(d["e1"][:, 0])
         if bad.any():
             cols["flag_failed"][rows[bad]] = True

@@ -20,13 +20,19 @@ posterior does not:
   images (the flux-conserving step of the SDSS and scarlet deblenders); the corrected fluxes
   are still linear in the data, so their covariance is exact given the templates. The model
   image of a draw stays ``sum_s f_s T_s`` (the template's shape with the corrected total);
-* **morphology error**: a fractional systematic ``flux_sys`` added in quadrature,
-  ``sd^2 += (flux_sys * flux)^2 * inflation ** power``, calibrated per encoder on held-out
-  simulated scenes (``benchmarks/calibrate_photometry.py``; the values depend on how many
-  morphology draws the mixture has, see :func:`systematic_of`). ``power`` < 1 lets the
-  systematic grow more slowly than the footprint misfit, which is large for bright sources.
-  The systematic is one fractional error per source shared by all bands (colours stay sharp)
-  and Student-t with ``df`` degrees of freedom (a morphology can be badly off: heavy tails).
+* **morphology error** (:class:`Systematic`, calibrated per encoder on held-out simulated
+  scenes by ``benchmarks/calibrate_photometry.py``; the values depend on how many morphology
+  draws the mixture has, see :func:`systematic_of`): a fractional systematic ``flux_sys``
+  added in quadrature, ``sd^2 += (flux_sys * flux)^2 * inflation ** power`` (``power`` < 1
+  lets it grow more slowly than the footprint misfit, which is large for bright sources), one
+  fractional error per source shared by all bands (colours stay sharp); the statistical
+  part scaled by ``stat_scale``; both growing with the source's blendedness in the fitted
+  model (``flux_sys_blend``, ``stat_blend``: a neighbour's morphology error leaks into a
+  blended source's flux, while an isolated source's flux conserves its light whatever its
+  template); and heavy tails (a morphology can be badly off), Student-t with ``df`` degrees
+  of freedom, on the systematic alone (``tail="systematic"``) or on the whole error
+  (``tail="total"``, a scale mixture: one ``chi^2`` draw per source and flux draw scales
+  its statistical and systematic errors together).
 
 Used by :meth:`probdeblend.ScenePosterior.photometry` (one scene; morphology draws of q rendered
 by the scene renderer) and by the catalogue, :func:`probdeblend.deblend.deblend` (templates of
@@ -36,10 +42,12 @@ Fluxes are in the image's units (total flux of the PSF-convolved source).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-__all__ = ["linear_fluxes", "flux_draws", "systematic_of", "local_templates", "group_photometry",
-           "psd_factor", "REDISTRIBUTE"]
+__all__ = ["linear_fluxes", "flux_draws", "Systematic", "systematic_of", "local_templates",
+           "group_photometry", "model_blendedness", "psd_factor", "REDISTRIBUTE"]
 
 #: Footprint of the residual redistribution of q's morphologies (:func:`linear_fluxes`): pixels
 #: where a source's template exceeds this fraction of its peak. On 200 held-out family (a)
@@ -176,16 +184,75 @@ def systematic_noise(rng: np.random.Generator, shape, df: float = np.inf) -> np.
     return u
 
 
+class Systematic(NamedTuple):
+    """The error model that the closed-form flux posterior adds to its statistical errors
+    (see the module docstring); ``Systematic()`` adds nothing (the statistical errors given
+    the morphology, Gaussian).
+
+    Attributes
+    ----------
+    flux_sys : float
+        Fractional morphology error: scale ``flux_sys * flux * inflation ** (power / 2)``,
+        one error per source shared by its bands.
+    power : float
+        Power of the footprint inflation (``max(chi2, 1)``) that scales ``flux_sys``.
+    df : float
+        Degrees of freedom of the Student-t tail (``inf``: Gaussian).
+    stat_scale : float
+        Factor on the statistical standard deviations (> 0).
+    tail : {"systematic", "total"}
+        What the Student-t tail scales: the systematic alone, or the whole error.
+    flux_sys_blend, stat_blend : float
+        Growth of ``flux_sys`` and ``stat_scale`` with the source's blendedness ``beta``
+        (:func:`model_blendedness`): a source uses ``flux_sys + flux_sys_blend * beta`` and
+        ``stat_scale + stat_blend * beta`` (a neighbour's morphology error leaks into a
+        blended source's flux; an isolated source's flux conserves its light).
+    """
+
+    flux_sys: float = 0.0
+    power: float = 1.0
+    df: float = np.inf
+    stat_scale: float = 1.0
+    tail: str = "systematic"
+    flux_sys_blend: float = 0.0
+    stat_blend: float = 0.0
+
+    def check(self, argument: str = "systematic") -> Systematic:
+        """This model, or :class:`~probdeblend.errors.ArgumentError` naming ``argument``
+        when a value is out of range."""
+        from .errors import ArgumentError
+
+        fix = ("give Systematic(flux_sys >= 0, power, df > 0, stat_scale > 0, "
+               "tail='systematic' or 'total', flux_sys_blend, stat_blend) with "
+               "flux_sys + flux_sys_blend >= 0 and stat_scale + stat_blend > 0")
+        nums = (self.flux_sys, self.power, self.stat_scale, self.flux_sys_blend,
+                self.stat_blend)
+        ok = (self.tail in ("systematic", "total") and bool(np.all(np.isfinite(nums)))
+              and self.flux_sys >= 0 and self.flux_sys + self.flux_sys_blend >= 0
+              and self.df > 0 and self.stat_scale > 0
+              and self.stat_scale + self.stat_blend > 0)
+        if not ok:
+            raise ArgumentError(argument, self, fix)
+        return self
+
+
 def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples: int,
                rng: np.random.Generator, flux_sys: float = 0.0, power: float = 1.0,
-               df: float = np.inf) -> dict:
+               df: float = np.inf, stat_scale: float = 1.0, tail: str = "systematic",
+               flux_sys_blend: float = 0.0, stat_blend: float = 0.0,
+               blendedness: np.ndarray | None = None) -> dict:
     """Draws of the flux posterior: a mixture over the ``M`` morphology draws.
 
-    Each morphology draw contributes its Gaussian (``cov`` times the footprint inflation)
-    plus the systematic: per source, one fractional error shared by every band (a wrong
-    morphology moves all bands' fluxes together, so colours stay sharp), of scale
-    ``flux_sys * flux * inflation ** (power / 2)`` per band, Student-t with ``df`` degrees of
-    freedom (heavy tails: a morphology that is badly off; ``inf`` = Gaussian).
+    Each morphology draw contributes its Gaussian (``cov`` times the footprint inflation
+    and ``stat_scale ** 2``) plus the systematic: per source, one fractional error shared by
+    every band (a wrong morphology moves all bands' fluxes together, so colours stay sharp),
+    of scale ``flux_sys * flux * inflation ** (power / 2)`` per band. Heavy tails (a
+    morphology that is badly off), Student-t with ``df`` degrees of freedom (``inf`` =
+    Gaussian): ``tail="systematic"``, the systematic alone is Student-t; ``"total"``, each
+    source's whole error of a draw (statistical and systematic, all bands) is scaled by one
+    ``sqrt(df / chi^2_df)``, so its marginals are Student-t with the combined scale. With
+    ``blendedness`` ``beta`` per source, ``flux_sys`` and ``stat_scale`` grow by
+    ``flux_sys_blend * beta`` and ``stat_blend * beta``.
 
     Parameters
     ----------
@@ -194,56 +261,71 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
         each blend gets its own draws).
     num_samples : int
     rng : numpy Generator
-    flux_sys, power, df : float
-        Fractional systematic, the power of the inflation that scales it, and its tail (see
-        the module docstring); ``flux_sys`` 0: none.
+    flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend
+        The error model, :class:`Systematic` (its defaults: the statistical errors alone).
+    blendedness : array ([G,] S), optional
+        Each source's blendedness (:func:`model_blendedness`); default 0.
 
     Returns
     -------
     dict: ``flux`` ([G,] num_samples, S, band), ``morph`` ([G,] num_samples) the morphology draw
     of each flux draw, ``inflation`` ([G,] S, band) = max(chi2, 1), ``cov`` ([G,] M, band, S,
-    S): the inflated statistical covariance plus the systematic's scale squared on the
-    diagonal.
+    S): the inflated, scaled statistical covariance plus the systematic's scale squared on
+    the diagonal (the Gaussian scale: with a Student-t tail the variance is ``df / (df - 2)``
+    times larger on the tail's part).
     """
+    Systematic(flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend).check()
     batched = np.ndim(mean) == 4
     if not batched:
         mean, cov, chi2 = mean[None], cov[None], chi2[None]
     g, m, n_b, n_src = mean.shape
     n = int(num_samples)
+    beta = np.zeros((g, n_src)) if blendedness is None else np.nan_to_num(
+        np.asarray(blendedness, np.float64).reshape(g, n_src))
     infl = np.maximum(chi2, 1.0)
-    sq = np.swapaxes(np.sqrt(infl), -1, -2)  # (G, B, S)
+    k_s = (stat_scale + stat_blend * beta)[:, None, :]  # (G, 1, S)
+    sq = np.swapaxes(np.sqrt(infl), -1, -2) * k_s  # (G, B, S)
     cov_d = cov * sq[:, None, :, :, None] * sq[:, None, :, None, :]
     chol = psd_factor(cov_d)
     k = rng.integers(0, m, size=(g, n))
     eps = rng.standard_normal((g, n, n_b, n_src))
     rows = np.arange(g)[:, None]
-    f = mean[rows, k] + np.einsum("gnbst,gnbt->gnbs", chol[rows, k], eps)
-    sys_sd = (flux_sys * np.clip(mean, 0.0, None)
+    err = np.einsum("gnbst,gnbt->gnbs", chol[rows, k], eps)
+    eps_s = (flux_sys + flux_sys_blend * beta)[:, None, None, :]  # (G, 1, 1, S)
+    sys_sd = (eps_s * np.clip(mean, 0.0, None)
               * np.swapaxes(infl, -1, -2)[:, None] ** (0.5 * power))  # (G, M, B, S)
-    if flux_sys > 0:  # scaled by the footprint misfit: a worse-fitting morphology, larger error
-        f = f + sys_sd[rows, k] * systematic_noise(rng, (g, n, 1, n_src), df)
+    total = tail == "total"
+    if np.any(eps_s > 0):  # scaled by the footprint misfit: a worse-fitting morphology, larger
+        err = err + sys_sd[rows, k] * systematic_noise(rng, (g, n, 1, n_src),
+                                                       np.inf if total else df)
         cov_d = cov_d + sys_sd[..., None] ** 2 * np.eye(n_src)
+    if total and np.isfinite(df):  # one scale per source and draw: Student-t marginals
+        err = err * np.sqrt(df / rng.chisquare(df, size=(g, n, 1, n_src)))
+    f = mean[rows, k] + err
     out = {"flux": np.swapaxes(f, -1, -2), "morph": k, "inflation": infl, "cov": cov_d}
     return out if batched else {key: v[0] for key, v in out.items()}
 
 
-def systematic_of(card: dict | None, n_morph: int,
-                  refined: bool = False) -> tuple[float, float, float]:
-    """The calibrated systematic ``(flux_sys, power, df)`` of an encoder card for a mixture
-    of ``n_morph`` morphology draws (see :func:`flux_draws`).
+def systematic_of(card: dict | None, n_morph: int, refined: bool = False) -> Systematic:
+    """The calibrated error model (:class:`Systematic`) of an encoder card for a mixture of
+    ``n_morph`` morphology draws (see :func:`flux_draws`).
 
-    Looks up ``calibration.by_n_morph[str(n_morph)]`` (``{"flux_sys", "power", "df"}``; the
-    nearest calibrated ``n_morph`` when that one is missing, ties to fewer draws), then the
-    top-level ``calibration.flux_sys`` / ``power`` / ``df`` (fitted at
-    ``calibration.n_morph``). ``refined``: the morphology draws are centred on a refined
+    Looks up ``calibration.by_n_morph[str(n_morph)]`` (:class:`Systematic`'s fields by
+    name; the nearest calibrated ``n_morph`` when that one is missing, ties
+    to fewer draws), then the top-level ``calibration.flux_sys`` / ``power`` / ``df`` (fitted
+    at ``calibration.n_morph``). ``refined``: the morphology draws are centred on a refined
     morphology (``ScenePosterior.amortized(refine=...)``), whose error is smaller; looks up
-    ``calibration.by_n_morph_refined`` first. ``power`` defaults to 1 and ``df`` to infinity
-    (Gaussian); ``(0, 1, inf)`` without a calibration.
+    ``calibration.by_n_morph_refined`` first. Missing fields take :class:`Systematic`'s
+    defaults (``df`` null: Gaussian); ``Systematic()`` without a calibration. The entry for
+    one morphology draw (q's mean) is fitted on the catalogue's own path
+    (``calibrate_photometry.py --catalog``).
     """
     def entry(d):
         df = d.get("df")
-        return (float(d["flux_sys"]), float(d.get("power", 1.0)),
-                np.inf if df is None else float(df))
+        return Systematic(float(d["flux_sys"]), float(d.get("power", 1.0)),
+                          np.inf if df is None else float(df),
+                          float(d.get("stat_scale", 1.0)), str(d.get("tail", "systematic")),
+                          float(d.get("flux_sys_blend", 0.0)), float(d.get("stat_blend", 0.0)))
 
     def nearest(table):
         by = {int(k): entry(v) for k, v in (table or {}).items()}
@@ -255,7 +337,7 @@ def systematic_of(card: dict | None, n_morph: int,
     by = dict(cal.get("by_n_morph") or {})
     if "flux_sys" in cal:
         by.setdefault(str(cal.get("n_morph", n_morph)), cal)
-    return nearest(by) or (0.0, 1.0, np.inf)
+    return nearest(by) or Systematic()
 
 
 def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
@@ -301,8 +383,8 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
     if size < ns or size % 2:
         from .errors import ArgumentError
 
-        raise ArgumentError("box", f"the box ({size} px) must be even and hold the stamps "
-                                   f"({ns} px); pass an even box >= {ns} or None")
+        raise ArgumentError("box", box, f"the box ({size} px) must be even and hold the "
+                                        f"stamps ({ns} px); pass an even box >= {ns} or None")
     p0 = (size - ns) // 2
     pos = np.asarray(positions, np.float64).reshape(-1, 2)
     origins = np.floor(pos - (ns - 1) / 2.0).astype(np.int64) - p0  # box pixel [0, 0]
@@ -334,6 +416,31 @@ def _support(templates: np.ndarray, fraction: float) -> tuple[np.ndarray, np.nda
     return np.stack([x0, y0], -1), np.stack([x1, y1], -1)
 
 
+def model_blendedness(tmpl: np.ndarray, flux: np.ndarray) -> np.ndarray:
+    """Blendedness of each source in its fitted model: ``1 - <m_s, m_s> / <m_s, M>``
+    (Bosch et al. 2018), with ``m_s`` the source's model image summed over bands (fluxes
+    clipped at 0) and ``M`` the sum of the blend's; 0 for an isolated source (or one with no
+    positive flux), towards 1 for a source buried under its neighbours.
+
+    Parameters
+    ----------
+    tmpl : array ([G,] S, band, y, x)
+        Unit-flux templates of the blend's sources on one grid.
+    flux : array ([G,] band, S)
+        Their fluxes (e.g. :func:`linear_fluxes`' mean of one morphology).
+
+    Returns
+    -------
+    array ([G,] S)
+    """
+    t = np.asarray(tmpl)
+    f = np.clip(np.asarray(flux, np.float64), 0.0, None)
+    m = np.einsum("...bs,...sbyx->...syx", f, t).reshape(*t.shape[:-3], -1)  # (..., S, P)
+    own = np.einsum("...sp,...sp->...s", m, m)
+    cross = np.einsum("...sp,...p->...s", m, m.sum(-2))
+    return np.where(cross > 0, 1.0 - own / np.where(cross > 0, cross, 1.0), 0.0)
+
+
 def add_box(target: np.ndarray, box: np.ndarray, origin) -> None:
     """Add ``box (..., L, L)`` (e.g. a :func:`local_templates` box) into ``target (..., ny,
     nx)`` with its pixel [0, 0] at ``origin = (x, y)`` of the target, clipped (in place)."""
@@ -347,7 +454,7 @@ def add_box(target: np.ndarray, box: np.ndarray, origin) -> None:
 
 def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarray,
                      weight: np.ndarray, groups, num_samples: int, rng: np.random.Generator,
-                     flux_sys: float = 0.0, power: float = 1.0, df: float = np.inf,
+                     systematic: Systematic | None = None,
                      redistribute: float | None = None) -> dict:
     """Flux posterior draws of every source, solved jointly within each blend group.
 
@@ -361,15 +468,18 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
         Indices of the sources of each blend group (every source in exactly one).
     num_samples : int
     rng : numpy Generator
-    flux_sys, power, df : float
-        See :func:`flux_draws`.
+    systematic : Systematic, optional
+        The error model added to the statistical errors (:func:`flux_draws`; default none).
     redistribute : float, optional
         See :func:`linear_fluxes`.
 
     Returns
     -------
-    dict: ``flux`` (n, num_samples, band), ``mean`` (n, band), ``sd`` (n, band) (with the
-    inflation and ``flux_sys``), ``chi2`` (n, band).
+    dict: ``flux`` (n, num_samples, band), ``mean`` (n, band), ``sd`` (n, band) (the error
+    model's Gaussian scale: the inflated, scaled statistical sd and the systematic's scale in
+    quadrature), ``chi2`` (n, band) (the footprint's reduced chi^2, :func:`linear_fluxes`),
+    ``blendedness`` (n,) (:func:`model_blendedness` of the fitted model; NaN: not
+    measured).
 
     Notes
     -----
@@ -390,6 +500,7 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
     mean = np.full((n, nb), np.nan)
     sd = np.full((n, nb), np.nan)
     chi2 = np.zeros((n, nb))
+    blend = np.full(n, np.nan)
     lo, hi = _support(templates, _SUPPORT)  # (n, 2) box pixels of each template's support
     buckets: dict[tuple[int, int, int], list] = {}
     for members in groups:  # each group's box: its templates' supports, clipped to the image
@@ -416,11 +527,14 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
                     add_box(tm[j, 0, k, :, :y1 - y0, :x1 - x0], templates[members[k]],
                             (ox - x0, oy - y0))
             mu, cov, c2 = linear_fluxes(tm, img, wt, redistribute)
-            d = flux_draws(mu, cov, c2, num_samples, rng, flux_sys, power, df)
+            beta = model_blendedness(tm[:, 0], mu[:, 0])  # (G, S)
+            d = flux_draws(mu, cov, c2, num_samples, rng, *(systematic or Systematic()),
+                           blendedness=beta)
             idx = np.concatenate([b[0] for b in batch])
             flux[idx] = np.swapaxes(d["flux"], 1, 2).reshape(-1, int(num_samples), nb)
             mean[idx] = np.swapaxes(mu[:, 0], 1, 2).reshape(-1, nb)
             var = np.einsum("gbss->gsb", d["cov"][:, 0])
             sd[idx] = np.sqrt(var).reshape(-1, nb)
             chi2[idx] = c2.reshape(-1, nb)
-    return {"flux": flux, "mean": mean, "sd": sd, "chi2": chi2}
+            blend[idx] = beta.reshape(-1)
+    return {"flux": flux, "mean": mean, "sd": sd, "chi2": chi2, "blendedness": blend}

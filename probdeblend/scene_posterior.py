@@ -600,10 +600,10 @@ class ScenePosterior:
         relative error per source shared by its bands, of scale ``flux_sys * flux *
         inflation ** (power / 2)`` (larger where the footprint chi^2 says the morphology fits
         worse), Student-t with ``df`` degrees of freedom. ``None`` takes the encoder card's
-        calibration for this ``n_morph`` (``flux_sys``, ``power``, ``df``:
-        :func:`probdeblend.photometry.systematic_of`; fitted on simulated scenes held out from
-        the benchmark by ``benchmarks/calibrate_photometry.py``), else 0; a number given here
-        is used with ``power`` 1 and a Gaussian tail. The algebra is
+        calibrated error model for this ``n_morph`` (:class:`probdeblend.photometry.
+        Systematic`, :func:`probdeblend.photometry.systematic_of`; fitted on simulated scenes
+        held out from the benchmark by ``benchmarks/calibrate_photometry.py``), else none; a
+        number given here is used with ``power`` 1 and a Gaussian tail. The algebra is
         :mod:`probdeblend.photometry`.
 
         ``redistribute``: each source also gets its share of the fit's residual in its
@@ -615,13 +615,23 @@ class ScenePosterior:
         least-squares fluxes alone) for a refined ``q``, whose morphology fits the data.
 
         Returns a dict: ``flux`` (num_samples, S, band) in image units, ``chi2`` (S, band)
-        footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band), ``mean``
+        footprint reduced chi^2 at q's mean morphology, ``inflation`` (S, band),
+        ``blendedness`` (S,) at q's mean morphology (scales the error model's blend terms),
+        ``mean``
         and ``cov`` (M, band, S[, S]) of each morphology draw (inflated, plus the
-        systematic's scale squared), ``flux_sys``, ``power`` and ``df`` as used, ``morph``
+        systematic's scale squared), the error model as used (``flux_sys``, ``power``,
+        ``df``, ``stat_scale``, ``tail``: :class:`probdeblend.photometry.Systematic`), ``morph``
         (num_samples,) the morphology draw of each flux draw, ``templates`` (M, S, band, y, x)
         the unit-flux images of the morphology draws.
         """
-        from .photometry import REDISTRIBUTE, flux_draws, linear_fluxes, systematic_of
+        from .photometry import (
+            REDISTRIBUTE,
+            Systematic,
+            flux_draws,
+            linear_fluxes,
+            model_blendedness,
+            systematic_of,
+        )
 
         rng = np.random.default_rng(0) if rng is None else rng
         n_morph = max(1, int(n_morph))
@@ -644,14 +654,14 @@ class ScenePosterior:
                                 "footprint fraction in [0, 1) such as 0.003")
         mean, cov, chi2 = linear_fluxes(tmpl, self.scene.image, self.scene.weight,
                                         redistribute)
-        power, df = 1.0, np.inf
-        if flux_sys is None:
-            flux_sys, power, df = systematic_of(getattr(self.encoder, "card", None), n_morph,
-                                                refined)
-        d = flux_draws(mean, cov, chi2, num_samples, rng, flux_sys, power, df)
+        sys_ = (systematic_of(getattr(self.encoder, "card", None), n_morph, refined)
+                if flux_sys is None else Systematic(float(flux_sys)))
+        beta = model_blendedness(tmpl[0], mean[0])  # of morphology 0 (q's mean)
+        d = flux_draws(mean, cov, chi2, num_samples, rng, *sys_, blendedness=beta)
         return {"flux": d["flux"], "chi2": chi2, "inflation": d["inflation"], "mean": mean,
-                "cov": d["cov"], "flux_sys": flux_sys, "power": power, "df": df,
-                "morph": d["morph"], "templates": tmpl, "redistribute": redistribute}
+                "blendedness": beta,
+                "cov": d["cov"], **sys_._asdict(), "morph": d["morph"], "templates": tmpl,
+                "redistribute": redistribute}
 
     def map(self, max_iter: int = 500):
         """MAP of the whole scene: ``(flat, info)``, cached. L-BFGS from q's mean latent and

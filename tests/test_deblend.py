@@ -183,9 +183,13 @@ def test_residual_pass_q_is_reused_exactly(field, cat, monkeypatch):
     assert int((np.asarray(cat["det_pass"]) == 0).sum()) > 0
     monkeypatch.setattr(dbm, "_chunk_q", lambda *a, **k: None)
     again = deblend(field.to_scene(), num_samples=64, seed=1)
-    for c in ("id", "group", "x", "y", "flux_r", "flux_r_err", "e1", "e2"):
+    for c in ("id", "group", "x", "y", "e1", "e2", "blendedness"):
         np.testing.assert_allclose(np.asarray(again[c], float), np.asarray(cat[c], float),
                                    rtol=1e-4, atol=1e-4)
+    # fluxes: the heavy-tailed draws amplify float32 rounding to < 1 % of their width
+    for c in ("flux_r", "flux_r_q50", "flux_r_err"):
+        diff = np.abs(np.asarray(again[c], float) - np.asarray(cat[c], float))
+        assert np.all(diff < 0.01 * np.asarray(cat["flux_r_err"], float))
     scene = field.to_scene()
     prior = _resolve_prior("lsst-vae")
     first = np.stack([np.asarray(cat["x_init"]), np.asarray(cat["y_init"])], -1)[
@@ -257,8 +261,9 @@ def test_small_chunks_same_sources_and_groups(field, cat):
     for c in ("x_init", "y_init"):
         np.testing.assert_allclose(np.asarray(small[c]), np.asarray(cat[c]), atol=1e-4)
     # e and flux summaries differ only through the draws (64 per source): within 4 sigma
-    for c in ("e1", "flux_r"):
-        tol = 4 * np.sqrt(2.0 / 64) * np.asarray(cat[f"{c}_err"])
+    # (the median for the fluxes: their draws are heavy-tailed, the mean converges slowly)
+    for c, err in (("e1", "e1_err"), ("flux_r_q50", "flux_r_err")):
+        tol = 4 * 1.25 * np.sqrt(2.0 / 64) * np.asarray(cat[err])
         assert np.all(np.abs(np.asarray(small[c]) - np.asarray(cat[c])) <= tol)
 
 

@@ -8,7 +8,13 @@ import pytest
 
 import probdeblend as pb
 from probdeblend.amortized import AmortizedEncoder, AmortizedPosterior
-from probdeblend.photometry import group_photometry, linear_fluxes, local_templates, systematic_of
+from probdeblend.photometry import (
+    Systematic,
+    group_photometry,
+    linear_fluxes,
+    local_templates,
+    systematic_of,
+)
 from probdeblend.priors.frame import ModelFrame
 from probdeblend.priors.train import build_tiny_prior
 from probdeblend.scene_posterior import PriorCache, ScenePosterior
@@ -114,11 +120,11 @@ def test_batched_groups_equal_group_by_group_solves(post, monkeypatch):
         return solve(tm, *args, **kw)
 
     monkeypatch.setattr(phot, "linear_fluxes", spy)
-    both = group_photometry(tmpl, origins, img, w, [[0], [1], [2]], 50, rng, flux_sys=0.02,
-                            redistribute=0.003)
+    both = group_photometry(tmpl, origins, img, w, [[0], [1], [2]], 50, rng,
+                            Systematic(0.02), redistribute=0.003)
     assert sizes == [3]
     for s in range(3):  # one group per call: no batch
-        one = group_photometry(tmpl, origins, img, w, [[s]], 50, rng, flux_sys=0.02,
+        one = group_photometry(tmpl, origins, img, w, [[s]], 50, rng, Systematic(0.02),
                                redistribute=0.003)
         for key in ("mean", "sd", "chi2"):
             np.testing.assert_allclose(both[key][s], one[key][s], rtol=1e-9)
@@ -134,11 +140,60 @@ def test_systematic_lookup():
     cal = {"calibration": {"flux_sys": 0.07, "power": 0.6, "n_morph": 8,
                            "by_n_morph": {"1": {"flux_sys": 0.11, "power": 0.5}}}}
     cal["calibration"]["by_n_morph"]["1"]["df"] = 4
-    assert systematic_of(cal, 8) == (0.07, 0.6, np.inf)
-    assert systematic_of(cal, 1) == (0.11, 0.5, 4.0)
-    assert systematic_of(cal, 4) == (0.11, 0.5, 4.0)  # nearest calibrated n_morph (ties: fewer)
-    assert systematic_of({"calibration": {"flux_sys": 0.05}}, 3) == (0.05, 1.0, np.inf)
-    assert systematic_of(None, 8) == (0.0, 1.0, np.inf) == systematic_of({}, 1)
+    assert systematic_of(cal, 8) == Systematic(0.07, 0.6, np.inf)
+    assert systematic_of(cal, 1) == Systematic(0.11, 0.5, 4.0)
+    assert systematic_of(cal, 4) == Systematic(0.11, 0.5, 4.0)  # nearest (ties: fewer draws)
+    assert systematic_of({"calibration": {"flux_sys": 0.05}}, 3) == Systematic(0.05)
+    assert systematic_of(None, 8) == Systematic() == systematic_of({}, 1)
+    cal["calibration"]["by_n_morph"]["1"].update(stat_scale=1.5, tail="total")
+    assert systematic_of(cal, 1) == Systematic(0.11, 0.5, 4.0, 1.5, "total")
+    assert systematic_of(cal, 8).tail == "systematic"  # older entries keep their meaning
+
+
+@pytest.mark.parametrize("bad", [Systematic(-0.1), Systematic(df=0.0), Systematic(stat_scale=0),
+                                 Systematic(tail="all"), Systematic(flux_sys=np.nan)])
+def test_systematic_out_of_range_is_an_argument_error(bad):
+    from probdeblend.errors import ArgumentError
+    from probdeblend.photometry import flux_draws
+
+    with pytest.raises(ArgumentError, match="Systematic"):
+        bad.check()
+    with pytest.raises(ArgumentError):
+        flux_draws(np.ones((1, 1, 1)), np.ones((1, 1, 1, 1)), np.ones((1, 1)), 5,
+                   np.random.default_rng(0), *bad)
+
+
+def test_total_tail_scales_statistical_and_systematic_errors_together():
+    """tail="total": per source and draw one chi^2 scale on its whole error (every band), so
+    the marginals are Student-t of scale sqrt((stat_scale * sd)^2 + (flux_sys * f)^2) and the
+    colours stay as sharp as the statistical errors make them."""
+    from scipy import stats
+
+    from probdeblend.photometry import flux_draws
+
+    mean = np.array([[[1e4, 2e4], [3e4, 5e3]]])  # (M=1, B=2, S=2)
+    sd = np.array([[300.0, 500.0], [400.0, 200.0]])  # (B, S)
+    cov = np.zeros((1, 2, 2, 2))
+    cov[0, :, 0, 0], cov[0, :, 1, 1] = sd[:, 0] ** 2, sd[:, 1] ** 2
+    chi2 = np.ones((2, 2))
+    rng = np.random.default_rng(1)
+    n, df, k, eps = 400_000, 3.0, 1.5, 0.04
+    f = flux_draws(mean, cov, chi2, n, rng, eps, 0.0, df, k, "total")["flux"]  # (n, S, B)
+    for s in range(2):
+        for b in range(2):
+            scale = np.hypot(k * sd[b, s], eps * mean[0, b, s])
+            z = (f[:, s, b] - mean[0, b, s]) / scale
+            qs = np.quantile(z, [0.025, 0.16, 0.84, 0.975])
+            np.testing.assert_allclose(qs, stats.t(df).ppf([0.025, 0.16, 0.84, 0.975]),
+                                       rtol=0.02)
+    # one scale per source: the two bands' standardised errors share their tail
+    z0 = (f[:, 0, 0] - 1e4) / np.hypot(k * 300, eps * 1e4)
+    z1 = (f[:, 0, 1] - 3e4) / np.hypot(k * 400, eps * 3e4)
+    big = np.abs(z0) > 5
+    assert np.mean(np.abs(z1[big]) > 2) > 5 * np.mean(np.abs(z1) > 2)
+    # ...but not across sources (each galaxy's morphology fails on its own)
+    z2 = (f[:, 1, 0] - 2e4) / np.hypot(k * 500, eps * 2e4)
+    assert np.mean(np.abs(z2[big]) > 2) < 1.5 * np.mean(np.abs(z2) > 2)
 
 
 def test_systematic_is_shared_by_bands_and_heavy_tailed():
