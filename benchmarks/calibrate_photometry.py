@@ -24,7 +24,10 @@ whole error model of one morphology draw by maximum likelihood: the flux error i
 (``tail="total"``, ``df``) of scale ``sqrt(((1 + stat_blend * beta) * sd)^2 + ((flux_sys +
 flux_sys_blend * beta) * flux)^2 * inflation ** power)`` (``stat_scale`` 1: an isolated
 source's closed-form errors are right, measured); stored as ``calibration.by_n_morph["1"]``
-with its coverage per S/N and blendedness bin.
+with its coverage per S/N and blendedness bin. ``--blend-model --n-morph 8`` fits the same
+model to ``ScenePosterior.photometry`` (``fit(method="amortized")``) with 8 morphology draws,
+every source (``stat_scale`` then scales the mixture's whole closed-form spread); stored as
+``calibration.by_n_morph["8"]``.
 
     python benchmarks/calibrate_photometry.py --encoder priors/lsst-vae-amortized.json \
         --catalog --n 400 --write-card
@@ -87,6 +90,18 @@ def collect(args) -> list[dict]:
                      "median": float(np.median(f)),
                      "half_width": float(np.diff(np.percentile(f, [16, 84]))[0] / 2),
                      "blend_true": float(sim.truth[0]["blendedness_total"])}
+        elif args.blend_model:  # every source, with its blendedness (no systematic)
+            ph = post.photometry(400, n_morph=args.n_morph, rng=np.random.default_rng(i),
+                                 flux_sys=0.0)
+            seconds = (time.perf_counter() - t0) / len(sim.truth)
+            for j, t in enumerate(sim.truth):
+                f = ph["flux"][:, j, r]
+                rows.append({"scene": i, "source": j, "truth": float(t["flux_r"]),
+                             "mean": float(f.mean()), "sd": float(f.std()),
+                             "snr": float(t["snr"]),
+                             "blendedness": float(ph["blendedness"][j]),
+                             "inflation": float(ph["inflation"][j, r]), "seconds": seconds})
+            continue
         else:
             q = post.refined(args.refine)[0] if args.refine else None
             ph = post.photometry(400, n_morph=args.n_morph, rng=np.random.default_rng(i),
@@ -235,7 +250,7 @@ def per_bin(rows, eps, power, df=None, relative: bool = True) -> list:
 BLEND_EDGES = (-np.inf, 0.05, 0.2, 0.5, np.inf)
 
 
-def catalog_scale(rows, p) -> np.ndarray:
+def blend_model_scale(rows, p) -> np.ndarray:
     """The catalogue error model's Student-t scale of each row for ``p = (stat_blend,
     flux_sys, flux_sys_blend, power)`` (see the module docstring)."""
     t, m, sd, infl = _arrays(rows)
@@ -245,9 +260,9 @@ def catalog_scale(rows, p) -> np.ndarray:
                     (a0 + a1 * beta) * np.clip(m, 0, None) * infl ** (0.5 * power))
 
 
-def fit_catalog(rows) -> dict:
+def fit_blend_model(rows) -> dict:
     """Maximum-likelihood fit of the catalogue's error model (module docstring): the flux
-    errors ``mean - truth`` of ``rows`` as Student-t of :func:`catalog_scale`. Returns the
+    errors ``mean - truth`` of ``rows`` as Student-t of :func:`blend_model_scale`. Returns the
     card fields (``flux_sys``, ``flux_sys_blend``, ``stat_scale`` 1, ``stat_blend``,
     ``power``, ``df``, ``tail`` "total")."""
     from scipy import optimize, stats
@@ -258,7 +273,7 @@ def fit_catalog(rows) -> dict:
         k1, a0, a1, power, log_df = x
         if 1 + k1 <= 0 or a0 < 0 or a0 + a1 < 0 or not -2 < power < 4:
             return 1e30
-        s = catalog_scale(rows, (k1, a0, a1, power))
+        s = blend_model_scale(rows, (k1, a0, a1, power))
         return -float(np.sum(stats.t.logpdf((m - t) / s, np.exp(log_df)) - np.log(s)))
 
     best = None
@@ -272,14 +287,14 @@ def fit_catalog(rows) -> dict:
             "tail": "total", "neg_log_lik": float(best.fun)}
 
 
-def catalog_coverage(rows, fit: dict) -> dict:
+def blend_model_coverage(rows, fit: dict) -> dict:
     """(68, 95) % coverage of the fitted model's central intervals (the Student-t's exact
     quantiles), overall, per S/N bin and per blendedness bin: ``{"all": [n, c68, c95],
     "snr": [[lo, hi, n, c68, c95], ...], "blendedness": [...]}``."""
     from scipy import stats
 
     t, m, _, _ = _arrays(rows)
-    s = catalog_scale(rows, (fit["stat_blend"], fit["flux_sys"], fit["flux_sys_blend"],
+    s = blend_model_scale(rows, (fit["stat_blend"], fit["flux_sys"], fit["flux_sys_blend"],
                              fit["power"]))
     z = np.abs(m - t) / s
     lim68, lim95 = stats.t.ppf([0.84, 0.975], fit["df"])
@@ -351,6 +366,10 @@ def main(argv=None):
                          "morphology draw (stat_scale, flux_sys, df; tail 'total'), stored as "
                          "calibration.by_n_morph['1']; --encoder must be the card of "
                          "--prior's shipped encoder, which deblend uses")
+    ap.add_argument("--blend-model", action="store_true",
+                    help="fit the blendedness-dependent model (as --catalog) to the "
+                         "ScenePosterior photometry with --n-morph draws, every source; "
+                         "stored as calibration.by_n_morph[n_morph]")
     ap.add_argument("--from-rows", default=None,
                     help="refit the rows of an earlier output json instead of simulating")
     ap.add_argument("--out", default="benchmarks/results/deblend/photometry_calibration.json")
@@ -360,16 +379,16 @@ def main(argv=None):
         rows = json.loads(Path(a.from_rows).read_text())["rows"]
     else:
         rows = collect_catalog(a) if a.catalog else collect(a)
-    if a.catalog:  # the whole error model, by maximum likelihood
-        fit = fit_catalog(rows)
-        cc = catalog_coverage(rows, fit)
+    if a.catalog or a.blend_model:  # the whole error model, by maximum likelihood
+        fit = fit_blend_model(rows)
+        cc = blend_model_coverage(rows, fit)
         res = {"encoder": a.encoder, "prior": a.prior,
                "scenes": f"family a {a.start}..{a.start + a.n - 1}, every source",
-               "n_morph": 1, "catalog": True, **fit,
+               "n_morph": a.n_morph, "catalog": a.catalog, **fit,
                "coverage_68_95_at_flux_sys": cc["all"][1:],
                "coverage_per_snr_bin": cc["snr"], "coverage_per_blendedness_bin":
                    cc["blendedness"],
-               "coverage_without": catalog_coverage(rows, {**fit, "stat_blend": 0.0,
+               "coverage_without": blend_model_coverage(rows, {**fit, "stat_blend": 0.0,
                                                            "flux_sys": 0.0,
                                                            "flux_sys_blend": 0.0,
                                                            "df": 1e9}),
@@ -382,10 +401,13 @@ def main(argv=None):
             keys = ("flux_sys", "flux_sys_blend", "stat_scale", "stat_blend", "power", "df",
                     "tail", "scenes", "coverage_68_95_at_flux_sys", "coverage_per_snr_bin",
                     "coverage_per_blendedness_bin")
-            _write_entry(Path(a.encoder), "by_n_morph", "1", {
-                **{k: res[k] for k in keys},
-                "path": "catalog (deblend, q-mean templates, every source of each scene)",
-                "method": "benchmarks/calibrate_photometry.py --catalog (maximum likelihood)"})
+            path = ("catalog (deblend, q-mean templates, every source of each scene)"
+                    if a.catalog else f"ScenePosterior.photometry, {a.n_morph} morphology "
+                    "draws, every source of each scene")
+            flag = "--catalog" if a.catalog else f"--blend-model --n-morph {a.n_morph}"
+            _write_entry(Path(a.encoder), "by_n_morph", str(a.n_morph), {
+                **{k: res[k] for k in keys}, "path": path,
+                "method": f"benchmarks/calibrate_photometry.py {flag} (maximum likelihood)"})
         return
     powers = np.round(np.linspace(0.0, 1.5, 16), 3) if a.fit_power else (1.0,)
     (eps, power), cov = fit_sys(rows, powers=powers)

@@ -243,8 +243,9 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
                blendedness: np.ndarray | None = None) -> dict:
     """Draws of the flux posterior: a mixture over the ``M`` morphology draws.
 
-    Each morphology draw contributes its Gaussian (``cov`` times the footprint inflation
-    and ``stat_scale ** 2``) plus the systematic: per source, one fractional error shared by
+    Each morphology draw contributes its Gaussian (``cov`` times the footprint inflation;
+    ``stat_scale`` scales this closed-form spread, within and between the morphology draws,
+    about the mixture's mean) plus the systematic: per source, one fractional error shared by
     every band (a wrong morphology moves all bands' fluxes together, so colours stay sharp),
     of scale ``flux_sys * flux * inflation ** (power / 2)`` per band. Heavy tails (a
     morphology that is badly off), Student-t with ``df`` degrees of freedom (``inf`` =
@@ -290,7 +291,10 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     k = rng.integers(0, m, size=(g, n))
     eps = rng.standard_normal((g, n, n_b, n_src))
     rows = np.arange(g)[:, None]
-    err = np.einsum("gnbst,gnbt->gnbs", chol[rows, k], eps)
+    centre = mean.mean(1)[:, None]  # (G, 1, B, S): the mixture's mean
+    # the closed-form spread, between the morphology draws and within each, scaled together
+    err = (mean[rows, k] - centre) * k_s[:, None] + np.einsum("gnbst,gnbt->gnbs",
+                                                                chol[rows, k], eps)
     eps_s = (flux_sys + flux_sys_blend * beta)[:, None, None, :]  # (G, 1, 1, S)
     sys_sd = (eps_s * np.clip(mean, 0.0, None)
               * np.swapaxes(infl, -1, -2)[:, None] ** (0.5 * power))  # (G, M, B, S)
@@ -301,7 +305,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
         cov_d = cov_d + sys_sd[..., None] ** 2 * np.eye(n_src)
     if total and np.isfinite(df):  # one scale per source and draw: Student-t marginals
         err = err * np.sqrt(df / rng.chisquare(df, size=(g, n, 1, n_src)))
-    f = mean[rows, k] + err
+    f = centre + err
     out = {"flux": np.swapaxes(f, -1, -2), "morph": k, "inflation": infl, "cov": cov_d}
     return out if batched else {key: v[0] for key, v in out.items()}
 

@@ -10,7 +10,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from calibrate_photometry import catalog_coverage, fit_catalog, fit_sys, per_bin  # noqa: E402
+from calibrate_photometry import blend_model_coverage, fit_blend_model, fit_sys, per_bin  # noqa: E402
 
 
 def test_fit_sys_recovers_a_known_fractional_error():
@@ -70,7 +70,7 @@ def test_fit_shapes_recovers_a_known_absolute_shape_error():
         assert bright[2] > 70 and abs(bright[3] - 0.68) < 0.1
 
 
-def test_fit_catalog_recovers_a_blendedness_dependent_model():
+def test_fit_blend_model_recovers_a_blendedness_dependent_model():
     """Errors drawn from the catalogue's model (Student-t on the whole error, growing with
     blendedness): the maximum-likelihood fit recovers its parameters (the model's scale uses
     the measured flux, as the catalogue does, which biases ``stat_blend`` up a little) and
@@ -92,13 +92,13 @@ def test_fit_catalog_recovers_a_blendedness_dependent_model():
     mean = d["flux"][:, 0, 0, 0]
     rows = [{"truth": t, "mean": m, "sd": s, "inflation": i, "blendedness": b, "snr": t / s}
             for t, m, s, i, b in zip(truth, mean, sd, infl, beta, strict=True)]
-    fit = fit_catalog(rows)
+    fit = fit_blend_model(rows)
     assert abs(fit["flux_sys"] - 0.02) < 0.004 and abs(fit["flux_sys_blend"] - 0.06) < 0.015
     assert 1.5 < fit["stat_blend"] < 3.5 and abs(fit["power"] - 1.0) < 0.2
     assert 3.0 < fit["df"] < 8.0 and fit["tail"] == "total" and fit["stat_scale"] == 1.0
-    cov = catalog_coverage(rows, fit)
+    cov = blend_model_coverage(rows, fit)
     for _, _, _, c68, c95 in cov["blendedness"]:
         assert abs(c68 - 0.68) < 0.03 and abs(c95 - 0.95) < 0.02
-    alone = catalog_coverage(rows, {**fit, "flux_sys": 0.0, "flux_sys_blend": 0.0,
+    alone = blend_model_coverage(rows, {**fit, "flux_sys": 0.0, "flux_sys_blend": 0.0,
                                     "stat_blend": 0.0, "df": 1e9})
     assert alone["blendedness"][-1][3] < 0.45  # the blended sources' stated errors under-cover
