@@ -408,7 +408,13 @@ def report(out: Path, args):
              "`catalog`: the survey path, `probdeblend.deblend` on the scene with the true "
              "positions (q's offset and e draws, closed-form photometry per blend group), "
              "timed end to end per call (one scene per call: the fixed per-call costs "
-             "dominate; its sources/s at survey scale are in `benchmarks/results/field`).", ""]
+             "dominate; its sources/s at survey scale are in `benchmarks/results/field`). "
+             "`amortized` and `catalog` (and their `_vaegan` rows): the photometry's flux "
+             "error model that grows with each source's blendedness, Student-t on the whole "
+             "error, fitted by maximum likelihood on every source of held-out scenes 500-899 "
+             "(`calibrate_photometry.py --blend-model --n-morph 8` / `--catalog`, "
+             "2026-11-28); `_acccd58`: the same code's rows with the previous model (one "
+             "fractional systematic for every source, Student-t on it alone).", ""]
     for fam, title in (("a", "Family (a): the project's own simulator"),
                        ("b", "Family (b): shifted populations (never seen in training)")):
         fr = [r for r in rows if r["family"] == fam]
@@ -472,7 +478,8 @@ def report(out: Path, args):
                   "68 / 95 % coverage of the r flux:", "",
                   "| method | " + " | ".join(f"B {lo}-{hi}" for lo, hi in B_BINS) + " |",
                   "|---|" + "---|" * len(B_BINS)]
-        for m in ("amortized", "laplace", "nuts", "catalog", "catalog_acccd58", "sep"):
+        for m in ("amortized", "amortized_acccd58", "laplace", "nuts", "catalog",
+                  "catalog_acccd58", "sep"):
             cells = []
             for lo, hi in B_BINS:
                 rs = [r for r in fr if r["method"] == m and lo <= r["blend"] < hi]
