@@ -38,6 +38,11 @@ SIZES = (512, 1024, 2048, 4096)
 SNR_BINS = (10, 20, 50, 100, 1e9)
 #: earlier timings kept in results.json (key -> what changed since), newest first
 BEFORE = {
+    "timing_acccd58": "The previous run (code acccd58, before the blendedness-dependent flux "
+                      "error model and the catalogue's blendedness / chi2 columns; an A/B of "
+                      "the two codes on the 2048^2 field, alternating fresh processes, gave "
+                      "inference 1.45 / 1.31 s (acccd58) against 1.44 / 1.47 s: the same "
+                      "within this VM's run-to-run scatter of 10-30 %)",
     "timing_before_one_render": "Before each source was decoded and rendered once per call "
                                 "(the residual pass's templates feed the photometry), the "
                                 "catalogue's boxes shrank to 72 px and its groups to their "
@@ -253,9 +258,12 @@ def step_accuracy(args, res):
         rel = np.asarray(c[f"flux_{b}"]) / f_true - 1
         inside = (np.asarray(c[f"flux_{b}_q16"]) <= f_true) & (f_true <= np.asarray(
             c[f"flux_{b}_q84"]))
+        single = np.asarray(c["group_size"]) == 1
         row[b] = {"median_rel_bias": float(np.median(rel)),
                   "mad_rel": float(1.4826 * np.median(np.abs(rel - np.median(rel)))),
                   "coverage_68": float(np.mean(inside)),
+                  "coverage_68_single": float(np.mean(inside[single])),
+                  "coverage_68_grouped": float(np.mean(inside[~single])),
                   "median_rel_err": float(np.median(np.asarray(c[f"flux_{b}_err"])
                                                     / np.asarray(c[f"flux_{b}"])))}
     c = cat[m[ok]]
@@ -541,17 +549,23 @@ def report(args, res):
                   "that change, run with the encoder shipped then (v0.2, no shape head), so "
                   "they compare the catalogue as it was, not the two flux methods on one "
                   "encoder.", "",
+                  "`photometry, acccd58`: the same before the blendedness-dependent flux error "
+                  "model (2026-11-28; one fractional systematic for every source).", "",
                   "| band | fluxes | median flux bias | robust scatter | median posterior rel. "
-                  "std | truth inside 16-84% |", "|---|---|---|---|---|---|"]
+                  "width | truth inside 16-84% (singles / grouped) |", "|---|---|---|---|---|---|"]
         before = res.get("accuracy_q_fluxes") or {}
         for b in ("g", "r", "i"):
-            for label, a in (("photometry", acc), ("q", before)):
+            for label, a in (("photometry", acc),
+                             ("photometry, acccd58", res.get("accuracy_acccd58") or {}),
+                             ("q", before)):
                 if b not in a:
                     continue
                 r = a[b]
+                split = (f" ({r['coverage_68_single']:.3f} / {r['coverage_68_grouped']:.3f})"
+                         if "coverage_68_single" in r else "")
                 lines.append(f"| {b} | {label} | {r['median_rel_bias']:+.3f} | "
                              f"{r['mad_rel']:.3f} | {r['median_rel_err']:.3f} | "
-                             f"{r['coverage_68']:.3f} |")
+                             f"{r['coverage_68']:.3f}{split} |")
         lines += ["", f"{acc['n_matched']} matched; e1 - g1 std {acc['e1_resid_std']:.3f}; "
                       f"position rms {acc['pos_resid_rms']:.2f} px "
                       f"(median posterior pos_err {acc['median_pos_err']:.2f} px).", "",

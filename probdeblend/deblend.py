@@ -290,7 +290,7 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     seed : int
     groups : sequence of int arrays, optional
         Blend groups (indices into ``positions``) whose fluxes are solved jointly; default:
-        sources whose rendering boxes overlap, linked.
+        friends-of-friends within ``LINK_LENGTH_ARCSEC`` (deblend's ``"linkage"`` groups).
     photometry : bool
         See above.
     q : AmortizedQ, optional
@@ -485,10 +485,11 @@ def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int
 
     tmpl, origins = _q_mean_templates(scene, q, prior, band_idx) if templates is None \
         else templates
-    if groups is None:  # link sources whose boxes can overlap (friends-of-friends)
-        size = tmpl.shape[-1]
+    if groups is None:  # deblend's "linkage" groups: friends-of-friends within 2.5"
+        # (linking every pair of overlapping 72 px boxes percolated into one group of
+        # hundreds of sources on a dense field)
         found, _ = blend_groups(origins, scene.shape, grouping="linkage",
-                                link_length=size * math.sqrt(2), margin=0)
+                                link_length=LINK_LENGTH_ARCSEC / scene.pixel_scale, margin=0)
         groups = [g.members for g in found]
     if systematic is None:
         systematic = systematic_of(getattr(post, "card", None) or {}, 1)

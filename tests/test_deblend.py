@@ -317,6 +317,23 @@ def test_draws_function_contract(field):
     assert np.all(d["e1"].std(1) > 0)
 
 
+def test_default_groups_link_within_the_linkage_length(field, monkeypatch):
+    """Without given groups the photometry links sources within 2.5" (deblend's linkage
+    groups), not every pair of overlapping 72 px boxes, which percolated into one group on a
+    dense field: a 5 x 5 grid 4" apart gives 25 groups, one pair 1" apart one group."""
+    import probdeblend.photometry as phot
+
+    seen = []
+    solve = phot.group_photometry
+    monkeypatch.setattr(phot, "group_photometry",
+                        lambda *a, **k: seen.append([len(g) for g in a[4]]) or solve(*a, **k))
+    s = field.to_scene()
+    grid = np.stack(np.meshgrid(np.arange(5) * 20.0 + 24, np.arange(5) * 20.0 + 24), -1)
+    pos = np.concatenate([grid.reshape(-1, 2), [[29.0, 24.0]]])  # the last 1" from (24, 24)
+    _amortized_catalog_draws(s, pos, _resolve_prior("lsst-vae"), 4, seed=0)
+    assert sorted(seen[0]) == [1] * 24 + [2]
+
+
 def test_empty_image_gives_empty_catalog():
     from probdeblend import Scene
 
