@@ -38,6 +38,8 @@ SIZES = (512, 1024, 2048, 4096)
 SNR_BINS = (10, 20, 50, 100, 1e9)
 #: earlier timings kept in results.json (key -> what changed since), newest first
 BEFORE = {
+    "timing_77eaff9": "Before residual-pass candidates needed the photometry's confirmation "
+                      "(`residual_min_snr`; code 77eaff9, the same session)",
     "timing_acccd58": "The previous run (code acccd58, before the blendedness-dependent flux "
                       "error model and the catalogue's blendedness / chi2 columns; an A/B of "
                       "the two codes on the 2048^2 field, alternating fresh processes, gave "
@@ -510,7 +512,11 @@ def report(args, res):
         lines += [f"## Detection ({det['field_size']}^2 field, matched within 2 px)", "",
                   "| detector | recall (all) | recall SNR>10 | purity | detections | time [s] |",
                   "|---|---|---|---|---|---|"]
-        for name, d in det["field"].items():
+        old = ((res.get("detection_acccd58") or {}).get("field") or {}).get(
+            "deblend (+ residual pass)")
+        shown = {**det["field"], **({"deblend, residual candidates unconfirmed (acccd58)": old}
+                                    if old else {})}
+        for name, d in shown.items():
             lines.append(f"| {name} | {d['recall_all']:.3f} | {d['recall_snr10']:.3f} | "
                          f"{d['purity']:.3f} | {d['n_det']} / {d['n_truth']} truth | "
                          f"{d['seconds']} |")

@@ -457,9 +457,10 @@ def add_box(target: np.ndarray, box: np.ndarray, origin) -> None:
 
 
 def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarray,
-                     weight: np.ndarray, groups, num_samples: int, rng: np.random.Generator,
-                     systematic: Systematic | None = None,
-                     redistribute: float | None = None) -> dict:
+                     weight: np.ndarray | None, groups, num_samples: int,
+                     rng: np.random.Generator, systematic: Systematic | None = None,
+                     redistribute: float | None = None,
+                     variance: np.ndarray | None = None) -> dict:
     """Flux posterior draws of every source, solved jointly within each blend group.
 
     Parameters
@@ -467,7 +468,9 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
     templates, origins
         From :func:`local_templates` (one morphology per source).
     image, weight : array (band, ny, nx)
-        The scene (or a cutout of it holding the sources' boxes, in the same coordinates).
+        The scene (or a cutout of it holding the sources' boxes, in the same coordinates),
+        any float dtype (each group's box is copied to float64). ``weight`` None: give
+        ``variance`` instead.
     groups : sequence of int arrays
         Indices of the sources of each blend group (every source in exactly one).
     num_samples : int
@@ -476,6 +479,9 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
         The error model added to the statistical errors (:func:`flux_draws`; default none).
     redistribute : float, optional
         See :func:`linear_fluxes`.
+    variance : array (band, ny, nx), optional
+        Instead of ``weight``: the pixel variance (``inf`` = masked), inverted box by box, so
+        that no image-size weight array is made (e.g. ``Scene.variance``).
 
     Returns
     -------
@@ -498,6 +504,11 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
     blend axis); the padding pixels carry zero weight, so each group's answer is that of its
     own box. A batch holds at most ``_BATCH_ELEMENTS`` template pixels (bounded memory).
     """
+    if weight is None and variance is None:
+        from .errors import ArgumentError
+
+        raise ArgumentError("weight", weight, "give the inverse variance or, instead, "
+                                              "variance=")
     n, nb = templates.shape[0], templates.shape[1]
     ny, nx = image.shape[-2:]
     flux = np.full((n, int(num_samples), nb), np.nan)
@@ -526,7 +537,13 @@ def group_photometry(templates: np.ndarray, origins: np.ndarray, image: np.ndarr
             wt = np.zeros((len(batch), nb, h, w))
             for j, (members, x0, y0, x1, y1) in enumerate(batch):
                 img[j, :, :y1 - y0, :x1 - x0] = image[:, y0:y1, x0:x1]
-                wt[j, :, :y1 - y0, :x1 - x0] = weight[:, y0:y1, x0:x1]
+                if weight is not None:
+                    wt[j, :, :y1 - y0, :x1 - x0] = weight[:, y0:y1, x0:x1]
+                else:  # 1 / variance of the box; 0 where masked (inf) or not positive
+                    v = np.asarray(variance[:, y0:y1, x0:x1], np.float64)
+                    ok = np.isfinite(v) & (v > 0)
+                    wt[j, :, :y1 - y0, :x1 - x0] = np.where(ok, 1.0 / np.where(ok, v, 1.0),
+                                                            0.0)
                 for k, (ox, oy) in enumerate(origins[members]):  # paste, clipped to the box
                     add_box(tm[j, 0, k, :, :y1 - y0, :x1 - x0], templates[members[k]],
                             (ox - x0, oy - y0))

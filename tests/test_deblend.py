@@ -317,6 +317,32 @@ def test_draws_function_contract(field):
     assert np.all(d["e1"].std(1) > 0)
 
 
+def test_residual_candidates_need_photometric_confirmation():
+    """A residual-pass peak is kept only when the joint photometry gives it a flux S/N >=
+    residual_min_snr. On this field the residual pass finds two peaks: a galaxy (1.5 px from
+    a true one) and the misfit light of a neighbour (8.9 px from any galaxy); the default
+    keeps the first and drops the second (``NRESREJ``); 0 keeps both, 1e9 neither."""
+    from probdeblend.errors import ArgumentError
+
+    f = simulate_field(128, seed=7)
+    truth = np.stack([np.asarray(f.truth["x"]), np.asarray(f.truth["y"])], -1)
+
+    def residual(c):
+        xy = np.stack([np.asarray(c["x_init"]), np.asarray(c["y_init"])], -1)
+        xy = xy[np.asarray(c["det_pass"]) == 1]
+        return np.linalg.norm(xy[:, None] - truth[None], axis=-1).min(1)  # to nearest galaxy
+
+    every = deblend(f.to_scene(), num_samples=32, seed=1, residual_min_snr=0.0)
+    dflt = deblend(f.to_scene(), num_samples=32, seed=1)
+    none = deblend(f.to_scene(), num_samples=32, seed=1, residual_min_snr=1e9)
+    assert len(residual(every)) == 2 and every.meta["NRESREJ"] == 0
+    assert np.all(residual(dflt) < 2.0) and len(residual(dflt)) == 1
+    assert dflt.meta["NRESREJ"] == 1 and len(every) == len(dflt) + 1
+    assert len(residual(none)) == 0 and none.meta["NRESREJ"] == 2
+    with pytest.raises(ArgumentError, match="residual_min_snr"):
+        deblend(f.to_scene(), residual_min_snr=-1.0)
+
+
 def test_default_groups_link_within_the_linkage_length(field, monkeypatch):
     """Without given groups the photometry links sources within 2.5" (deblend's linkage
     groups), not every pair of overlapping 72 px boxes, which percolated into one group on a

@@ -334,3 +334,24 @@ def test_groups_are_solved_on_their_templates_support(post, monkeypatch):
                              redistribute=0.003)
     assert np.all(np.abs(cut["mean"] - whole["mean"]) < 0.05 * whole["sd"])
     np.testing.assert_allclose(cut["sd"], whole["sd"], rtol=0.01)
+
+
+def test_variance_instead_of_weight_gives_the_same_fluxes(post):
+    """``variance=`` (inverted box by box, no image-size weight) solves exactly what
+    ``weight = 1 / variance`` does, masked pixels (variance inf) included; neither: an
+    ArgumentError."""
+    from probdeblend.errors import ArgumentError
+
+    tmpl, origins, img, var, rng = _noisy_scene(post, 2e4, seed=5)
+    var = var.copy()
+    var[:, 30:34, 20:60] = np.inf  # a masked strip across the sources
+    w = np.where(np.isfinite(var), 1.0 / var, 0.0)
+    a = group_photometry(tmpl, origins, img, w, [np.arange(3)], 10,
+                         np.random.default_rng(0), redistribute=0.003)
+    b = group_photometry(tmpl, origins, img.astype(np.float32), None, [np.arange(3)], 10,
+                         np.random.default_rng(0), redistribute=0.003,
+                         variance=var.astype(np.float32))
+    for key in ("mean", "sd", "chi2", "blendedness"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ArgumentError, match="weight"):
+        group_photometry(tmpl, origins, img, None, [np.arange(3)], 10, rng)
