@@ -569,13 +569,13 @@ def _residual_detections(scene: Scene, positions: np.ndarray, prior, threshold: 
 
 
 def _confirm_residual(scene: Scene, known: np.ndarray, new: np.ndarray, q_known, cache,
-                      prior, min_snr: float, seed: int, groups_of=None) -> np.ndarray:
-    """Which residual-pass candidates ``new`` (m, 2) the photometry confirms: the blend
-    groups of the known and new sources (``groups_of(positions)`` -> index arrays, the
-    catalogue's own grouping; default friends-of-friends within ``LINK_LENGTH_ARCSEC``)
-    that hold a candidate are solved (:func:`probdeblend.photometry.group_photometry`, the
-    catalogue's q-mean templates and calibrated error model) and a candidate is kept when
-    its flux S/N,
+                      prior, min_snr: float, seed: int) -> np.ndarray:
+    """Which residual-pass candidates ``new`` (m, 2) the photometry confirms: each candidate
+    and the sources within ``LINK_LENGTH_ARCSEC`` of it (friends-of-friends; cheaper than
+    the footprint groups, which need the whole image, and as good here: the same candidates
+    within 2 on the 2048^2 field) are solved jointly
+    (:func:`probdeblend.photometry.group_photometry`, the catalogue's q-mean templates and
+    calibrated error model) and a candidate is kept when its flux S/N,
     ``sqrt(sum_b (q50_b / width_b)^2)`` over bands (negative fluxes count 0), reaches
     ``min_snr``. A peak that the neighbours' misfit light left in the residual takes flux
     from them only with the blended systematic's width, so its S/N stays low (on the 2048^2
@@ -587,11 +587,9 @@ def _confirm_residual(scene: Scene, known: np.ndarray, new: np.ndarray, q_known,
     post = _encoder(prior)
     band_idx = [list(post.bands).index(b) for b in scene.bands]
     allpos = np.concatenate([known, new])
-    if groups_of is None:
-        found, _ = blend_groups(allpos, scene.shape, grouping="linkage",
-                                link_length=LINK_LENGTH_ARCSEC / scene.pixel_scale, margin=0)
-        groups_of = lambda p: [g.members for g in found]  # noqa: E731
-    groups = [np.asarray(g) for g in groups_of(allpos) if (np.asarray(g) >= len(known)).any()]
+    found, _ = blend_groups(allpos, scene.shape, grouping="linkage",
+                            link_length=LINK_LENGTH_ARCSEC / scene.pixel_scale, margin=0)
+    groups = [g.members for g in found if (g.members >= len(known)).any()]
     rows = np.unique(np.concatenate(groups))  # every source of those groups
     old = rows[rows < len(known)]
     q_new = post.predict_q(scene, new)
@@ -891,14 +889,9 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
                 scene, positions, prior, float(residual_threshold),
                 float(residual_exclusion), int(chunk_size),
                 TEMPLATE_CACHE_BYTES)
-            if len(new) and residual_min_snr > 0:  # solved in the catalogue's groups
-                def groups_of(p):
-                    return [g.members for g in blend_groups(
-                        p, (ny, nx), segmap, grouping, int(dilate), float(link_length),
-                        margin)[0]]
-
+            if len(new) and residual_min_snr > 0:
                 ok = _confirm_residual(scene, positions, new, q_first, cache, prior,
-                                       float(residual_min_snr), int(seed), groups_of)
+                                       float(residual_min_snr), int(seed))
                 n_rejected = int((~ok).sum())
                 new, new_snr = new[ok], new_snr[ok]
             if len(new):
