@@ -448,7 +448,7 @@ def field_figure(args, res):
     c = cat[m[ok]]
     snr = np.asarray(truth["snr"])[ok]
     ax[1].loglog(snr, np.asarray(c["flux_r_err"]) / np.asarray(c["flux_r"]), ".", ms=3,
-                 label="posterior std / mean")
+                 label="posterior width / mean")
     rel = np.abs(np.asarray(c["flux_r"]) / np.asarray(truth["flux_r"])[ok] - 1)
     ax[1].loglog(snr, rel, ".", ms=2, alpha=0.4, label="|error| vs truth")
     ax[1].loglog([10, 1e3], [1 / 10, 1 / 1e3], "k:", label="1/SNR")

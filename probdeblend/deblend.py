@@ -446,6 +446,27 @@ class _TemplateCache:
             self.scale[rows] = peak
             self.origins[rows] = origins
 
+    def extend(self, tmpl: np.ndarray, origins: np.ndarray, max_bytes: int) -> None:
+        """Append the templates of further sources (rows ``n, n + 1, ...``), if the cache
+        is enabled and stays within ``max_bytes``; else disable it (they are rendered)."""
+        import torch
+
+        m = len(tmpl)
+        new_n = self.n + m
+        fits = self.enabled and new_n * int(np.prod(self.data.shape[1:])) * 2 <= max_bytes
+        if not fits:
+            self.n, self.enabled = new_n, False
+            self.data = self.data[:0]
+            self.scale, self.origins = self.scale[:0], self.origins[:0]
+            return
+        self.data = torch.cat([self.data, torch.zeros((m,) + tuple(self.data.shape[1:]),
+                                                      dtype=torch.float16)])
+        self.scale = np.concatenate([self.scale, np.zeros((m, self.scale.shape[1]),
+                                                          np.float32)])
+        self.origins = np.concatenate([self.origins, np.zeros((m, 2), np.int64)])
+        self.n = new_n
+        self.put(np.arange(new_n - m, new_n), tmpl, origins)
+
     def get(self, rows: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
         """Templates (float32) and origins of ``rows``, origins moved by ``shift = (dx, dy)``
         (integer pixels: into a sub-scene's coordinates)."""
@@ -581,7 +602,8 @@ def _confirm_residual(scene: Scene, known: np.ndarray, new: np.ndarray, q_known,
     from them only with the blended systematic's width, so its S/N stays low (on the 2048^2
     LSST field: 60 of 161 candidates are galaxies; their S/N median 11.6, the others' 5.7;
     at 7, 54 and 24 are kept).
-    Returns a boolean mask (m,)."""
+    Returns ``(keep (m,) bool, q_new, (templates, origins))``: the candidates' q and
+    q-mean templates (scene coordinates), for the catalogue to reuse."""
     from .photometry import REDISTRIBUTE, group_photometry, systematic_of
 
     post = _encoder(prior)
@@ -610,7 +632,7 @@ def _confirm_residual(scene: Scene, known: np.ndarray, new: np.ndarray, q_known,
     q16, q50, q84 = np.percentile(f, [16, 50, 84], axis=1)
     width = np.maximum(0.5 * (q84 - q16), 1e-30)
     snr = np.sqrt((np.clip(q50 / width, 0.0, None) ** 2).sum(-1))
-    return np.nan_to_num(snr) >= float(min_snr)
+    return np.nan_to_num(snr) >= float(min_snr), q_new, (t_new, o_new)
 
 
 def _chunk_q(q_first, sub: Scene, positions: np.ndarray, members: np.ndarray, origin,
@@ -890,10 +912,18 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
                 float(residual_exclusion), int(chunk_size),
                 TEMPLATE_CACHE_BYTES)
             if len(new) and residual_min_snr > 0:
-                ok = _confirm_residual(scene, positions, new, q_first, cache, prior,
-                                       float(residual_min_snr), int(seed))
+                ok, q_new, (t_new, o_new) = _confirm_residual(
+                    scene, positions, new, q_first, cache, prior, float(residual_min_snr),
+                    int(seed))
                 n_rejected = int((~ok).sum())
                 new, new_snr = new[ok], new_snr[ok]
+                if len(new):  # the kept candidates' q and templates: not computed again
+                    from .amortized.q import AmortizedQ
+
+                    keep = np.flatnonzero(ok)
+                    q_first = AmortizedQ.concatenate([q_first, q_new.take(keep)])
+                    if cache is not None:
+                        cache.extend(t_new[keep], o_new[keep], TEMPLATE_CACHE_BYTES)
             if len(new):
                 positions = np.concatenate([positions, new])
                 snr_det = np.concatenate([snr_det, new_snr])

@@ -317,14 +317,25 @@ def test_draws_function_contract(field):
     assert np.all(d["e1"].std(1) > 0)
 
 
-def test_residual_candidates_need_photometric_confirmation():
+@pytest.fixture(scope="module")
+def seed7():
+    """A 128 px field whose residual pass finds two candidates, deblended with every
+    candidate kept, the default confirmation, and none kept."""
+    f = simulate_field(128, seed=7)
+    runs = {m: deblend(f.to_scene(), num_samples=32, seed=1, **kw)
+            for m, kw in (("every", {"residual_min_snr": 0.0}), ("default", {}),
+                          ("none", {"residual_min_snr": 1e9}))}
+    return f, runs
+
+
+def test_residual_candidates_need_photometric_confirmation(seed7):
     """A residual-pass peak is kept only when the joint photometry gives it a flux S/N >=
     residual_min_snr. On this field the residual pass finds two peaks: a galaxy (1.5 px from
     a true one) and the misfit light of a neighbour (8.9 px from any galaxy); the default
     keeps the first and drops the second (``NRESREJ``); 0 keeps both, 1e9 neither."""
     from probdeblend.errors import ArgumentError
 
-    f = simulate_field(128, seed=7)
+    f, runs = seed7
     truth = np.stack([np.asarray(f.truth["x"]), np.asarray(f.truth["y"])], -1)
 
     def residual(c):
@@ -332,15 +343,31 @@ def test_residual_candidates_need_photometric_confirmation():
         xy = xy[np.asarray(c["det_pass"]) == 1]
         return np.linalg.norm(xy[:, None] - truth[None], axis=-1).min(1)  # to nearest galaxy
 
-    every = deblend(f.to_scene(), num_samples=32, seed=1, residual_min_snr=0.0)
-    dflt = deblend(f.to_scene(), num_samples=32, seed=1)
-    none = deblend(f.to_scene(), num_samples=32, seed=1, residual_min_snr=1e9)
+    every, dflt, none = runs["every"], runs["default"], runs["none"]
     assert len(residual(every)) == 2 and every.meta["NRESREJ"] == 0
     assert np.all(residual(dflt) < 2.0) and len(residual(dflt)) == 1
     assert dflt.meta["NRESREJ"] == 1 and len(every) == len(dflt) + 1
     assert len(residual(none)) == 0 and none.meta["NRESREJ"] == 2
     with pytest.raises(ArgumentError, match="residual_min_snr"):
         deblend(f.to_scene(), residual_min_snr=-1.0)
+
+
+def test_confirmed_candidates_q_and_templates_are_reused(seed7, monkeypatch):
+    """The kept candidates' q and templates from the confirmation feed the catalogue: the
+    same catalogue as encoding and rendering every chunk again."""
+    import sys
+
+    f, runs = seed7
+    dflt = runs["default"]
+    dbm = sys.modules["probdeblend.deblend"]
+    monkeypatch.setattr(dbm, "_chunk_q", lambda *a, **k: None)
+    monkeypatch.setattr(dbm, "TEMPLATE_CACHE_BYTES", 0)
+    again = deblend(f.to_scene(), num_samples=32, seed=1)
+    for c in ("id", "group", "det_pass", "x", "y", "e1", "blendedness"):
+        np.testing.assert_allclose(np.asarray(again[c], float), np.asarray(dflt[c], float),
+                                   rtol=1e-4, atol=1e-4)
+    diff = np.abs(np.asarray(again["flux_r_q50"]) - np.asarray(dflt["flux_r_q50"]))
+    assert np.all(diff < 0.02 * np.asarray(dflt["flux_r_err"]))
 
 
 def test_default_groups_link_within_the_linkage_length(field, monkeypatch):
