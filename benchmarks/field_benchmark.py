@@ -38,6 +38,8 @@ SIZES = (512, 1024, 2048, 4096)
 SNR_BINS = (10, 20, 50, 100, 1e9)
 #: earlier timings kept in results.json (key -> what changed since), newest first
 BEFORE = {
+    "timing_ab00267": "Before the kept residual candidates reused the confirmation's q and "
+                      "templates (code ab00267, the same session)",
     "timing_77eaff9": "Before residual-pass candidates needed the photometry's confirmation "
                       "(`residual_min_snr`; code 77eaff9, the same session)",
     "timing_acccd58": "The previous run (code acccd58, before the blendedness-dependent flux "
