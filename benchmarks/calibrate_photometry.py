@@ -251,13 +251,15 @@ BLEND_EDGES = (-np.inf, 0.05, 0.2, 0.5, np.inf)
 
 
 def blend_model_scale(rows, p) -> np.ndarray:
-    """The catalogue error model's Student-t scale of each row for ``p = (stat_blend,
-    flux_sys, flux_sys_blend, power)`` (see the module docstring)."""
-    t, m, sd, infl = _arrays(rows)
-    beta = np.nan_to_num(np.array([r.get("blendedness", 0.0) for r in rows], float))
+    """The blendedness-dependent error model's Student-t scale of each row for ``p =
+    (stat_blend, flux_sys, flux_sys_blend, power)`` (see the module docstring;
+    :meth:`probdeblend.photometry.Systematic.scale`)."""
+    from probdeblend.photometry import Systematic
+
+    _, m, sd, infl = _arrays(rows)
+    beta = np.array([r.get("blendedness", 0.0) for r in rows], float)
     k1, a0, a1, power = p
-    return np.hypot((1.0 + k1 * beta) * sd,
-                    (a0 + a1 * beta) * np.clip(m, 0, None) * infl ** (0.5 * power))
+    return Systematic(a0, power, stat_blend=k1, flux_sys_blend=a1).scale(sd, m, infl, beta)
 
 
 def fit_blend_model(rows) -> dict:

@@ -331,7 +331,7 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
     wanted = ("offset", "e") if photometry else ("offset", "e", "log_flux")
     d = q.sample(S, rng, groups=[g for g in wanted if g in q.groups])
     # flux: q's bands are the encoder's; put them in the scene's band order
-    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    band_idx = _band_idx(post, scene.bands)
     if photometry:
         ph = _catalog_photometry(scene, q, prior, post, band_idx, S, rng, groups, templates,
                                  systematic)
@@ -377,6 +377,11 @@ def _amortized_catalog_draws(scene: Scene, positions: np.ndarray, prior, num_sam
         "blendedness": blend,
         "chi2": chi2,
     }
+
+
+def _band_idx(post, bands) -> list[int]:
+    """Index into the encoder's bands (``post.bands``) of each of ``bands``."""
+    return [list(post.bands).index(b) for b in bands]
 
 
 def _catalog_box(prior) -> int:
@@ -477,6 +482,26 @@ class _TemplateCache:
         return tmpl, self.origins[rows] + np.asarray(shift, np.int64)
 
 
+def _templates_of(cache: _TemplateCache | None, q, rows: np.ndarray, scene: Scene, prior,
+                  band_idx, shift=(0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """q-mean templates and box origins of the sources ``rows`` (their q: ``q``, one row
+    each, in ``scene``'s coordinates): taken from ``cache`` where it holds them (origins
+    moved by the integer ``shift``), rendered in ``scene`` for the others."""
+    enabled = cache is not None and cache.enabled
+    known = (rows < cache.n) if enabled else np.zeros(len(rows), bool)
+    if known.all():
+        return cache.get(rows, shift)
+    t_new, o_new = _q_mean_templates(scene, q.take(np.flatnonzero(~known)), prior, band_idx)
+    if not known.any():
+        return t_new, o_new
+    tmpl, origins = cache.get(rows[known], shift)
+    out_t = np.empty((len(rows),) + t_new.shape[1:], np.float32)
+    out_o = np.empty((len(rows), 2), np.int64)
+    out_t[known], out_o[known] = tmpl, origins
+    out_t[~known], out_o[~known] = t_new, o_new
+    return out_t, out_o
+
+
 def _chunk_templates(cache: _TemplateCache | None, q, sub: Scene, members: np.ndarray,
                      origin, prior):
     """q-mean templates of a chunk's ``members`` in its sub-scene ``sub`` (origin ``(x0,
@@ -484,17 +509,8 @@ def _chunk_templates(cache: _TemplateCache | None, q, sub: Scene, members: np.nd
     (the photometry renders them all)."""
     if cache is None or not cache.enabled or q is None:
         return None
-    band_idx = [list(_encoder(prior).bands).index(b) for b in sub.bands]
-    known = members < cache.n
-    tmpl, origins = cache.get(members[known], (-int(origin[0]), -int(origin[1])))
-    if known.all():
-        return tmpl, origins
-    t_new, o_new = _q_mean_templates(sub, q.take(np.flatnonzero(~known)), prior, band_idx)
-    out_t = np.empty((len(members),) + t_new.shape[1:], np.float32)
-    out_o = np.empty((len(members), 2), np.int64)
-    out_t[known], out_o[known] = tmpl, origins
-    out_t[~known], out_o[~known] = t_new, o_new
-    return out_t, out_o
+    return _templates_of(cache, q, members, sub, prior, _band_idx(_encoder(prior), sub.bands),
+                         (-int(origin[0]), -int(origin[1])))
 
 
 def _catalog_photometry(scene: Scene, q, prior, post, band_idx, num_samples: int, rng,
@@ -542,7 +558,7 @@ def _model_image(scene: Scene, positions: np.ndarray, prior, chunk_size: int = 5
     ny, nx = scene.shape
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
     model = np.zeros((scene.n_bands, ny, nx), dtype=np.float32)
-    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    band_idx = _band_idx(post, scene.bands)
     cache = _TemplateCache(len(pos), scene.n_bands, _catalog_box(prior), max_cache_bytes)
     q_all = None
     if len(pos):
@@ -607,7 +623,7 @@ def _confirm_residual(scene: Scene, known: np.ndarray, new: np.ndarray, q_known,
     from .photometry import REDISTRIBUTE, group_photometry, systematic_of
 
     post = _encoder(prior)
-    band_idx = [list(post.bands).index(b) for b in scene.bands]
+    band_idx = _band_idx(post, scene.bands)
     allpos = np.concatenate([known, new])
     found, _ = blend_groups(allpos, scene.shape, grouping="linkage",
                             link_length=LINK_LENGTH_ARCSEC / scene.pixel_scale, margin=0)
@@ -616,10 +632,7 @@ def _confirm_residual(scene: Scene, known: np.ndarray, new: np.ndarray, q_known,
     old = rows[rows < len(known)]
     q_new = post.predict_q(scene, new)
     t_new, o_new = _q_mean_templates(scene, q_new, prior, band_idx)
-    if cache is not None and cache.enabled:
-        t_old, o_old = cache.get(old, (0, 0))
-    else:
-        t_old, o_old = _q_mean_templates(scene, q_known.take(old), prior, band_idx)
+    t_old, o_old = _templates_of(cache, q_known.take(old), old, scene, prior, band_idx)
     local = np.full(len(allpos), -1)
     local[old] = np.arange(len(old))
     local[len(known):] = len(old) + np.arange(len(new))
@@ -724,7 +737,8 @@ def _fit_group(sub: Scene, prior, fit_method: str, num_samples: int, seed: int,
 # ----------------------------------------------------------------------------------------------
 # the public entry point
 # ----------------------------------------------------------------------------------------------
-def _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systematic=None):
+def _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systematic=None,
+           residual_min_snr=0.0):
     if not isinstance(scene, Scene):
         raise SceneError("scene", f"expected a probdeblend.Scene, got {type(scene).__name__}; "
                                   "build one with probdeblend.Scene(...) or Scene.from_fits(path)")
@@ -745,6 +759,9 @@ def _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systemat
                                     "give None (the encoder's calibration) or a "
                                     "probdeblend.photometry.Systematic")
         flux_systematic.check("flux_systematic")
+    if not (np.isfinite(residual_min_snr) and residual_min_snr >= 0):
+        raise ArgumentError("residual_min_snr", residual_min_snr,
+                            "must be a finite number >= 0 (0 keeps every residual candidate)")
 
 
 def _chunks(groups: Sequence[BlendGroup], chunk_size: int) -> list[list[BlendGroup]]:
@@ -865,10 +882,8 @@ def deblend(scene: Scene, method: str = "amortized", prior="lsst-vae", num_sampl
     """
     from .catalog import MASK_RADIUS, make_catalog, schema, summary_columns
 
-    _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systematic)
-    if not (np.isfinite(residual_min_snr) and residual_min_snr >= 0):
-        raise ArgumentError("residual_min_snr", residual_min_snr,
-                            "must be a finite number >= 0 (0 keeps every residual candidate)")
+    _check(scene, method, num_samples, seed, chunk_size, grouping, flux_systematic,
+           residual_min_snr)
     t_start = time.perf_counter()
     prior = _resolve_prior(prior)
     missing = [b for b in prior.bands if b not in scene.bands]

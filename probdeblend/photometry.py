@@ -217,6 +217,24 @@ class Systematic(NamedTuple):
     flux_sys_blend: float = 0.0
     stat_blend: float = 0.0
 
+    def factors(self, blendedness) -> tuple[np.ndarray, np.ndarray]:
+        """``(stat_scale + stat_blend * beta, flux_sys + flux_sys_blend * beta)`` of each
+        source's blendedness ``beta`` (NaN counts 0): its factor on the statistical spread
+        and its fractional systematic."""
+        beta = np.nan_to_num(np.asarray(blendedness, np.float64))
+        return (self.stat_scale + self.stat_blend * beta,
+                self.flux_sys + self.flux_sys_blend * beta)
+
+    def scale(self, sd, flux, inflation=1.0, blendedness=0.0) -> np.ndarray:
+        """The model's Gaussian scale of a source's flux error, ``sqrt((k sd)^2 + (eps
+        max(flux, 0))^2 inflation^power)`` with ``(k, eps)`` = :meth:`factors`
+        (``sd``: the statistical error, footprint inflation included); times a Student-t
+        of ``df`` degrees of freedom with ``tail="total"``."""
+        k, eps = self.factors(blendedness)
+        return np.hypot(k * np.asarray(sd, np.float64),
+                        eps * np.clip(flux, 0.0, None) * np.asarray(inflation, np.float64)
+                        ** (0.5 * self.power))
+
     def check(self, argument: str = "systematic") -> Systematic:
         """This model, or :class:`~probdeblend.errors.ArgumentError` naming ``argument``
         when a value is out of range."""
@@ -275,16 +293,17 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     the diagonal (the Gaussian scale: with a Student-t tail the variance is ``df / (df - 2)``
     times larger on the tail's part).
     """
-    Systematic(flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend).check()
+    model = Systematic(flux_sys, power, df, stat_scale, tail, flux_sys_blend,
+                       stat_blend).check()
     batched = np.ndim(mean) == 4
     if not batched:
         mean, cov, chi2 = mean[None], cov[None], chi2[None]
     g, m, n_b, n_src = mean.shape
     n = int(num_samples)
-    beta = np.zeros((g, n_src)) if blendedness is None else np.nan_to_num(
-        np.asarray(blendedness, np.float64).reshape(g, n_src))
+    k_s, eps_s = model.factors(np.zeros((g, n_src)) if blendedness is None
+                               else np.reshape(blendedness, (g, n_src)))
+    k_s, eps_s = k_s[:, None, :], eps_s[:, None, None, :]  # (G, 1, S), (G, 1, 1, S)
     infl = np.maximum(chi2, 1.0)
-    k_s = (stat_scale + stat_blend * beta)[:, None, :]  # (G, 1, S)
     sq = np.swapaxes(np.sqrt(infl), -1, -2) * k_s  # (G, B, S)
     cov_d = cov * sq[:, None, :, :, None] * sq[:, None, :, None, :]
     chol = psd_factor(cov_d)
@@ -295,7 +314,6 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     # the closed-form spread, between the morphology draws and within each, scaled together
     err = (mean[rows, k] - centre) * k_s[:, None] + np.einsum("gnbst,gnbt->gnbs",
                                                                 chol[rows, k], eps)
-    eps_s = (flux_sys + flux_sys_blend * beta)[:, None, None, :]  # (G, 1, 1, S)
     sys_sd = (eps_s * np.clip(mean, 0.0, None)
               * np.swapaxes(infl, -1, -2)[:, None] ** (0.5 * power))  # (G, M, B, S)
     total = tail == "total"
