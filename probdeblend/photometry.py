@@ -55,6 +55,10 @@ __all__ = ["linear_fluxes", "flux_draws", "Systematic", "systematic_of", "local_
 #: -4.7 % to -0.5 % (NMAD 8.2 % to 6.8 %) at 0.003; at 0.05 it was -2.6 %.
 REDISTRIBUTE = 0.003
 
+#: Band-summed flux S/N at which :class:`Systematic`'s ``flux_sys`` is quoted when it grows
+#: with the source's S/N (``snr_power``).
+SNR_REF = 100.0
+
 #: :func:`group_photometry` pads group boxes up to multiples of this many pixels so that groups
 #: of one size and similar extent share a batch.
 _BOX_STEP = 8
@@ -207,6 +211,12 @@ class Systematic(NamedTuple):
         (:func:`model_blendedness`): a source uses ``flux_sys + flux_sys_blend * beta`` and
         ``stat_scale + stat_blend * beta`` (a neighbour's morphology error leaks into a
         blended source's flux; an isolated source's flux conserves its light).
+    snr_power : float
+        Growth of the fractional systematic with the S/N ``nu`` of the source's band-summed
+        flux (statistical errors): times ``(nu / SNR_REF) ** snr_power`` (``SNR_REF`` = 100).
+        A brighter galaxy shows more of the structure that the prior's galaxies only
+        approximate, and its fitted flux moves by a larger fraction (the Laplace
+        posterior's: ``calibration.laplace``). 0: no dependence.
     """
 
     flux_sys: float = 0.0
@@ -216,24 +226,100 @@ class Systematic(NamedTuple):
     tail: str = "systematic"
     flux_sys_blend: float = 0.0
     stat_blend: float = 0.0
+    snr_power: float = 0.0
 
-    def factors(self, blendedness) -> tuple[np.ndarray, np.ndarray]:
-        """``(stat_scale + stat_blend * beta, flux_sys + flux_sys_blend * beta)`` of each
-        source's blendedness ``beta`` (NaN counts 0): its factor on the statistical spread
-        and its fractional systematic."""
+    def factors(self, blendedness, snr=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(stat_scale + stat_blend * beta, (flux_sys + flux_sys_blend * beta) * (nu /
+        SNR_REF) ** snr_power)`` of each source's blendedness ``beta`` (NaN counts 0) and
+        band-summed S/N ``nu`` (needed only with ``snr_power``): its factor on the
+        statistical spread and its fractional systematic."""
         beta = np.nan_to_num(np.asarray(blendedness, np.float64))
-        return (self.stat_scale + self.stat_blend * beta,
-                self.flux_sys + self.flux_sys_blend * beta)
+        eps = self.flux_sys + self.flux_sys_blend * beta
+        if self.snr_power:
+            if snr is None:
+                raise ValueError("Systematic.factors: snr_power needs each source's S/N")
+            nu = np.clip(np.nan_to_num(np.asarray(snr, np.float64)), 1e-3, None)
+            eps = eps * (nu / SNR_REF) ** self.snr_power
+        return self.stat_scale + self.stat_blend * beta, eps
 
-    def scale(self, sd, flux, inflation=1.0, blendedness=0.0) -> np.ndarray:
+    def scale(self, sd, flux, inflation=1.0, blendedness=0.0, snr=None) -> np.ndarray:
         """The model's Gaussian scale of a source's flux error, ``sqrt((k sd)^2 + (eps
         max(flux, 0))^2 inflation^power)`` with ``(k, eps)`` = :meth:`factors`
         (``sd``: the statistical error, footprint inflation included); times a Student-t
         of ``df`` degrees of freedom with ``tail="total"``."""
-        k, eps = self.factors(blendedness)
+        k, eps = self.factors(blendedness, snr)
         return np.hypot(k * np.asarray(sd, np.float64),
                         eps * np.clip(flux, 0.0, None) * np.asarray(inflation, np.float64)
                         ** (0.5 * self.power))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the model leaves the statistical errors as they are."""
+        return (self.flux_sys == 0 and self.flux_sys_blend == 0 and self.stat_scale == 1
+                and self.stat_blend == 0
+                and (self.tail == "systematic" or not np.isfinite(self.df)))
+
+    @classmethod
+    def from_card(cls, entry: dict) -> Systematic:
+        """The model of a model-card calibration entry (:class:`Systematic`'s fields by name;
+        missing ones take the defaults, ``df`` null: Gaussian)."""
+        df = entry.get("df")
+        return cls(float(entry["flux_sys"]), float(entry.get("power", 1.0)),
+                   np.inf if df is None else float(df), float(entry.get("stat_scale", 1.0)),
+                   str(entry.get("tail", "systematic")), float(entry.get("flux_sys_blend", 0.0)),
+                   float(entry.get("stat_blend", 0.0)), float(entry.get("snr_power", 0.0)))
+
+    def perturb(self, draws, rng: np.random.Generator, blendedness=0.0,
+                inflation=1.0) -> np.ndarray:
+        """Apply this model to flux draws that already carry the statistical errors (e.g.
+        the Laplace posterior's, :meth:`probdeblend.ScenePosterior.laplace`).
+
+        Each source's deviation from its draws' mean ``f_bar`` is scaled by ``k = stat_scale
+        + stat_blend * beta`` and a fractional systematic of scale ``eps = (flux_sys +
+        flux_sys_blend * beta) * (nu / SNR_REF) ** snr_power * inflation ** (power / 2)`` is
+        added (``nu``: the S/N of the source's band-summed flux over the draws), one error
+        per source and draw shared by its bands (colours stay sharp). ``tail="total"``:
+        ``f_bar + w (k (f - f_bar) + eps f_bar z)``, ``z`` standard normal and the whole error of a
+        source's draw (all bands) times one ``w = sqrt(df / chi^2_df)`` (Student-t marginals
+        of the combined scale, where the draws are Gaussian); ``"systematic"``: ``(f_bar + k
+        (f - f_bar)) (1 + eps u)``, ``u`` Student-t (each draw's fluxes scaled together).
+
+        Parameters
+        ----------
+        draws : array (..., n, S, band)
+            Flux draws (any flux unit), ``n`` draws of ``S`` sources.
+        rng : numpy Generator
+        blendedness : array (S,) or float
+            Each source's blendedness ``beta`` (NaN counts 0).
+        inflation : array (S, band) or float
+            Footprint reduced chi^2 (``max(chi2, 1)`` is used).
+
+        Returns
+        -------
+        array (..., n, S, band), float64.
+        """
+        f = np.asarray(draws, np.float64)
+        n_src = f.shape[-2]
+        mean = f.mean(-3, keepdims=True)
+        snr = None
+        if self.snr_power:  # of the band-summed flux (..., S)
+            tot = f.sum(-1)
+            snr = tot.mean(-2) / np.maximum(tot.std(-2), 1e-300)
+        k, eps = (np.broadcast_to(x, f.shape[:-3] + (n_src,))[..., None, :]
+                  for x in self.factors(blendedness, snr))  # (..., 1, S)
+        infl = np.maximum(np.broadcast_to(np.asarray(inflation, np.float64),
+                                          f.shape[-2:]), 1.0)
+        rel = eps[..., None] * infl ** (0.5 * self.power)  # (..., 1, S, band)
+        k = k[..., None]
+        shape = f.shape[:-1]
+        if self.tail == "total":
+            dev = (k * (f - mean)
+                   + rel * np.clip(mean, 0.0, None) * rng.standard_normal(shape)[..., None])
+            w = (np.sqrt(self.df / rng.chisquare(self.df, size=shape)) if np.isfinite(self.df)
+                 else np.ones(shape))
+            return mean + w[..., None] * dev
+        return ((mean + k * (f - mean))
+                * (1.0 + rel * systematic_noise(rng, shape, self.df)[..., None]))
 
     def check(self, argument: str = "systematic") -> Systematic:
         """This model, or :class:`~probdeblend.errors.ArgumentError` naming ``argument``
@@ -241,10 +327,10 @@ class Systematic(NamedTuple):
         from .errors import ArgumentError
 
         fix = ("give Systematic(flux_sys >= 0, power, df > 0, stat_scale > 0, "
-               "tail='systematic' or 'total', flux_sys_blend, stat_blend) with "
+               "tail='systematic' or 'total', flux_sys_blend, stat_blend, snr_power) with "
                "flux_sys + flux_sys_blend >= 0 and stat_scale + stat_blend > 0")
         nums = (self.flux_sys, self.power, self.stat_scale, self.flux_sys_blend,
-                self.stat_blend)
+                self.stat_blend, self.snr_power)
         ok = (self.tail in ("systematic", "total") and bool(np.all(np.isfinite(nums)))
               and self.flux_sys >= 0 and self.flux_sys + self.flux_sys_blend >= 0
               and self.df > 0 and self.stat_scale > 0
@@ -257,7 +343,7 @@ class Systematic(NamedTuple):
 def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples: int,
                rng: np.random.Generator, flux_sys: float = 0.0, power: float = 1.0,
                df: float = np.inf, stat_scale: float = 1.0, tail: str = "systematic",
-               flux_sys_blend: float = 0.0, stat_blend: float = 0.0,
+               flux_sys_blend: float = 0.0, stat_blend: float = 0.0, snr_power: float = 0.0,
                blendedness: np.ndarray | None = None) -> dict:
     """Draws of the flux posterior: a mixture over the ``M`` morphology draws.
 
@@ -271,7 +357,9 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     source's whole error of a draw (statistical and systematic, all bands) is scaled by one
     ``sqrt(df / chi^2_df)``, so its marginals are Student-t with the combined scale. With
     ``blendedness`` ``beta`` per source, ``flux_sys`` and ``stat_scale`` grow by
-    ``flux_sys_blend * beta`` and ``stat_blend * beta``.
+    ``flux_sys_blend * beta`` and ``stat_blend * beta``; with ``snr_power`` the fractional
+    systematic scales as ``(nu / SNR_REF) ** snr_power``, ``nu`` the S/N of the source's
+    band-summed flux (the mixture's mean over the first morphology's statistical errors).
 
     Parameters
     ----------
@@ -280,7 +368,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
         each blend gets its own draws).
     num_samples : int
     rng : numpy Generator
-    flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend
+    flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend, snr_power
         The error model, :class:`Systematic` (its defaults: the statistical errors alone).
     blendedness : array ([G,] S), optional
         Each source's blendedness (:func:`model_blendedness`); default 0.
@@ -294,14 +382,19 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     times larger on the tail's part).
     """
     model = Systematic(flux_sys, power, df, stat_scale, tail, flux_sys_blend,
-                       stat_blend).check()
+                       stat_blend, snr_power).check()
     batched = np.ndim(mean) == 4
     if not batched:
         mean, cov, chi2 = mean[None], cov[None], chi2[None]
     g, m, n_b, n_src = mean.shape
     n = int(num_samples)
+    snr = None
+    if model.snr_power:  # of the band-summed flux, with the first morphology's errors
+        var = np.einsum("gbss->gs", cov[:, 0] * np.maximum(np.swapaxes(chi2, -1, -2),
+                                                           1.0)[:, :, :, None])
+        snr = mean.mean(1).sum(1) / np.sqrt(np.maximum(var, 1e-300))
     k_s, eps_s = model.factors(np.zeros((g, n_src)) if blendedness is None
-                               else np.reshape(blendedness, (g, n_src)))
+                               else np.reshape(blendedness, (g, n_src)), snr)
     k_s, eps_s = k_s[:, None, :], eps_s[:, None, None, :]  # (G, 1, S), (G, 1, 1, S)
     infl = np.maximum(chi2, 1.0)
     sq = np.swapaxes(np.sqrt(infl), -1, -2) * k_s  # (G, B, S)
@@ -342,15 +435,8 @@ def systematic_of(card: dict | None, n_morph: int, refined: bool = False) -> Sys
     one morphology draw (q's mean) is fitted on the catalogue's own path
     (``calibrate_photometry.py --catalog``).
     """
-    def entry(d):
-        df = d.get("df")
-        return Systematic(float(d["flux_sys"]), float(d.get("power", 1.0)),
-                          np.inf if df is None else float(df),
-                          float(d.get("stat_scale", 1.0)), str(d.get("tail", "systematic")),
-                          float(d.get("flux_sys_blend", 0.0)), float(d.get("stat_blend", 0.0)))
-
     def nearest(table):
-        by = {int(k): entry(v) for k, v in (table or {}).items()}
+        by = {int(k): Systematic.from_card(v) for k, v in (table or {}).items()}
         return by[min(by, key=lambda k: (abs(k - int(n_morph)), k))] if by else None
 
     cal = (card or {}).get("calibration") or {}

@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import ArgumentError, ProbdeblendError, ProbdeblendWarning
 from .measure import half_eta_to_shear, shear_to_half_eta
+from .photometry import Systematic
 from .scene import Scene
 
 __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
@@ -88,14 +89,18 @@ class LaplaceConfig:
     PSD, 0.4-0.8 s for a 2-4 source scene on 2 cores) or ``"exact"`` (forward-over-reverse,
     7-15 s); the MAP's L-BFGS is preconditioned with the same Gauss-Newton curvature.
 
-    ``flux_sys``: the model-error term of the fluxes. Every draw's fluxes are multiplied by
-    ``1 + flux_sys * u``, one Student-t ``u`` (``flux_sys_df`` degrees of freedom) per source
-    and draw shared by its bands, as the photometry's systematic
-    (:func:`probdeblend.photometry.flux_draws`): the prior's galaxies and the PSF images are
-    approximations, and at high S/N that percent-level error dominates the photon noise that
-    the Laplace width measures. ``None`` (default): the encoder card's
-    ``calibration.laplace`` (``benchmarks/calibrate_photometry.py --laplace``, fitted on
-    held-out simulations), none without one; 0 turns it off.
+    ``flux_sys``: the model-error term of the fluxes: the prior's galaxies and the PSF images
+    are approximations, and at high S/N that percent-level error dominates the photon noise
+    that the Laplace width measures, more so for a blended source, whose flux also takes up
+    its neighbours' morphology errors. A :class:`probdeblend.photometry.Systematic` is
+    applied to the draws with :meth:`~probdeblend.photometry.Systematic.perturb`, with each
+    source's blendedness and footprint chi^2 at the MAP (:meth:`ScenePosterior.
+    map_diagnostics`); a float is ``Systematic(flux_sys, power=0, df=flux_sys_df)``: every
+    draw's fluxes are moved by ``flux_sys * flux * u``, one Student-t ``u`` per source and
+    draw shared by its bands. ``None`` (default): the encoder card's
+    ``calibration.laplace`` (``benchmarks/calibrate_photometry.py --laplace --blend-model``,
+    fitted by maximum likelihood on every source of held-out simulations), none without
+    one; 0 turns it off.
 
     ``shape_sys``: the model-error term of the shapes, the same idea for e1, e2: every draw's
     half conformal shear ``eta / 2`` (:meth:`ScenePosterior.linearised_shapes`) gets
@@ -120,7 +125,7 @@ class LaplaceConfig:
     map_max_iter: int = 500
     k_max: float = 0.7
     hessian: str = "gauss-newton"
-    flux_sys: float | None = None
+    flux_sys: float | Systematic | None = None
     flux_sys_df: float | None = None
     shape_sys: float | None = None
     shape_sys_df: float | None = None
@@ -626,7 +631,6 @@ class ScenePosterior:
         """
         from .photometry import (
             REDISTRIBUTE,
-            Systematic,
             flux_draws,
             linear_fluxes,
             model_blendedness,
@@ -728,10 +732,11 @@ class ScenePosterior:
                            proposal=cfg.proposal, df=cfg.df, n_proposals=cfg.n_proposals,
                            k_max=cfg.k_max, compute_lp=False, hessian=cfg.hessian)
         flat = post.samples["flat"][None]
-        (sys_, df), (e_sys, e_df) = self._laplace_systematic(cfg)
+        flux_model, (e_sys, e_df) = self._laplace_systematic(cfg)
+        sys_on = not flux_model.is_identity
         extra = {}
         linear = cfg.shapes == "linear" or (cfg.shapes == "auto" and post.method != "laplace+psis")
-        det = self.problem.deterministic(flat) if (sys_ > 0 or e_sys > 0) else None
+        det = self.problem.deterministic(flat) if (sys_on or e_sys > 0) else None
         if linear:
             e1, e2 = self.linearised_shapes(flat_map, flat[0])
             extra["e1"], extra["e2"] = e1[None], e2[None]
@@ -740,34 +745,42 @@ class ScenePosterior:
         from .photometry import systematic_noise
 
         rng = np.random.default_rng([int(seed), 1])
-        if sys_ > 0:
-            flux = np.exp(det["log_flux"])  # (1, n, S, B)
-            u = systematic_noise(rng, flux.shape[:3], df)
-            extra["flux"] = flux * (1.0 + sys_ * u)[..., None]
+        if sys_on:
+            diag = self.map_diagnostics()
+            extra["flux"] = flux_model.perturb(np.exp(det["log_flux"]), rng,  # (1, n, S, B)
+                                               diag["blendedness"], diag["chi2"])
         if e_sys > 0:  # in half the conformal shear: every draw keeps |e| < 1
             h = shear_to_half_eta(np.stack([extra["e1"], extra["e2"]], -1))
             e = half_eta_to_shear(h + e_sys * systematic_noise(rng, h.shape, e_df))
             extra["e1"], extra["e2"] = e[..., 0], e[..., 1]
         return Draws(flat, post.method, "probdeblend",
                      {k: v[None] for k, v in post.sample_stats.items()},
-                     {**map_info, **post.info, "flux_sys": sys_, "shape_sys": e_sys,
+                     {**map_info, **post.info, "flux_sys": flux_model.flux_sys,
+                      "flux_model": flux_model._asdict(), "shape_sys": e_sys,
                       "shapes": "linear" if linear else "decoded"},
                      post.timings, extra=extra)
 
-    def _laplace_systematic(self, cfg: LaplaceConfig) -> tuple[tuple[float, float],
+    def _laplace_systematic(self, cfg: LaplaceConfig) -> tuple[Systematic,
                                                                 tuple[float, float]]:
-        """``((flux_sys, df), (shape_sys, shape_df))`` of the laplace posterior: the config's,
-        else the encoder card's ``calibration.laplace``, else none."""
+        """``(flux model, (shape_sys, shape_df))`` of the laplace posterior: the config's,
+        else the encoder card's ``calibration.laplace``, else none. A card entry without
+        ``tail`` (the earlier layout) is one fractional term without the footprint chi^2."""
         cal = ((getattr(self.encoder, "card", None) or {}).get("calibration") or {}).get(
             "laplace") or {}
-
-        def pick(given, key, dkey, given_df):
-            sys_ = given if given is not None else float(cal.get(key, 0.0))
-            df = given_df if given_df is not None else cal.get(dkey)
-            return float(sys_), (np.inf if df is None else float(df))
-
-        return (pick(cfg.flux_sys, "flux_sys", "df", cfg.flux_sys_df),
-                pick(cfg.shape_sys, "shape_sys", "shape_df", cfg.shape_sys_df))
+        given = cfg.flux_sys
+        if isinstance(given, Systematic):
+            flux_model = given.check("config.flux_sys")
+        elif given is not None or "tail" not in cal:
+            df = cfg.flux_sys_df if cfg.flux_sys_df is not None else cal.get("df")
+            flux_model = Systematic(float(given if given is not None
+                                          else cal.get("flux_sys", 0.0)), power=0.0,
+                                    df=np.inf if df is None else float(df)
+                                    ).check("config.flux_sys")
+        else:
+            flux_model = Systematic.from_card(cal)
+        e_sys = float(cfg.shape_sys if cfg.shape_sys is not None else cal.get("shape_sys", 0.0))
+        e_df = cfg.shape_sys_df if cfg.shape_sys_df is not None else cal.get("shape_df")
+        return flux_model, (e_sys, np.inf if e_df is None else float(e_df))
 
     def nuts(self, num_samples: int = 1000, seed: int = 0, config: NutsConfig | None = None,
              progress: bool = False) -> Draws:

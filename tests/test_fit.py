@@ -183,6 +183,19 @@ def test_laplace_flux_model_error_term(tiny_prior, small_scene):
     assert 0.17 < np.std(ratio[..., 0] - 1) < 0.23
     f0, f = post.measure(d0)["flux"], post.measure(d)["flux"]
     assert np.std(f[0, :, 0, 0]) > 1.5 * np.std(f0[0, :, 0, 0])
+    # a Systematic: its blendedness term uses each source's blendedness at the MAP
+    from probdeblend.errors import ArgumentError
+    from probdeblend.photometry import Systematic
+
+    beta = post.map_diagnostics()["blendedness"]
+    model = Systematic(0.01, power=0.0, tail="total", flux_sys_blend=0.5)
+    db = post.laplace(400, seed=1, config=LaplaceConfig(flux_sys=model))
+    assert db.info["flux_model"]["flux_sys_blend"] == 0.5
+    fb = post.measure(db)["flux"][0, :, :, 0]  # (draw, S)
+    want = np.hypot(f0[0, :, :, 0].std(0), (0.01 + 0.5 * beta) * f0[0, :, :, 0].mean(0))
+    np.testing.assert_allclose(fb.std(0), want, rtol=0.2)
+    with pytest.raises(ArgumentError, match="config.flux_sys"):
+        post.laplace(50, seed=1, config=LaplaceConfig(flux_sys=Systematic(-0.1)))
 
 
 def test_laplace_shape_model_error_term(tiny_prior, small_scene):

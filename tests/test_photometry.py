@@ -196,6 +196,43 @@ def test_total_tail_scales_statistical_and_systematic_errors_together():
     assert np.mean(np.abs(z2[big]) > 2) < 1.5 * np.mean(np.abs(z2) > 2)
 
 
+def test_perturb_gives_the_models_student_t_on_gaussian_draws():
+    """Systematic.perturb on draws that carry the statistical errors (the Laplace path):
+    with tail "total" the result is Student-t of the model's scale, grown with each source's
+    blendedness and footprint chi^2, one tail per source shared by its bands; "systematic"
+    scales each draw's fluxes by one factor for all bands."""
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    n = 300_000
+    mean = np.array([[1e4, 3e4], [2e4, 5e3]])  # (S, B)
+    sd = np.array([[300.0, 400.0], [500.0, 200.0]])
+    draws = mean + sd * rng.standard_normal((n, 2, 2))
+    beta, chi2 = np.array([0.0, 0.5]), np.array([[1.0, 1.0], [2.0, 0.5]])
+    model = Systematic(0.02, 1.0, 3.0, 1.0, "total", flux_sys_blend=0.1, stat_blend=2.0)
+    f = model.perturb(draws, rng, beta, chi2)
+    assert f.shape == draws.shape
+    zs = []
+    for s in range(2):
+        for b in range(2):
+            scale = model.scale(sd[s, b], mean[s, b], max(chi2[s, b], 1.0), beta[s])
+            zs.append((f[:, s, b] - mean[s, b]) / scale)
+            np.testing.assert_allclose(np.quantile(zs[-1], [0.025, 0.16, 0.84, 0.975]),
+                                       stats.t(3.0).ppf([0.025, 0.16, 0.84, 0.975]), rtol=0.03)
+    big = np.abs(zs[0]) > 5  # source 0's bands share their tail, source 1's do not follow
+    assert np.mean(np.abs(zs[1][big]) > 2) > 4 * np.mean(np.abs(zs[1]) > 2)
+    assert np.mean(np.abs(zs[2][big]) > 2) < 1.5 * np.mean(np.abs(zs[2]) > 2)
+    g = Systematic(0.1, power=0.0, df=np.inf).perturb(draws, rng)
+    ratio = g / draws
+    np.testing.assert_allclose(ratio[..., 0], ratio[..., 1], rtol=1e-12)
+    np.testing.assert_allclose(ratio[..., 0].std(), 0.1, rtol=0.02)
+    assert Systematic().is_identity and Systematic(df=3.0).is_identity
+    assert not Systematic(df=3.0, tail="total").is_identity
+    assert not Systematic(flux_sys_blend=0.1).is_identity
+    assert Systematic.from_card({**model._asdict(), "df": 3}) == model
+    assert Systematic.from_card({"flux_sys": 0.05, "df": None}) == Systematic(0.05)
+
+
 def test_systematic_is_shared_by_bands_and_heavy_tailed():
     """The morphology systematic moves all bands of a source together (colours stay sharp)
     and has Student-t tails; its scale follows flux_sys * flux * inflation ** (power / 2)."""
@@ -355,3 +392,27 @@ def test_variance_instead_of_weight_gives_the_same_fluxes(post):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-8)
     with pytest.raises(ArgumentError, match="weight"):
         group_photometry(tmpl, origins, img, None, [np.arange(3)], 10, rng)
+
+
+def test_snr_power_scales_the_systematic_with_the_band_summed_snr():
+    """Systematic(snr_power=g): the fractional systematic is flux_sys * (nu / SNR_REF) ** g,
+    nu the S/N of the band-summed flux, the same in flux_draws (closed-form errors) and in
+    perturb (draws that carry them); it needs the S/N."""
+    from probdeblend.photometry import SNR_REF, flux_draws
+
+    rng = np.random.default_rng(6)
+    mean = np.array([[[1e4, 1e5], [1e4, 1e5]]])  # (M=1, B=2, S=2): S/N 50 and 500 summed
+    sd_b = np.array([2e4, 2e5]) / 50.0 / np.sqrt(2.0)  # per band: summed S/N 50 and 50
+    sd_b[1] /= 10.0  # source 1: summed S/N 500
+    cov = np.zeros((1, 2, 2, 2))
+    cov[0, :, 0, 0], cov[0, :, 1, 1] = sd_b[0] ** 2, sd_b[1] ** 2
+    model = Systematic(0.02, power=0.0, snr_power=0.5)
+    f = flux_draws(mean, cov, np.ones((2, 2)), 200_000, rng, *model)["flux"]  # (n, S, B)
+    for s, nu in ((0, 50.0), (1, 500.0)):
+        want = np.hypot(sd_b[s], 0.02 * (nu / SNR_REF) ** 0.5 * mean[0, 0, s])
+        np.testing.assert_allclose(f[:, s, 0].std(), want, rtol=0.02)
+    draws = mean[0].T + sd_b[:, None] * rng.standard_normal((200_000, 2, 2))
+    g = model.perturb(draws, rng)
+    np.testing.assert_allclose(g.std(0), f.std(0), rtol=0.03)
+    with pytest.raises(ValueError, match="S/N"):
+        model.factors(np.zeros(2))
