@@ -295,7 +295,8 @@ def blend_model_scale(rows, p: dict) -> np.ndarray:
     model = Systematic(p["flux_sys"], p.get("power", 1.0),
                        stat_blend=p.get("stat_blend", 0.0),
                        flux_sys_blend=p.get("flux_sys_blend", 0.0),
-                       snr_power=p.get("snr_power", 0.0))
+                       snr_power=p.get("snr_power", 0.0),
+                       snr_max=p.get("snr_max") or np.inf)
     return model.scale(sd, m, infl, beta, snr)
 
 
@@ -331,9 +332,11 @@ def fit_blend_model(rows, free=CATALOG_FREE) -> dict:
                               options={"maxiter": 6000, "xatol": 1e-5, "fatol": 1e-3})
         best = r if best is None or r.fun < best.fun else best
     p = params(best.x)
+    snr_max = (float(max(r["snr_model_sum"] for r in rows)) if "snr_power" in free
+               else None)  # the power law is not extrapolated beyond the fitted sources
     return {"flux_sys": float(p["flux_sys"]), "flux_sys_blend": float(p["flux_sys_blend"]),
             "stat_scale": 1.0, "stat_blend": float(p["stat_blend"]),
-            "power": float(p["power"]), "snr_power": float(p["snr_power"]),
+            "power": float(p["power"]), "snr_power": float(p["snr_power"]), "snr_max": snr_max,
             "df": float(np.exp(best.x[-1])), "tail": "total", "free": list(free),
             "neg_log_lik": float(best.fun)}
 
@@ -454,7 +457,7 @@ def main(argv=None):
             write_json(res, a.out, overwrite=True)
         if a.write_card:
             keys = ("flux_sys", "flux_sys_blend", "stat_scale", "stat_blend", "power",
-                    "snr_power", "df", "tail", "scenes", "coverage_68_95_at_flux_sys",
+                    "snr_power", "snr_max", "df", "tail", "scenes", "coverage_68_95_at_flux_sys",
                     "coverage_per_snr_bin", "coverage_per_blendedness_bin")
             if a.laplace:  # one entry: the Laplace posterior has no morphology draws
                 shape_keys = ("shape_sys", "shape_df", "shape_coverage_68_95_without",

@@ -217,6 +217,9 @@ class Systematic(NamedTuple):
         A brighter galaxy shows more of the structure that the prior's galaxies only
         approximate, and its fitted flux moves by a larger fraction (the Laplace
         posterior's: ``calibration.laplace``). 0: no dependence.
+    snr_max : float
+        ``nu`` is clipped here: the largest S/N of the sources the model was fitted on, so
+        that the power law is not extrapolated to brighter ones (``inf``: no clip).
     """
 
     flux_sys: float = 0.0
@@ -227,18 +230,20 @@ class Systematic(NamedTuple):
     flux_sys_blend: float = 0.0
     stat_blend: float = 0.0
     snr_power: float = 0.0
+    snr_max: float = np.inf
 
     def factors(self, blendedness, snr=None) -> tuple[np.ndarray, np.ndarray]:
         """``(stat_scale + stat_blend * beta, (flux_sys + flux_sys_blend * beta) * (nu /
         SNR_REF) ** snr_power)`` of each source's blendedness ``beta`` (NaN counts 0) and
-        band-summed S/N ``nu`` (needed only with ``snr_power``): its factor on the
+        band-summed S/N ``nu`` (needed only with ``snr_power``; clipped at ``snr_max``): its
+        factor on the
         statistical spread and its fractional systematic."""
         beta = np.nan_to_num(np.asarray(blendedness, np.float64))
         eps = self.flux_sys + self.flux_sys_blend * beta
         if self.snr_power:
             if snr is None:
                 raise ValueError("Systematic.factors: snr_power needs each source's S/N")
-            nu = np.clip(np.nan_to_num(np.asarray(snr, np.float64)), 1e-3, None)
+            nu = np.clip(np.nan_to_num(np.asarray(snr, np.float64)), 1e-3, self.snr_max)
             eps = eps * (nu / SNR_REF) ** self.snr_power
         return self.stat_scale + self.stat_blend * beta, eps
 
@@ -267,7 +272,8 @@ class Systematic(NamedTuple):
         return cls(float(entry["flux_sys"]), float(entry.get("power", 1.0)),
                    np.inf if df is None else float(df), float(entry.get("stat_scale", 1.0)),
                    str(entry.get("tail", "systematic")), float(entry.get("flux_sys_blend", 0.0)),
-                   float(entry.get("stat_blend", 0.0)), float(entry.get("snr_power", 0.0)))
+                   float(entry.get("stat_blend", 0.0)), float(entry.get("snr_power", 0.0)),
+                   np.inf if entry.get("snr_max") is None else float(entry["snr_max"]))
 
     def perturb(self, draws, rng: np.random.Generator, blendedness=0.0,
                 inflation=1.0) -> np.ndarray:
@@ -327,14 +333,16 @@ class Systematic(NamedTuple):
         from .errors import ArgumentError
 
         fix = ("give Systematic(flux_sys >= 0, power, df > 0, stat_scale > 0, "
-               "tail='systematic' or 'total', flux_sys_blend, stat_blend, snr_power) with "
+               "tail='systematic' or 'total', flux_sys_blend, stat_blend, snr_power, "
+               "snr_max > 0) with "
                "flux_sys + flux_sys_blend >= 0 and stat_scale + stat_blend > 0")
         nums = (self.flux_sys, self.power, self.stat_scale, self.flux_sys_blend,
                 self.stat_blend, self.snr_power)
+        ok_max = self.snr_max > 0  # inf allowed
         ok = (self.tail in ("systematic", "total") and bool(np.all(np.isfinite(nums)))
               and self.flux_sys >= 0 and self.flux_sys + self.flux_sys_blend >= 0
               and self.df > 0 and self.stat_scale > 0
-              and self.stat_scale + self.stat_blend > 0)
+              and self.stat_scale + self.stat_blend > 0 and ok_max)
         if not ok:
             raise ArgumentError(argument, self, fix)
         return self
@@ -344,7 +352,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
                rng: np.random.Generator, flux_sys: float = 0.0, power: float = 1.0,
                df: float = np.inf, stat_scale: float = 1.0, tail: str = "systematic",
                flux_sys_blend: float = 0.0, stat_blend: float = 0.0, snr_power: float = 0.0,
-               blendedness: np.ndarray | None = None) -> dict:
+               snr_max: float = np.inf, blendedness: np.ndarray | None = None) -> dict:
     """Draws of the flux posterior: a mixture over the ``M`` morphology draws.
 
     Each morphology draw contributes its Gaussian (``cov`` times the footprint inflation;
@@ -368,7 +376,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
         each blend gets its own draws).
     num_samples : int
     rng : numpy Generator
-    flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend, snr_power
+    flux_sys, power, df, stat_scale, tail, flux_sys_blend, stat_blend, snr_power, snr_max
         The error model, :class:`Systematic` (its defaults: the statistical errors alone).
     blendedness : array ([G,] S), optional
         Each source's blendedness (:func:`model_blendedness`); default 0.
@@ -382,7 +390,7 @@ def flux_draws(mean: np.ndarray, cov: np.ndarray, chi2: np.ndarray, num_samples:
     times larger on the tail's part).
     """
     model = Systematic(flux_sys, power, df, stat_scale, tail, flux_sys_blend,
-                       stat_blend, snr_power).check()
+                       stat_blend, snr_power, snr_max).check()
     batched = np.ndim(mean) == 4
     if not batched:
         mean, cov, chi2 = mean[None], cov[None], chi2[None]
