@@ -1047,6 +1047,10 @@ class ScenePosterior:
                 if isinstance(v, (int, float, str, bool, np.integer, np.floating))}
         if "pareto_k" in draws.info:
             info["pareto_k"] = np.atleast_1d(draws.info["pareto_k"]).tolist()
+        if "flux_model" in draws.info:  # the laplace flux model-error term, as JSON
+            import json
+
+            info["flux_model"] = json.dumps(draws.info["flux_model"])
         all_attrs = {"prior": self.prior.name, "n_sources": self.n_sources,
                      "detected": int(self.detections is not None),
                      "e_failed_fraction": failed.tolist(), **info,

@@ -83,6 +83,10 @@ def test_result_contract(tiny_prior, small_scene, method):
     assert idata.attrs["method"].startswith(method)
     assert idata.attrs["inference_library"] in ("probdeblend", "numpyro")
     assert "path" in idata.attrs
+    if method == "laplace":  # its flux model-error term, as JSON (none: no encoder card)
+        import json
+
+        assert json.loads(idata.attrs["flux_model"])["flux_sys"] == 0.0
     table = pb.diagnostics.summary_table(idata)
     assert len(table) == 2 and "flux_r" in table.colnames
     az.summary(idata, var_names=["flux", "e1"])
