@@ -15,19 +15,22 @@ stores ``calibration.by_n_morph[n_morph]`` (and, for the default ``n_morph`` 8, 
 ``calibration.flux_sys`` / ``power``) in the encoder's model card, where ``photometry`` reads it
 (:func:`probdeblend.photometry.systematic_of`). The catalogue (``deblend``) uses one morphology
 draw, q's mean: calibrate it with ``--n-morph 1``. ``--laplace`` fits the model-error term of
-``ScenePosterior.laplace``'s fluxes instead (``calibration.laplace``: ``flux_sys`` and ``df``
-of the fractional error shared by a source's bands; use ``--fit-tail``). ``--catalog``
-calibrates the catalogue itself: ``probdeblend.deblend`` on the held-out scenes with the true
-positions and ``flux_systematic=Systematic()`` (its statistical errors alone), every source of
-each scene (with its catalogue ``blendedness`` beta and footprint ``chi2_r``), and fits the
-whole error model of one morphology draw by maximum likelihood: the flux error is Student-t
-(``tail="total"``, ``df``) of scale ``sqrt(((1 + stat_blend * beta) * sd)^2 + ((flux_sys +
-flux_sys_blend * beta) * flux)^2 * inflation ** power)`` (``stat_scale`` 1: an isolated
-source's closed-form errors are right, measured); stored as ``calibration.by_n_morph["1"]``
-with its coverage per S/N and blendedness bin. ``--blend-model --n-morph 8`` fits the same
-model to ``ScenePosterior.photometry`` (``fit(method="amortized")``) with 8 morphology draws,
-every source (``stat_scale`` then scales the mixture's whole closed-form spread); stored as
-``calibration.by_n_morph["8"]``.
+``ScenePosterior.laplace``'s fluxes instead (``calibration.laplace``); with
+``--blend-model`` (the shipped cards) every source, by maximum likelihood, the parameters
+``LAPLACE_FREE`` (a fractional error growing with the band-summed S/N and the blendedness,
+Student-t on the whole error), plus the shapes' term from the targets; without it the
+earlier layout (``flux_sys`` and ``df`` of one fractional error, targets only,
+``--fit-tail``). ``--catalog`` calibrates the catalogue itself: ``probdeblend.deblend`` on the
+held-out scenes with the true positions and ``flux_systematic=Systematic()`` (its statistical
+errors alone), every source of each scene (with its catalogue ``blendedness`` beta and
+footprint ``chi2_r``), and fits the whole error model of one morphology draw by maximum
+likelihood: the flux error is Student-t (``tail="total"``, ``df``) of scale ``sqrt(((1 +
+stat_blend * beta) * sd)^2 + ((flux_sys + flux_sys_blend * beta) * flux)^2 * inflation **
+power)`` (``stat_scale`` 1: an isolated source's closed-form errors are right, measured);
+stored as ``calibration.by_n_morph["1"]`` with its coverage per S/N and blendedness bin.
+``--blend-model --n-morph 8`` fits the same model to ``ScenePosterior.photometry``
+(``fit(method="amortized")``) with 8 morphology draws, every source (``stat_scale`` then
+scales the mixture's whole closed-form spread); stored as ``calibration.by_n_morph["8"]``.
 
     python benchmarks/calibrate_photometry.py --encoder priors/lsst-vae-amortized.json \
         --catalog --n 400 --write-card
@@ -85,9 +88,7 @@ def collect(args) -> list[dict]:
                                         / 2).tolist()}
             if args.blend_model:  # every source: its draws' mean and half 16-84 % width
                 seconds = (time.perf_counter() - t0) / len(sim.truth)
-                fs = v["flux"][0]  # (draw, S, band)
-                snr_b = fs.mean(0) / np.maximum(fs.std(0), 1e-30)  # (S, band)
-                tot = fs.sum(-1)
+                tot = v["flux"][0].sum(-1)  # (draw, S)
                 snr_sum = tot.mean(0) / np.maximum(tot.std(0), 1e-30)  # band-summed flux
                 for j, tj in enumerate(sim.truth):
                     fj = v["flux"][0, :, j, r]
@@ -97,7 +98,6 @@ def collect(args) -> list[dict]:
                                  "snr": float(tj["snr"]),
                                  "blendedness": float(diag["blendedness"][j]),
                                  "inflation": max(float(diag["chi2"][j, r]), 1.0),
-                                 "snr_model_bands": snr_b[j].tolist(),
                                  "snr_model_sum": float(snr_sum[j]),
                                  "seconds": seconds, "method": d.method,
                                  **(shape if j == 0 else {})})

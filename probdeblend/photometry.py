@@ -236,8 +236,7 @@ class Systematic(NamedTuple):
         """``(stat_scale + stat_blend * beta, (flux_sys + flux_sys_blend * beta) * (nu /
         SNR_REF) ** snr_power)`` of each source's blendedness ``beta`` (NaN counts 0) and
         band-summed S/N ``nu`` (needed only with ``snr_power``; clipped at ``snr_max``): its
-        factor on the
-        statistical spread and its fractional systematic."""
+        factor on the statistical spread and its fractional systematic."""
         beta = np.nan_to_num(np.asarray(blendedness, np.float64))
         eps = self.flux_sys + self.flux_sys_blend * beta
         if self.snr_power:

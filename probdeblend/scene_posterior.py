@@ -20,6 +20,7 @@ the Scene's 0-based pixel convention.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import numpy as np
 
 from .errors import ArgumentError, ProbdeblendError, ProbdeblendWarning
 from .measure import half_eta_to_shear, shear_to_half_eta
-from .photometry import Systematic
+from .photometry import Systematic, systematic_noise
 from .scene import Scene
 
 __all__ = ["ScenePosterior", "Draws", "NutsConfig", "SviConfig", "LaplaceConfig",
@@ -742,8 +743,6 @@ class ScenePosterior:
             extra["e1"], extra["e2"] = e1[None], e2[None]
         elif e_sys > 0:  # the decoded shapes now (measure would decode them anyway)
             extra["e1"], extra["e2"] = (e[None] for e in self._decoded_shapes(det["latent"][0]))
-        from .photometry import systematic_noise
-
         rng = np.random.default_rng([int(seed), 1])
         if sys_on:
             diag = self.map_diagnostics()
@@ -1048,8 +1047,6 @@ class ScenePosterior:
         if "pareto_k" in draws.info:
             info["pareto_k"] = np.atleast_1d(draws.info["pareto_k"]).tolist()
         if "flux_model" in draws.info:  # the laplace flux model-error term, as JSON
-            import json
-
             info["flux_model"] = json.dumps(draws.info["flux_model"])
         all_attrs = {"prior": self.prior.name, "n_sources": self.n_sources,
                      "detected": int(self.detections is not None),
