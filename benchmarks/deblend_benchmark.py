@@ -387,9 +387,8 @@ def report(out: Path, args):
              "(`calibration.laplace`: fractional, growing with the band-summed S/N and the "
              "blendedness at the MAP, Student-t on the whole error, fitted by maximum "
              "likelihood on every source of held-out scenes 500-799, "
-             "`calibrate_photometry.py --laplace --blend-model`, 2026-11-28; `_d596277`: "
-             "the same code's rows with the previous term, one fractional 0.016 x Student-t(3) "
-             "for every source, fitted on the targets of scenes 500-739; `laplace_vaegan`: "
+             "`calibrate_photometry.py --laplace --blend-model`, refitted 2026-12-07 on "
+             "scenes that state their PSF images' flux fraction); `laplace_vaegan`: "
              "the same with prior `lsst-vaegan` and its encoder and card, 100 scenes), e of "
              "the unweighted Laplace draws linearised around the MAP "
              "(`LaplaceConfig(shapes='auto')`) and the shape model-error term of the card "
@@ -419,8 +418,16 @@ def report(out: Path, args):
              "error model that grows with each source's blendedness, Student-t on the whole "
              "error, fitted by maximum likelihood on every source of held-out scenes 500-899 "
              "(`calibrate_photometry.py --blend-model --n-morph 8` / `--catalog`, "
-             "2026-11-28); `_acccd58`: the same code's rows with the previous model (one "
-             "fractional systematic for every source, Student-t on it alone).", ""]
+             "2026-11-28). Untagged rows (2026-12-07 on): every scene states its PSF "
+             "images' flux fraction (`Scene.psf_flux_fraction`, the light of the GalSim PSF "
+             "inside its 41 px image, r band 0.992-0.995), so fluxes are total fluxes; "
+             "`_2a72d01`: the rows of the code before (unit-sum PSF images taken to hold all "
+             "the light, every flux low by the PSF's missing wings, ~0.6 %, and the "
+             "laplace model-error term fitted on those fluxes); the `nuts`, `_vaegan` "
+             "laplace and older tagged rows are of that convention too (their fluxes are "
+             "~0.6 % lower than the same fit's total flux). Rows of earlier model-error "
+             "terms (`_d596277`, `_acccd58`, `catalog_c29ef20`) are in "
+             "`rows_archive.jsonl`.", ""]
     for fam, title in (("a", "Family (a): the project's own simulator"),
                        ("b", "Family (b): shifted populations (never seen in training)")):
         fr = [r for r in rows if r["family"] == fam]

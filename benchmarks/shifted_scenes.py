@@ -344,7 +344,8 @@ def shifted_scene(kind: str, seed: int, size: int = 80, n_galaxies=(2, 4)) -> Si
         ``blendedness_closest`` (:func:`probdeblend.measure.blendedness`, r band; target only,
         others 0), ``kind`` and the population's ``z``, ``disk_sed``, ``bulge_frac`` (r),
         ``hlr_disk``, ``hlr_bulge``, ``sersic_n``, ``n_knots``, ``knot_frac`` (r).
-        ``noiseless`` is (galaxy, band, y, x); ``psf`` (band, 41, 41), unit sum.
+        ``noiseless`` is (galaxy, band, y, x); ``psf`` (band, 41, 41), unit sum, with
+        ``psf_flux_fraction`` (band,) the light of each unit-flux PSF inside its image.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -418,8 +419,10 @@ def shifted_scene(kind: str, seed: int, size: int = 80, n_galaxies=(2, 4)) -> Si
     image = (total + np.sqrt(variance) * noise).astype(np.float32)
 
     psf_img = np.empty((nb, PSF_SIZE, PSF_SIZE), dtype=np.float32)
+    psf_frac = np.empty(nb)  # the light of each unit-flux PSF inside its image
     for j, psf in enumerate(psfs):
-        a = psf.drawImage(nx=PSF_SIZE, ny=PSF_SIZE, scale=scale).array
+        a = psf.drawImage(nx=PSF_SIZE, ny=PSF_SIZE, scale=scale).array.astype(np.float64)
+        psf_frac[j] = a.sum()
         psf_img[j] = a / a.sum()
 
     t = Table()
@@ -454,7 +457,7 @@ def shifted_scene(kind: str, seed: int, size: int = 80, n_galaxies=(2, 4)) -> Si
         "blendedness_band": REF_BAND, "snr_band": REF_BAND,
     })
     return SimulatedScene(image, variance.astype(np.float32), psf_img, noiseless, t,
-                          survey.band_names, scale)
+                          survey.band_names, scale, psf_frac)
 
 
 def _main(argv=None):

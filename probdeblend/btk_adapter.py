@@ -86,18 +86,23 @@ def catsim_catalog(n: int = 2000, seed: int = 0, population=None, survey: str = 
     return t
 
 
-def _psf_images(blend_batch, size: int = 41) -> np.ndarray:
+def _psf_images(blend_batch, size: int = 41) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-sum ``(band, size, size)`` PSF images of a batch and the fraction of each PSF's
+    light they hold (:attr:`probdeblend.Scene.psf_flux_fraction`): of the unit-flux GalSim
+    PSF, or of the stored image when the batch holds images (``BlendBatch.load``)."""
     scale = blend_batch.survey.pixel_scale.to_value("arcsec")
-    out = []
+    out, frac = [], []
     for psf in blend_batch.psf:
         if hasattr(psf, "drawImage"):
-            img = psf.drawImage(nx=size, ny=size, scale=scale).array
+            img = psf.drawImage(nx=size, ny=size, scale=scale).array.astype(np.float64)
+            frac.append(min(float(img.sum()), 1.0))
         else:  # galsim.Image (BlendBatch.load)
-            img = np.asarray(psf.array)
-            c, h = img.shape[0] // 2, size // 2
-            img = img[c - h:c + h + 1, c - h:c + h + 1]
+            full = np.asarray(psf.array, np.float64)
+            c, h = full.shape[0] // 2, size // 2
+            img = full[c - h:c + h + 1, c - h:c + h + 1]
+            frac.append(float(img.sum() / full.sum()))
         out.append(img / img.sum())
-    return np.asarray(out, dtype=np.float32)
+    return np.asarray(out, dtype=np.float32), np.asarray(frac)
 
 
 def _sky_levels(blend_batch) -> np.ndarray:
@@ -129,8 +134,9 @@ def blend_batch_scenes(blend_batch, gutter: int = 26):
         mosaic[sl] = images[i]
         var[sl] = sky[:, None, None] + np.clip(images[i], 0, None)
     names = tuple(blend_batch.survey.available_filters)
-    scene = Scene(mosaic, var, _psf_images(blend_batch), names,
-                  blend_batch.survey.pixel_scale.to_value("arcsec"))
+    psf, psf_frac = _psf_images(blend_batch)
+    scene = Scene(mosaic, var, psf, names, blend_batch.survey.pixel_scale.to_value("arcsec"),
+                  psf_flux_fraction=psf_frac)
     return scene, x0, gutter
 
 
@@ -252,7 +258,7 @@ def _make_class():
             q = post.predict(scene, pos)
             band_idx = [list(post.bands).index(b) for b in scene.bands]
             k = scene.psf.shape[-1]
-            rend = SceneRenderer(scene.psf, (n, n), prior.frame.psf_image(k),
+            rend = SceneRenderer(scene.unit_flux_psf, (n, n), prior.frame.psf_image(k),
                                  prior.frame.stamp_size, scene.bands)
             blend_of = np.searchsorted(x0, pos[:, 0], side="right") - 1
             xy = np.asarray(q["positions"], np.float64) - np.stack(

@@ -226,7 +226,8 @@ def _sub_scene(scene: Scene, bbox, positions=None, mask_labels=None, own_label=N
     if positions is not None:
         pos = np.asarray(positions, dtype=np.float64) - np.array([x0, y0], dtype=np.float64)
     return Scene(scene.image[:, y0:y1, x0:x1], var, scene.psf, scene.bands, scene.pixel_scale,
-                 positions=pos, wcs=wcs, units=scene.units)
+                 positions=pos, wcs=wcs, units=scene.units,
+                 psf_flux_fraction=scene.psf_flux_fraction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +413,7 @@ def _q_mean_templates(scene: Scene, q, prior, band_idx,
         np.float32)
     for i in range(0, len(z), 256):  # bounded work arrays: one batch of stamps at a time
         st = prior.decode_numpy(z[i:i + 256])[:, band_idx]
-        t, o = local_templates(st, pos[i:i + 256], scene.psf, mpsf, box=box)
+        t, o = local_templates(st, pos[i:i + 256], scene.unit_flux_psf, mpsf, box=box)
         tmpl[i:i + 256], origins[i:i + 256] = t, o
         if model is not None:
             for j in range(len(t)):

@@ -134,7 +134,8 @@ def _redistribute(t, y, wf, mean, cov, gram, tau: float):
     the least-squares fit (``G`` independent blends).
     Source ``s`` gets the residual of pixel ``p`` in proportion ``r_sp = m_sp / sum_t m_tp``
     of the (non-negative) fitted model images ``m``, over its footprint (template above
-    ``tau`` of its peak; unmasked pixels).
+    ``tau`` of its peak; unmasked pixels), divided by its template's sum (the light per unit
+    flux: 1, or the PSF image's flux fraction), so that the share is a total flux.
     The corrected fluxes are linear in the data, ``f' = A d`` with
     ``A = C T W + R (I - T^T C T W)`` (ratios held fixed), so their covariance is
     ``A V A^T`` with ``V`` the pixel variances.
@@ -149,6 +150,10 @@ def _redistribute(t, y, wf, mean, cov, gram, tau: float):
             & (wf[:, None, :, None, :] > 0) & (total > 0))
     ratio = np.divide(m_img, total, out=np.zeros_like(m_img), where=foot)
     del m_img, foot, total
+    # a residual is light in the image; a unit of flux puts sum(t) of it there (the PSF
+    # image's flux fraction, Scene.psf_flux_fraction; 1 for unit-sum PSFs): in flux, / sum(t)
+    tsum = t32.sum(-1, keepdims=True)
+    ratio = np.divide(ratio, tsum, out=np.zeros_like(ratio), where=tsum > 0)
     model = (mean[..., None, :] @ tb)[..., 0, :]                        # (G, M, B, P)
     resid = (y[:, None] - model).astype(np.float32)
     mean = mean + (ratio @ resid[..., None])[..., 0]
@@ -471,7 +476,9 @@ def local_templates(stamps: np.ndarray, positions: np.ndarray, psf: np.ndarray,
     positions : array (n, 2)
         ``(x, y)`` pixel position of each source's centre in the scene.
     psf : array (band, k, k)
-        The scene's PSF images.
+        The image of a unit-total-flux point source per band (``Scene.unit_flux_psf``), so
+        that the templates' fluxes are total fluxes (each template then sums to the band's
+        ``psf_flux_fraction``).
     model_psf : array (k', k')
         The prior's model PSF on the scene's grid.
     box : int, optional

@@ -66,7 +66,9 @@ def difference_kernel_ft(psf: np.ndarray, model_psf: np.ndarray, shape: tuple[in
     Parameters
     ----------
     psf : array (band, k, k)
-        Observed PSF images (odd size, unit sum, centred), on the scene's pixel grid.
+        Observed PSF images (odd size, centred), on the scene's pixel grid; unit sum, or the
+        fraction of a point source's flux the image holds (``Scene.unit_flux_psf``), which
+        scales the kernel.
     model_psf : array (k', k')
         The prior's model PSF on the same grid (odd, unit sum, centred).
     shape : (int, int)
@@ -251,7 +253,8 @@ class SceneRenderer:
     Parameters
     ----------
     psf : array (band, k, k)
-        The scene's PSF images (``scene.psf``).
+        The image of a unit-total-flux point source per band (``scene.unit_flux_psf``: the
+        unit-sum PSF images times the scene's ``psf_flux_fraction``).
     image_shape : (int, int)
         (ny, nx) of the scene.
     model_psf : array (k', k')
@@ -297,7 +300,8 @@ class SceneRenderer:
                 f"this pixel scale"
             )
         k = scene.psf.shape[-1]
-        return cls(scene.psf, scene.shape, frame.psf_image(k), frame.stamp_size, scene.bands)
+        return cls(scene.unit_flux_psf, scene.shape, frame.psf_image(k), frame.stamp_size,
+                   scene.bands)
 
     def __call__(self, stamps, fluxes, positions, shear=None):
         """Render with the backend of ``stamps`` (torch tensor or JAX array); see :func:`render`.

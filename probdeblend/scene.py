@@ -53,12 +53,17 @@ from .errors import (
     UnknownBandError,
 )
 
-__all__ = ["Scene", "MIN_IMAGE_SIZE", "PSF_SUM_RTOL", "FITS_FORMAT_VERSION"]
+__all__ = ["Scene", "MIN_IMAGE_SIZE", "PSF_SUM_RTOL", "MIN_PSF_FLUX_FRACTION",
+           "FITS_FORMAT_VERSION"]
 
 #: Smallest accepted image side, in pixels.
 MIN_IMAGE_SIZE = 16
 #: Relative tolerance on the unit sum of each band's PSF image.
 PSF_SUM_RTOL = 1e-3
+#: Smallest accepted ``psf_flux_fraction``: a PSF image holding less than half of a star's
+#: light is a mistake (a wrong normalisation or a far too small image), not an aperture
+#: correction.
+MIN_PSF_FLUX_FRACTION = 0.5
 #: Value of the ``PBVERSN`` primary-header key written by :meth:`Scene.to_fits` (FITS keywords
 #: are at most 8 characters, so not ``PBVERSION``; a ``HIERARCH PBVERSION`` card is also read).
 FITS_FORMAT_VERSION = "1"
@@ -252,6 +257,18 @@ class Scene:
         2-axis celestial WCS of the image plane. A copy is stored.
     units : str, default "electron"
         Unit of ``image`` (flux per pixel), e.g. ``"electron"`` or ``"nJy"``.
+    psf_flux_fraction : float or array_like, shape (n_band,), optional
+        Per band, the fraction of a point source's total flux that falls inside its PSF image
+        (the *aperture correction* of the PSF image, in ``[MIN_PSF_FLUX_FRACTION, 1]``):
+        ``psf`` is unit-sum, but a real PSF has wings beyond any image of it (a Kolmogorov
+        PSF of FWHM 1" keeps ~0.75 % of its light outside 41 x 41 px at 0.2"/px), light the
+        data hold at surface brightnesses far below the noise and a model with the unit-sum
+        PSF cannot see, so every fitted flux would be low by that fraction. With it, the
+        forward model renders a source of total flux ``f`` as ``f * psf_flux_fraction *
+        (galaxy * psf)`` and every reported flux is a *total* flux. ``None`` (default):
+        1 in every band (the PSF image holds all the light). Surveys measure it from bright
+        stars (e.g. the LSST pipelines' aperture corrections); the simulators set it from
+        their GalSim PSFs.
 
     Attributes
     ----------
@@ -262,6 +279,8 @@ class Scene:
     positions : numpy.ndarray or None
         Read-only float64 array of shape (n_source, 2).
     units : str
+    psf_flux_fraction : numpy.ndarray
+        Read-only float64 array of shape (n_band,) (ones when not given).
 
     Raises
     ------
@@ -272,7 +291,8 @@ class Scene:
     InvalidVarianceError
         Variance zero, negative, NaN, too small for float32, or misshaped.
     InvalidPSFError
-        PSF even-sized, non-square, too small/large, not finite, not normalised, off-centre.
+        PSF even-sized, non-square, too small/large, not finite, not normalised, off-centre;
+        ``psf_flux_fraction`` not finite, misshaped or outside ``[MIN_PSF_FLUX_FRACTION, 1]``.
     BandMismatchError
         Band names duplicated or not matching the band axis of image / variance / PSF.
     PositionError
@@ -309,6 +329,7 @@ class Scene:
     pixel_scale: float
     positions: np.ndarray | None
     units: str
+    psf_flux_fraction: np.ndarray
 
     def __init__(
         self,
@@ -320,6 +341,7 @@ class Scene:
         positions: Any = None,
         wcs: WCS | None = None,
         units: str = "electron",
+        psf_flux_fraction: Any = None,
     ) -> None:
         names = _validate_bands(bands)
         units = _validate_units(units)
@@ -387,6 +409,7 @@ class Scene:
 
         # -- PSF -------------------------------------------------------------------------------
         psf_arr = self._check_psf(psf, names, (ny, nx))
+        psf_frac = self._check_psf_flux_fraction(psf_flux_fraction, names)
 
         # -- positions -------------------------------------------------------------------------
         pos = self._check_positions(positions, (ny, nx))
@@ -399,6 +422,7 @@ class Scene:
         set_(self, "pixel_scale", pixel_scale)
         set_(self, "positions", pos)
         set_(self, "units", units)
+        set_(self, "psf_flux_fraction", _freeze(psf_frac))
         set_(self, "_wcs", wcs)
         set_(self, "mask", _freeze(mask))
 
@@ -519,6 +543,30 @@ class Scene:
         return out
 
     @staticmethod
+    def _check_psf_flux_fraction(value: Any, names: tuple[str, ...]) -> np.ndarray:
+        if value is None:
+            return np.ones(len(names))
+        arr = _as_real_array(value, "psf_flux_fraction").astype(np.float64)
+        if arr.ndim == 0:
+            arr = np.full(len(names), float(arr))
+        if arr.shape != (len(names),):
+            raise BandMismatchError(
+                "psf_flux_fraction",
+                f"has shape {arr.shape}; give one fraction per band ({len(names)}: "
+                f"{list(names)}) or a single float",
+            )
+        bad = ~np.isfinite(arr) | (arr < MIN_PSF_FLUX_FRACTION) | (arr > 1.0)
+        if bad.any():
+            listed = ", ".join(f"{names[b]}: {arr[b]:.6g}" for b in np.flatnonzero(bad))
+            raise InvalidPSFError(
+                "psf_flux_fraction",
+                f"must be finite and in [{MIN_PSF_FLUX_FRACTION:g}, 1] (the fraction of a point "
+                f"source's total flux inside its unit-sum PSF image); got {{{listed}}}. Pass "
+                "None if the PSF images hold all the light",
+            )
+        return arr
+
+    @staticmethod
     def _check_positions(positions: Any, image_shape: tuple[int, int]) -> np.ndarray | None:
         if positions is None:
             return None
@@ -568,6 +616,7 @@ class Scene:
         positions: Any = None,
         wcs: WCS | None = None,
         units: str = "electron",
+        psf_flux_fraction: Any = None,
     ) -> Scene:
         """Build a Scene from an inverse-variance (weight) map instead of a variance.
 
@@ -579,7 +628,7 @@ class Scene:
             Inverse variance in ``units**-2``. ``0`` masks a pixel (so do weights below
             ~3e-39, whose variance overflows float32); must be finite and ``>= 0``. A scalar
             applies to every pixel.
-        psf, bands, pixel_scale, positions, wcs, units
+        psf, bands, pixel_scale, positions, wcs, units, psf_flux_fraction
             As for :class:`Scene`.
 
         Returns
@@ -622,7 +671,8 @@ class Scene:
             variance = np.where(w >= _MIN_VARIANCE, 1.0 / w, np.inf)
         if w_mask is not None:
             variance = np.where(w_mask, np.inf, variance)
-        return cls(image, variance, psf, bands, pixel_scale, positions, wcs, units)
+        return cls(image, variance, psf, bands, pixel_scale, positions, wcs, units,
+                   psf_flux_fraction)
 
     # ---------------------------------------------------------------------------------------
     # derived quantities
@@ -653,6 +703,14 @@ class Scene:
         with np.errstate(divide="ignore"):
             w = np.where(self.mask, np.float32(0.0), np.float32(1.0) / self.variance)
         return _freeze(w.astype(np.float32, copy=False))
+
+    @cached_property
+    def unit_flux_psf(self) -> np.ndarray:
+        """The image of a point source of unit *total* flux per band: ``psf *
+        psf_flux_fraction`` (sums to the fraction); what the forward model convolves with, so
+        that fitted fluxes are total fluxes. Read-only float32 (n_band, k, k)."""
+        frac = self.psf_flux_fraction.astype(np.float32)[:, None, None]
+        return _freeze((self.psf * frac).astype(np.float32))
 
     # ``mask`` is set in __init__ (documented here for the API reference).
     mask: np.ndarray
@@ -716,6 +774,7 @@ class Scene:
         return Scene(
             self.image, self.variance, self.psf, self.bands, self.pixel_scale,
             positions=positions, wcs=self._wcs, units=self.units,
+            psf_flux_fraction=self.psf_flux_fraction,
         )  # fmt: skip
 
     def select_bands(self, names: Sequence[str] | str) -> Scene:
@@ -744,6 +803,7 @@ class Scene:
         return Scene(
             self.image[idx], self.variance[idx], self.psf[idx], names, self.pixel_scale,
             positions=self.positions, wcs=self._wcs, units=self.units,
+            psf_flux_fraction=self.psf_flux_fraction[idx],
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------
@@ -755,7 +815,8 @@ class Scene:
         Layout: a primary HDU without data whose header holds ``BANDS`` (comma-joined names),
         ``NBANDS``, ``PIXSCALE`` (arcsec/pixel), ``BUNIT``, ``HASWCS`` and ``PBVERSN``; then
         image extensions ``IMAGE`` (cube, with the WCS header when the scene has one),
-        ``VARIANCE`` (``inf`` = masked) and ``PSF``; then, only if the scene has positions, a
+        ``VARIANCE`` (``inf`` = masked) and ``PSF`` (its header: ``FLXFRAC1`` ... the
+        ``psf_flux_fraction`` of each plane); then, only if the scene has positions, a
         binary table ``POSITIONS`` with float64 columns ``X`` and ``Y`` (0-based pixel
         coordinates, ``PIXORIG = 0``). HDU checksums are written.
 
@@ -799,6 +860,8 @@ class Scene:
         variance.header["BUNIT"] = (f"({self.units})**2", "noise variance; inf = masked")
         psf = fits.ImageHDU(self.psf, name="PSF")
         psf.header["COMMENT"] = "One unit-sum PSF image per band, centred on the middle pixel."
+        for i, frac in enumerate(self.psf_flux_fraction):
+            psf.header[f"FLXFRAC{i + 1}"] = (float(frac), f"star light in PSF plane {i + 1}")
         hdus: list[Any] = [primary, image, variance, psf]
         if self.positions is not None:
             cols = [
@@ -821,7 +884,8 @@ class Scene:
         Required: primary-header keys ``BANDS`` and ``PIXSCALE`` (``BUNIT`` defaults to the
         IMAGE header's ``BUNIT``, then ``"electron"``), extensions ``IMAGE``, ``PSF`` and either
         ``VARIANCE`` or an inverse-variance extension named ``WEIGHT`` or ``IVAR`` (0 = masked).
-        Optional: ``POSITIONS`` table with columns ``X``, ``Y`` (0-based unless its header has
+        Optional: ``FLXFRAC1`` ... in the ``PSF`` header (``psf_flux_fraction`` per band, 1 when
+        absent); ``POSITIONS`` table with columns ``X``, ``Y`` (0-based unless its header has
         ``PIXORIG = 1``) and a celestial WCS in the ``IMAGE`` header. The result is validated
         like any other :class:`Scene`.
 
@@ -884,7 +948,10 @@ class Scene:
             image_hdu = get("IMAGE", "image")
             image = np.asarray(image_hdu.data)
             units = primary.get("BUNIT", image_hdu.header.get("BUNIT", "electron"))
-            psf = np.asarray(get("PSF", "psf").data)
+            psf_hdu = get("PSF", "psf")
+            psf = np.asarray(psf_hdu.data)
+            fracs = [psf_hdu.header.get(f"FLXFRAC{i + 1}") for i in range(len(bands))]
+            psf_frac = None if any(f is None for f in fracs) else np.asarray(fracs, float)
 
             wcs = None
             has_wcs = primary.get("HASWCS")
@@ -914,12 +981,12 @@ class Scene:
             variance_hdu = get("VARIANCE", "variance", required=False)
             if variance_hdu is not None:
                 return cls(image, np.asarray(variance_hdu.data), psf, bands,
-                           primary["PIXSCALE"], positions, wcs, units)  # fmt: skip
+                           primary["PIXSCALE"], positions, wcs, units, psf_frac)  # fmt: skip
             for name in ("WEIGHT", "IVAR"):
                 if name in hdul:
                     return cls.from_inverse_variance(
                         image, np.asarray(hdul[name].data), psf, bands, primary["PIXSCALE"],
-                        positions, wcs, units,
+                        positions, wcs, units, psf_frac,
                     )  # fmt: skip
             raise SceneError(
                 "variance",

@@ -856,7 +856,7 @@ class ScenePosterior:
         n, S = z.shape[:2]
         stamps = self.prior.decode_numpy(z.reshape(n * S, -1))
         tmpl, origins = local_templates(stamps, np.asarray(positions).reshape(n * S, 2),
-                                        self.scene.psf, self.prior.frame.psf_image(
+                                        self.scene.unit_flux_psf, self.prior.frame.psf_image(
                                             self.scene.psf.shape[-1]))
         tmpl *= np.exp(np.asarray(log_flux, np.float64)).astype(np.float32).reshape(
             n * S, -1, 1, 1)  # in place: the boxes are the largest arrays here

@@ -267,13 +267,22 @@ class Frame:
 
     def psf_images(self, fwhm_scale: float = 1.0) -> np.ndarray:
         """(band, psf_size, psf_size) unit-sum PSF images on this frame's pixel grid."""
-        out = []
+        return self._psf_draws(fwhm_scale)[0]
+
+    def psf_flux_fractions(self, fwhm_scale: float = 1.0) -> np.ndarray:
+        """(band,) fraction of each band's PSF light inside its :meth:`psf_images` image
+        (float64; :attr:`probdeblend.Scene.psf_flux_fraction`)."""
+        return self._psf_draws(fwhm_scale)[1]
+
+    def _psf_draws(self, fwhm_scale: float):
+        imgs, fracs = [], []
         for band in self.survey_obj:
             img = self.psf(band, fwhm_scale).drawImage(
                 nx=self.psf_size, ny=self.psf_size, scale=self.scale
-            ).array
-            out.append(img / img.sum())
-        return np.asarray(out, dtype=np.float32)
+            ).array.astype(np.float64)
+            fracs.append(img.sum())  # a unit-flux PSF: the sum is the light inside the image
+            imgs.append(img / img.sum())
+        return np.asarray(imgs, dtype=np.float32), np.asarray(fracs, dtype=np.float64)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -479,19 +488,21 @@ class SimulatedScene:
 
     image: np.ndarray        # (band, y, x) electrons
     variance: np.ndarray     # (band, y, x) electrons^2
-    psf: np.ndarray          # (band, k, k)
+    psf: np.ndarray          # (band, k, k), unit sum
     noiseless: np.ndarray    # (galaxy, band, y, x)
     truth: Table
     bands: tuple[str, ...]
     pixel_scale: float
+    psf_flux_fraction: np.ndarray | None = None  # (band,) PSF light inside ``psf``; None: 1
 
     def to_scene(self, with_positions: bool = True):
-        """The observation as a :class:`probdeblend.Scene` (positions from the truth if asked)."""
+        """The observation as a :class:`probdeblend.Scene` (positions from the truth if asked;
+        the PSF images' flux fractions, so that fitted fluxes are total fluxes)."""
         from .scene import Scene
 
         pos = np.stack([self.truth["x"], self.truth["y"]], -1) if with_positions else None
         return Scene(self.image, self.variance, self.psf, self.bands, self.pixel_scale,
-                     positions=pos)
+                     positions=pos, psf_flux_fraction=self.psf_flux_fraction)
 
 
 def blend_scene(config: BlendConfig | None = None, population: GalaxyPopulation | None = None,
@@ -571,8 +582,9 @@ def blend_scene(config: BlendConfig | None = None, population: GalaxyPopulation 
     cat.meta.update({"seed": int(seed), "rotate90": bool(rotate90),
                      "shear": list(config.shear), "psf_fwhm_scale": float(fwhm_scale),
                      "blendedness_band": population.ref_band})
-    return SimulatedScene(image, variance, frame.psf_images(fwhm_scale), noiseless, cat,
-                          survey.band_names, scale)
+    psf_img, psf_frac = frame.psf_images(fwhm_scale), frame.psf_flux_fractions(fwhm_scale)
+    return SimulatedScene(image, variance, psf_img, noiseless, cat, survey.band_names, scale,
+                          psf_frac)
 
 
 def with_shear(config: BlendConfig, g1: float, g2: float) -> BlendConfig:
@@ -610,11 +622,12 @@ class SimulatedField:
 
     image: np.ndarray       # (band, y, x) electrons
     variance: np.ndarray    # (band, y, x) electrons^2
-    psf: np.ndarray         # (band, k, k)
+    psf: np.ndarray         # (band, k, k), unit sum
     truth: Table
     bands: tuple[str, ...]
     pixel_scale: float
     wcs: object = None
+    psf_flux_fraction: np.ndarray | None = None  # (band,) PSF light inside ``psf``; None: 1
 
     def to_scene(self, with_positions: bool = False):
         """The field as a :class:`probdeblend.Scene` (with its WCS; truth positions if asked)."""
@@ -623,7 +636,7 @@ class SimulatedField:
         pos = (np.stack([self.truth["x"], self.truth["y"]], -1)
                if with_positions and len(self.truth) else None)
         return Scene(self.image, self.variance, self.psf, self.bands, self.pixel_scale,
-                     positions=pos, wcs=self.wcs)
+                     positions=pos, wcs=self.wcs, psf_flux_fraction=self.psf_flux_fraction)
 
     def to_fits(self, path, overwrite: bool = False) -> None:
         """Write the field as a Scene FITS file (:meth:`probdeblend.Scene.to_fits` layout) with
@@ -668,7 +681,8 @@ class SimulatedField:
         scene = Scene.from_fits(path)
         truth = Table.read(path, hdu="TRUTH")
         return cls(np.asarray(scene.image), np.asarray(scene.variance), np.asarray(scene.psf),
-                   truth, tuple(scene.bands), scene.pixel_scale, scene.wcs)
+                   truth, tuple(scene.bands), scene.pixel_scale, scene.wcs,
+                   np.asarray(scene.psf_flux_fraction))
 
 
 def _field_wcs(n_x: int, n_y: int, scale: float, center: tuple[float, float]):
@@ -836,8 +850,9 @@ def simulate_field(size: int | tuple[int, int] = 2048, survey: str = "lsst",
         "REFBAND": population.ref_band,
         "COUNTS": "LSST Science Book eq. 3.7: N(<m) = 46 * 10**(0.31 (m - 25)) / arcmin^2",
     })  # fmt: skip
-    return SimulatedField(field_img, variance.astype(np.float32), frame.psf_images(), cat,
-                          surv.band_names, scale, wcs)
+    psf_img, psf_frac = frame.psf_images(), frame.psf_flux_fractions()
+    return SimulatedField(field_img, variance.astype(np.float32), psf_img, cat,
+                          surv.band_names, scale, wcs, psf_frac)
 
 
 __all__ += ["simulate_field", "SimulatedField", "lsst_number_density"]

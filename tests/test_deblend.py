@@ -278,6 +278,26 @@ def test_input_positions_skip_detection_and_flag_edges(field):
     assert len(c2) == 2 and c2.meta["GROUPING"] == "linkage"
 
 
+def test_psf_flux_fraction_makes_fluxes_total(field):
+    """A PSF image that holds a fraction f of a star's light: the catalogue's fluxes are the
+    unit-sum PSF's divided by f (the forward model renders f * flux), all else equal."""
+    from probdeblend import Scene
+
+    sc = field.to_scene()
+    np.testing.assert_allclose(sc.psf_flux_fraction, field.psf_flux_fraction)
+    assert np.all(sc.psf_flux_fraction < 1) and np.all(sc.psf_flux_fraction > 0.98)
+    pos = np.array([[64.0, 64.0], [40.0, 90.0]])
+    frac = np.array([0.9, 0.95, 0.97, 0.98, 0.99, 1.0])
+    one = Scene(sc.image, sc.variance, sc.psf, sc.bands, sc.pixel_scale, positions=pos)
+    cut = Scene(sc.image, sc.variance, sc.psf, sc.bands, sc.pixel_scale, positions=pos,
+                psf_flux_fraction=frac)
+    c1 = deblend(one, num_samples=16, seed=3)
+    c2 = deblend(cut, num_samples=16, seed=3)
+    for j, b in enumerate(sc.bands):
+        np.testing.assert_allclose(np.asarray(c2[f"flux_{b}"]) * frac[j],
+                                   np.asarray(c1[f"flux_{b}"]), rtol=2e-3)
+
+
 def test_masked_fraction(field):
     from probdeblend import Scene
 

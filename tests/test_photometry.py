@@ -54,7 +54,7 @@ def _local(post):
     with torch.inference_mode():
         st = post.prior.decode(torch.as_tensor(np.asarray(post.q.mean("z"), np.float32)))
     k = post.scene.psf.shape[-1]
-    return local_templates(st.numpy(), post.positions0, post.scene.psf,
+    return local_templates(st.numpy(), post.positions0, post.scene.unit_flux_psf,
                            post.prior.frame.psf_image(k))
 
 

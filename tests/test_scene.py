@@ -254,6 +254,39 @@ def test_psf_band_count_mismatch(args):
     _raises(BandMismatchError, "psf", "2 PSF image(s)", "3 name(s)", **args)
 
 
+def test_psf_flux_fraction_default_scalar_and_array(args):
+    np.testing.assert_array_equal(Scene(**args).psf_flux_fraction, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(Scene(**args, psf_flux_fraction=0.99).psf_flux_fraction, 0.99)
+    scene = Scene(**args, psf_flux_fraction=[0.99, 0.98, 0.97])
+    np.testing.assert_allclose(scene.unit_flux_psf.sum(axis=(-2, -1)), [0.99, 0.98, 0.97],
+                               rtol=1e-5)
+    np.testing.assert_allclose(scene.psf.sum(axis=(-2, -1)), 1.0, rtol=1e-5)
+    assert not scene.psf_flux_fraction.flags.writeable
+    # carried by every derived scene
+    np.testing.assert_allclose(scene.select_bands(["i", "g"]).psf_flux_fraction, [0.97, 0.99])
+    np.testing.assert_allclose(scene.with_positions([[3.0, 4.0]]).psf_flux_fraction,
+                               [0.99, 0.98, 0.97])
+
+
+@pytest.mark.parametrize("value, exc, fragment", [
+    ([0.99, 0.98], BandMismatchError, "one fraction per band"),
+    ([0.99, 1.2, 0.98], InvalidPSFError, "r: 1.2"),
+    ([0.99, 0.3, 0.98], InvalidPSFError, "r: 0.3"),
+    ([0.99, np.nan, 0.98], InvalidPSFError, "r: nan"),
+])
+def test_psf_flux_fraction_rejected(args, value, exc, fragment):
+    _raises(exc, "psf_flux_fraction", fragment, psf_flux_fraction=value, **args)
+
+
+def test_psf_flux_fraction_fits_round_trip(args, tmp_path):
+    scene = Scene(**args, psf_flux_fraction=[0.99, 0.98, 0.97])
+    scene.to_fits(tmp_path / "s.fits")
+    back = Scene.from_fits(tmp_path / "s.fits")
+    np.testing.assert_array_equal(back.psf_flux_fraction, scene.psf_flux_fraction)
+    Scene(**args).to_fits(tmp_path / "one.fits")  # written as 1 and read back as 1
+    np.testing.assert_array_equal(Scene.from_fits(tmp_path / "one.fits").psf_flux_fraction, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # bands, pixel scale, wcs, units
 # ----------------------------------------------------------------------------------------------
