@@ -61,8 +61,8 @@ def main(argv=None) -> None:
         for k, (y0, x0) in enumerate(((0, 0), (0, h), (h, 0), (h, h))):
             path = tiles_dir / f"tile{k}.fits"
             Scene(scene.image[:, y0:y0 + h, x0:x0 + h], scene.variance[:, y0:y0 + h, x0:x0 + h],
-                  scene.psf, scene.bands, scene.pixel_scale,
-                  wcs=wcs[y0:y0 + h, x0:x0 + h]).to_fits(path, overwrite=True)
+                  scene.psf, scene.bands, scene.pixel_scale, wcs=wcs[y0:y0 + h, x0:x0 + h],
+                  psf_flux_fraction=scene.psf_flux_fraction).to_fits(path, overwrite=True)
             paths.append(path)
 
         summary = deblend_tiles(
