@@ -40,6 +40,7 @@ sample_stats.*              (none)                 engine statistics: lp, diverg
 observed_data.image         band, y, x             the observed image
 constant_data.variance      band, y, x             per-pixel variance (inf = masked)
 constant_data.psf           band, psf_y, psf_x     PSF image per band
+constant_data.psf_flux_fraction band               light of a star inside each PSF image
 constant_data.position_given source, xy            positions handed in or detected
 posterior_predictive.image  band, y, x             replicated noisy image per draw
 log_likelihood.image        band, y, x  (pixel)    pointwise log-likelihood (0 on masked
@@ -126,6 +127,8 @@ SCHEMA: tuple[Var, ...] = (
     Var("variance", "constant_data", ("band", "y", "x"), "({units})^2",
         "per-pixel variance, inf = masked"),
     Var("psf", "constant_data", ("band", "psf_y", "psf_x"), "", "PSF image per band (sum 1)"),
+    Var("psf_flux_fraction", "constant_data", ("band",), "",
+        "fraction of a star's light inside each PSF image (fluxes are total fluxes)"),
     Var("position_given", "constant_data", ("source", "xy"), "pix",
         "positions handed in or detected"),
     Var("image", "posterior_predictive", ("band", "y", "x"), "{units}",
@@ -436,7 +439,9 @@ def build_inference_data(
         stats = {k: _array(v, f"sample_stats[{k!r}]", lead, 2) for k, v in sample_stats.items()}
 
     observed = {"image": np.asarray(scene.image)}
-    constant = {"variance": np.asarray(scene.variance), "psf": psf}
+    constant = {"variance": np.asarray(scene.variance), "psf": psf,
+                "psf_flux_fraction": np.asarray(getattr(scene, "psf_flux_fraction",
+                                                        np.ones(len(bands))), np.float64)}
     for g in ("observed_data", "constant_data"):
         for name, v in _schema(g).items():
             var_dims.setdefault(name, list(v.dims))

@@ -119,7 +119,8 @@ def test_schema_groups_and_names(idata, scene):
     assert post["flux"].attrs["units"] == "electron" and post["x_pix"].attrs["units"] == "pix"
     assert list(idata.observed_data.data_vars) == ["image"]
     const = idata.constant_data
-    assert set(const.data_vars) == {"variance", "psf", "position_given"}
+    assert set(const.data_vars) == {"variance", "psf", "psf_flux_fraction", "position_given"}
+    assert const["psf_flux_fraction"].dims == ("band",)
     assert const["psf"].dims == ("band", "psf_y", "psf_x")
     assert np.isinf(const["variance"].sel(band="r").values[0, 0])
     np.testing.assert_array_equal(const["position_given"].values, TRUE_POS)
