@@ -440,8 +440,7 @@ def build_inference_data(
 
     observed = {"image": np.asarray(scene.image)}
     constant = {"variance": np.asarray(scene.variance), "psf": psf,
-                "psf_flux_fraction": np.asarray(getattr(scene, "psf_flux_fraction",
-                                                        np.ones(len(bands))), np.float64)}
+                "psf_flux_fraction": np.asarray(scene.psf_flux_fraction, np.float64)}
     for g in ("observed_data", "constant_data"):
         for name, v in _schema(g).items():
             var_dims.setdefault(name, list(v.dims))

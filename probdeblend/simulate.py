@@ -267,14 +267,12 @@ class Frame:
 
     def psf_images(self, fwhm_scale: float = 1.0) -> np.ndarray:
         """(band, psf_size, psf_size) unit-sum PSF images on this frame's pixel grid."""
-        return self._psf_draws(fwhm_scale)[0]
+        return self.psf_images_and_fractions(fwhm_scale)[0]
 
-    def psf_flux_fractions(self, fwhm_scale: float = 1.0) -> np.ndarray:
-        """(band,) fraction of each band's PSF light inside its :meth:`psf_images` image
-        (float64; :attr:`probdeblend.Scene.psf_flux_fraction`)."""
-        return self._psf_draws(fwhm_scale)[1]
-
-    def _psf_draws(self, fwhm_scale: float):
+    def psf_images_and_fractions(self, fwhm_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`psf_images` (float32) and the fraction of each band's PSF light inside its
+        image, ``(band,)`` float64 (:attr:`probdeblend.Scene.psf_flux_fraction`), from one
+        draw of each PSF."""
         imgs, fracs = [], []
         for band in self.survey_obj:
             img = self.psf(band, fwhm_scale).drawImage(
@@ -582,7 +580,7 @@ def blend_scene(config: BlendConfig | None = None, population: GalaxyPopulation 
     cat.meta.update({"seed": int(seed), "rotate90": bool(rotate90),
                      "shear": list(config.shear), "psf_fwhm_scale": float(fwhm_scale),
                      "blendedness_band": population.ref_band})
-    psf_img, psf_frac = frame.psf_images(fwhm_scale), frame.psf_flux_fractions(fwhm_scale)
+    psf_img, psf_frac = frame.psf_images_and_fractions(fwhm_scale)
     return SimulatedScene(image, variance, psf_img, noiseless, cat, survey.band_names, scale,
                           psf_frac)
 
@@ -850,7 +848,7 @@ def simulate_field(size: int | tuple[int, int] = 2048, survey: str = "lsst",
         "REFBAND": population.ref_band,
         "COUNTS": "LSST Science Book eq. 3.7: N(<m) = 46 * 10**(0.31 (m - 25)) / arcmin^2",
     })  # fmt: skip
-    psf_img, psf_frac = frame.psf_images(), frame.psf_flux_fractions()
+    psf_img, psf_frac = frame.psf_images_and_fractions()
     return SimulatedField(field_img, variance.astype(np.float32), psf_img, cat,
                           surv.band_names, scale, wcs, psf_frac)
 
